@@ -1,0 +1,15 @@
+"""moedit: a torch.fx pipeline compiler and runtime for parallel MoE-DiT inference.
+
+    compiled = moedit.compile(model, moedit.Plan.from_file("examples/plans/sync_ep.yaml"))
+    print(compiled.explain())
+    runner = compiled.to_runtime()          # under torchrun
+    images = runner.sample(labels, steps=50, cfg_scale=1.5, seed=0)
+"""
+
+from .adapters import MoEAdapter, register_adapter, register_leaf
+from .compiled import CompiledModel, compile
+from .plan import Plan, PlanError
+from .tracer import TraceError
+
+__all__ = ["CompiledModel", "MoEAdapter", "Plan", "PlanError", "TraceError", "compile", "register_adapter",
+           "register_leaf"]

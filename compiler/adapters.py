@@ -1,0 +1,102 @@
+"""MoE adapters: how moedit sees a MoE layer class without copying or changing it.
+
+An adapter exposes a layer's parts in one canonical form:
+
+    route(moe, tokens [T,H]) -> (expert_ids [T,K] int64, weights [T,K])
+    experts(moe)             -> list of modules, each [n,H] -> [n,H]
+    shared_expert(moe)       -> module [T,H] -> [T,H], or None
+    combine(moe, routed, shared) -> [T,H]       (how the two outputs add up)
+
+Registering one for a third-party class takes a few lines:
+
+    class MyMoEAdapter(moedit.MoEAdapter):
+        def route(self, moe, tokens):
+            return moe.router(tokens)
+        def experts(self, moe):
+            return list(moe.experts)
+
+    moedit.register_adapter(MyMoE, MyMoEAdapter())
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from moedit.models.dit_moe import Attention, QKNormAttention, SparseMoeBlock
+
+
+class MoEAdapter:
+    """Describes one MoE layer class in canonical form; subclass and override what differs."""
+
+    def route(self, moe: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def experts(self, moe: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def shared_expert(self, moe: nn.Module) -> nn.Module | None:
+        return None
+
+    def combine(self, moe: nn.Module, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return routed if shared is None else routed + shared
+
+    def top_k(self, moe: nn.Module) -> int:
+        raise NotImplementedError
+
+    def num_experts(self, moe: nn.Module) -> int:
+        return len(self.experts(moe))
+
+
+class DiTMoEAdapter(MoEAdapter):
+    """The reference DiT-MoE `SparseMoeBlock`: softmax top-k gate, SwiGLU experts, one shared expert."""
+
+    def route(self, moe, tokens):
+        return moe.gate(tokens)
+
+    def experts(self, moe):
+        return list(moe.experts)
+
+    def shared_expert(self, moe):
+        return moe.shared_experts
+
+    def top_k(self, moe):
+        return moe.num_experts_per_tok
+
+
+_ADAPTERS: dict[type, MoEAdapter] = {}
+_LEAVES: set[type] = set()
+
+
+def register_adapter(module_type: type, adapter: MoEAdapter) -> None:
+    """Make moedit treat every `module_type` instance as a MoE layer described by `adapter`."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_adapter needs an nn.Module subclass, got {module_type!r}")
+    if not isinstance(adapter, MoEAdapter):
+        raise TypeError(f"adapter must be a moedit.MoEAdapter instance, got {type(adapter).__name__}")
+    _ADAPTERS[module_type] = adapter
+
+
+def register_leaf(module_type: type) -> None:
+    """Keep `module_type` (attention, say) as one opaque node when tracing."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_leaf needs an nn.Module subclass, got {module_type!r}")
+    _LEAVES.add(module_type)
+
+
+def adapter_for(module: nn.Module) -> MoEAdapter | None:
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+def is_registered_leaf(module: nn.Module) -> bool:
+    return any(cls in _LEAVES for cls in type(module).__mro__)
+
+
+register_adapter(SparseMoeBlock, DiTMoEAdapter())
+register_leaf(Attention)
+register_leaf(QKNormAttention)

@@ -1,0 +1,106 @@
+"""`moedit.compile` and the `CompiledModel` it returns.
+
+Compiling traces the model once, then runs the pass pipeline once per rank on a copy
+of the graph. No process group is needed and no weight is copied: every per-rank module
+shares the model's parameters, and holds only the experts that rank owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch.fx as fx
+from torch import nn
+
+from moedit.passes.expert_parallel import expert_parallel, local_experts
+
+from .pipeline import PassContext, copy_module, layers_of, run_passes
+from .plan import Plan, PlanError
+from .tracer import trace
+
+log = logging.getLogger(__name__)
+
+PIPELINE = [expert_parallel]
+
+
+def _validate(plan: Plan, layers, world_size: int) -> None:
+    for layer in layers:
+        if layer.num_experts % plan.expert_parallel.degree:
+            raise PlanError(
+                f"expert_parallel.degree: experts ({layer.num_experts}, layer {layer.path}) must be divisible "
+                f"by the expert-parallel degree ({plan.expert_parallel.degree}); choose a degree that divides "
+                f"{layer.num_experts}"
+            )
+    if world_size != plan.world_size:
+        raise PlanError(f"world size {world_size} does not match the plan's {plan.world_size} "
+                        f"(expert_parallel.degree); change one to match the other")
+
+
+def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "CompiledModel":
+    """Trace `model`, apply `plan` to every rank's copy of the graph, and return the result.
+
+    `plan` may be a Plan, a path to a YAML/JSON plan, or None for one rank, synchronous.
+    """
+    if plan is None:
+        plan = Plan()
+    elif not isinstance(plan, Plan):
+        plan = Plan.from_file(plan)
+    traced = trace(model)
+    layers = layers_of(traced)
+    _validate(plan, layers, plan.world_size)
+    per_rank, pass_log = [], []
+    for rank in range(plan.world_size):
+        ctx = PassContext(plan=plan, world_size=plan.world_size, rank=rank, layers=layers)
+        gm, rank_log = run_passes(copy_module(traced), ctx, PIPELINE)
+        per_rank.append(gm)
+        pass_log += rank_log
+    return CompiledModel(model, plan, layers, per_rank, pass_log)
+
+
+class CompiledModel:
+    """Per-rank programs for one model and plan."""
+
+    def __init__(self, model: nn.Module, plan: Plan, layers, per_rank: list[fx.GraphModule], pass_log: list[dict]):
+        self.model = model
+        self.plan = plan
+        self.layers = layers
+        self.world_size = plan.world_size
+        self.pass_log = pass_log
+        self._per_rank = per_rank
+
+    def graph(self, rank: int) -> fx.GraphModule:
+        """The rewritten GraphModule rank `rank` runs."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
+        return self._per_rank[rank]
+
+    def explain(self, batch_size: int = 8) -> str:
+        """A per-layer table of expert placement, inserted nodes and bytes moved per step."""
+        from ._explain import explain
+
+        return explain(self, batch_size)
+
+    def dump(self, directory: str | os.PathLike) -> None:
+        """Write each rank's graph code, the pass log, the plan and explain() under `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        for rank, gm in enumerate(self._per_rank):
+            with open(os.path.join(directory, f"rank{rank}.py"), "w") as f:
+                f.write(gm.code)
+        with open(os.path.join(directory, "pass_log.json"), "w") as f:
+            json.dump(self.pass_log, f, indent=1)
+        with open(os.path.join(directory, "plan.json"), "w") as f:
+            json.dump(self.plan.to_dict(), f, indent=1)
+        with open(os.path.join(directory, "explain.txt"), "w") as f:
+            f.write(self.explain() + "\n")
+
+    def experts_of(self, rank: int) -> list[int]:
+        """Global ids of the experts `rank` holds (the same in every layer)."""
+        return local_experts(self.layers[0].num_experts, self.world_size, rank)
+
+    def to_runtime(self, device=None):
+        """Join (or start) the process group and return this rank's `Runtime`."""
+        from moedit.runtime.executor import Runtime
+
+        return Runtime.start(self, device=device)

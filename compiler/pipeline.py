@@ -1,0 +1,126 @@
+"""The pass pipeline: plain functions over an fx graph, a verifier after each.
+
+A pass is `fn(gm, ctx) -> PassResult`. It rewrites `gm` in place (or returns a new
+module) and records each node it inserted as a `Inserted` row: the layer, the kind of
+node, the bytes it moves per token and the staleness of what it produces, in steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, NamedTuple
+
+import torch.fx as fx
+from torch import nn
+
+from .adapters import MoEAdapter, adapter_for
+from .plan import Plan
+from .tracer import META, moe_nodes
+from .verify import verify_graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELayer:
+    """What a pass needs to know of one MoE layer, read once from the traced model."""
+
+    index: int
+    path: str  # module path in the model, e.g. "blocks.3.moe"
+    adapter: MoEAdapter
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    element_size: int  # bytes per activation element
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, node: fx.Node) -> "MoELayer":
+        moe = gm.get_submodule(node.target)
+        adapter = adapter_for(moe)
+        experts = adapter.experts(moe)
+        weight = next(experts[0].parameters())
+        return cls(index=node.meta[META]["layer"], path=node.target, adapter=adapter,
+                   num_experts=len(experts), top_k=adapter.top_k(moe),
+                   hidden_size=weight.shape[-1], element_size=weight.element_size())
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    plan: Plan
+    world_size: int
+    rank: int
+    layers: tuple[MoELayer, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inserted:
+    """One node a pass inserted."""
+
+    node: str
+    layer: int
+    kind: str
+    bytes_per_token: int = 0  # bytes this node sends per routed token slot (communication only)
+    staleness: int = 0  # steps between the activations it reads and the step that consumes it
+
+
+class PassResult(NamedTuple):
+    gm: fx.GraphModule
+    changed: bool
+    inserted: list[Inserted]
+
+
+PassFn = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+class PassError(RuntimeError):
+    """A pass broke a graph invariant; the message names the passes that ran."""
+
+
+def layers_of(gm: fx.GraphModule) -> tuple[MoELayer, ...]:
+    return tuple(MoELayer.of(gm, node) for node in moe_nodes(gm))
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[PassFn]) -> tuple[fx.GraphModule, list[dict]]:
+    """Run `passes` in order, verifying the graph after each. Returns the module and the pass log."""
+    pass_log = []
+    for fn in passes:
+        name = fn.__name__
+        result = fn(gm, ctx)
+        gm = result.gm
+        try:
+            verify_graph(gm)
+        except RuntimeError as err:
+            ran = ", ".join([entry["pass"] for entry in pass_log] + [name])
+            raise PassError(f"graph invariant broken after pass {name!r} on rank {ctx.rank} "
+                            f"(passes run: {ran}): {err}") from err
+        gm.recompile()
+        log.debug("rank %d after %s:\n%s", ctx.rank, name, gm.code)
+        pass_log.append({"pass": name, "rank": ctx.rank, "changed": result.changed,
+                         "inserted": [dataclasses.asdict(row) for row in result.inserted]})
+    return gm, pass_log
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph; submodules are shared, not copied."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    for old, new in zip(gm.graph.nodes, graph.nodes):
+        new.meta = {k: (dict(v) if isinstance(v, dict) else v) for k, v in old.meta.items()}
+    return fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
+
+
+def strip_modules(module: nn.Module, replace: dict[int, nn.Module]) -> nn.Module:
+    """A shallow copy of `module` in which each submodule whose id is in `replace` is swapped
+    for its replacement. Untouched subtrees are shared with the original."""
+    if id(module) in replace:
+        return replace[id(module)]
+    if not any(id(m) in replace for m in module.modules()):
+        return module
+    clone = module.__new__(type(module))
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: strip_modules(child, replace) for name, child in module._modules.items()}
+    return clone

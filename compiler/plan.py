@@ -1,0 +1,157 @@
+"""The plan: which parallelism and staleness techniques to apply, validated up front.
+
+Sections for techniques that are not built yet exist so that a plan written for a later
+version reads the same, but any non-default value in them is rejected with
+"not implemented yet" instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PlanError(ValueError):
+    """A plan that cannot be compiled; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertParallel(_Section):
+    degree: int = Field(1, ge=1, description="Ranks the routed experts are sharded over; expert e lives on rank e % degree.")
+
+
+class Staleness(_Section):
+    mode: Literal["sync", "displaced", "interweaved"] = Field(
+        "sync", description="sync: exact. displaced: routed outputs 2 steps stale. interweaved: 1 step stale.")
+    warmup_steps: int = Field(1, ge=0, description="Leading diffusion steps run synchronously to fill the caches.")
+    cooldown_steps: int = Field(0, ge=0, description="Trailing diffusion steps run synchronously.")
+    sync_every: int | None = Field(None, ge=1, description="Run every k-th step synchronously (None: never).")
+
+
+class SelectiveSync(_Section):
+    strategy: Literal["none", "deep", "shallow", "staggered", "auto"] | list[int] = Field(
+        "none", description="Which MoE layers stay synchronous under a stale mode, or an explicit list of layers.")
+
+
+class ConditionalComm(_Section):
+    interval: int | None = Field(None, ge=1, description="Refresh every slot every `interval` steps; None disables.")
+    drop: Literal["low", "high", "random"] = Field("low", description="Which top-k slot to drop on non-refresh steps.")
+
+
+class Shortcut(_Section):
+    enabled: bool = Field(False, description="ScMoE shortcut: the MoE branch reads an earlier activation.")
+    position: Literal[1, 2, 3] = Field(2, description="ScMoE shortcut position (Pos-1/2/3).")
+
+
+class SequenceParallel(_Section):
+    ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all over heads) degree.")
+    ring: int = Field(1, ge=1, description="Ring-attention degree.")
+
+
+class PipeFusion(_Section):
+    degree: int = Field(1, ge=1, description="Pipeline stages over the blocks.")
+    patches: int | None = Field(None, ge=1, description="Patches the latent is split into.")
+    warmup_steps: int = Field(1, ge=0, description="Synchronous warm-up steps before patch pipelining.")
+
+
+class Offload(_Section):
+    enabled: bool = Field(False, description="Keep routed experts in host memory and prefetch the selected ones.")
+
+
+class Schedule(_Section):
+    policy: Literal["program", "overlap"] = Field(
+        "program", description="program: keep the traced order. overlap: reorder to hide communication.")
+
+
+class Runtime(_Section):
+    timeout_s: float = Field(120.0, gt=0, description="Every collective fails after this many seconds instead of hanging.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: NCCL when CUDA is available, else gloo.")
+    check_finite: bool = Field(True, description="Stop all ranks with an error if a step produces NaN or Inf.")
+
+
+class Plan(BaseModel):
+    """A validated plan. Build one with keyword arguments or `Plan.from_file(path)`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expert_parallel: ExpertParallel = Field(default_factory=ExpertParallel, description="Expert parallelism.")
+    staleness: Staleness = Field(default_factory=Staleness, description="DICE / DistriFusion staleness mode.")
+    selective_sync: SelectiveSync = Field(default_factory=SelectiveSync, description="DICE selective synchronisation.")
+    conditional_comm: ConditionalComm = Field(default_factory=ConditionalComm, description="DICE conditional communication.")
+    shortcut: Shortcut = Field(default_factory=Shortcut, description="ScMoE shortcut connection.")
+    sequence_parallel: SequenceParallel = Field(default_factory=SequenceParallel, description="xDiT USP.")
+    cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on different ranks.")
+    pipefusion: PipeFusion = Field(default_factory=PipeFusion, description="xDiT PipeFusion.")
+    offload: Offload = Field(default_factory=Offload, description="ScMoE expert offloading.")
+    schedule: Schedule = Field(default_factory=Schedule, description="Graph-level scheduling policy.")
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Kernel implementation for permute and experts.")
+    runtime: Runtime = Field(default_factory=Runtime, description="Process-group settings.")
+
+    @model_validator(mode="after")
+    def _reject_unimplemented(self):
+        defaults = Plan.model_construct()
+        for name in ("staleness", "selective_sync", "conditional_comm", "shortcut", "sequence_parallel",
+                     "cfg_parallel", "pipefusion", "offload", "schedule", "kernels"):
+            value, default = getattr(self, name), getattr(defaults, name)
+            if value != default:
+                raise ValueError(f"{name}: not implemented yet in this version of moedit; "
+                                 f"remove the section or set it to its default ({_show(default)})")
+        return self
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise PlanError(_report(err, "plan")) from None
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the plan runs on (expert parallelism is the only axis so far)."""
+        return self.expert_parallel.degree
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Plan":
+        """Load a plan from YAML (.yaml/.yml) or JSON (.json)."""
+        path = os.fspath(path)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as err:
+            raise PlanError(f"cannot read plan file {path!r}: {err.strerror}") from err
+        try:
+            data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise PlanError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise PlanError(f"{path} must hold a mapping of plan sections, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise PlanError(_report(err, path)) from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _report(err: ValidationError, source: str) -> str:
+    lines = [f"  {'.'.join(map(str, e['loc'])) or '(plan)'}: {_message(e)}" for e in err.errors()]
+    return f"invalid plan ({source}):\n" + "\n".join(lines)
+
+
+def _message(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key; check the spelling against the sections in DESIGN.md"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _show(value) -> str:
+    return json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)

@@ -1,0 +1,75 @@
+"""Tracing: the whole model into one fx graph, with MoE layers and attention as leaves.
+
+Every MoE call node gets `node.meta["moedit"] = {"kind": "moe", "layer": i}` in program
+order; attention nodes get `{"kind": "attention"}`. Passes find layers through that meta,
+never through module names.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from .adapters import adapter_for, is_registered_leaf
+
+META = "moedit"
+
+
+class TraceError(TypeError):
+    """A model that fx cannot trace as it is; the message names the module and the fix."""
+
+
+class MoeditTracer(fx.Tracer):
+    """Keeps MoE layers and registered leaves (attention) opaque, and remembers which
+    module was being traced so a failure can name it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scopes: list[tuple[str, type]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return adapter_for(m) is not None or is_registered_leaf(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.scopes.append((self.path_of_module(m), type(m)))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.scopes.pop()
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace `model` and annotate its MoE and attention nodes. Raises TraceError."""
+    tracer = MoeditTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many kinds; each becomes one actionable message
+        where, cls = tracer.scopes[-1] if tracer.scopes else ("(top level)", type(model))
+        raise TraceError(
+            f"cannot trace module {where!r} ({cls.__name__}): {type(err).__name__}: {err}. "
+            f"If it is a MoE layer, describe it with moedit.register_adapter({cls.__name__}, adapter); "
+            f"if it holds data-dependent Python (int(tensor), `if tensor:`), keep it opaque with "
+            f"moedit.register_leaf({cls.__name__})"
+        ) from err
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    layer = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if adapter_for(module) is not None:
+            node.meta[META] = {"kind": "moe", "layer": layer}
+            layer += 1
+        elif is_registered_leaf(module):
+            node.meta[META] = {"kind": "attention"}
+    if layer == 0:
+        raise TraceError(
+            f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
+            "class with moedit.register_adapter(MoEClass, adapter) (see README, 'Adding an adapter')"
+        )
+    return gm
+
+
+def moe_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The MoE call nodes of a traced graph, in layer order."""
+    return [n for n in gm.graph.nodes if n.meta.get(META, {}).get("kind") == "moe"]

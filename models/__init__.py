@@ -1,0 +1,8 @@
+"""Reference models, samplers and checkpoint loading."""
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .dit_moe import DiTMoE, DiTMoEConfig, config_for, dit_moe
+from .sampling import initial_noise, rectified_flow_sample
+
+__all__ = ["CheckpointError", "DiTMoE", "DiTMoEConfig", "config_for", "dit_moe", "initial_noise",
+           "load_checkpoint", "rectified_flow_sample"]

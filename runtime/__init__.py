@@ -1,0 +1,1 @@
+"""Process groups, collectives, expert-parallel building blocks and the step executor."""

@@ -1,0 +1,121 @@
+"""The step executor: runs one rank's compiled graph for every diffusion step.
+
+The global batch is split over the ranks (dense layers run data-parallel, experts run
+expert-parallel across the same ranks); every rank draws the same initial noise for the
+whole batch from the seed and keeps its shard, so results do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from moedit.models.sampling import initial_noise, rectified_flow_sample
+
+from .comm import bind_groups, init_process_group, pick_backend
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """One rank's view of a compiled model inside a process group."""
+
+    def __init__(self, compiled, gm, rank: int, world_size: int, device: torch.device):
+        self.compiled = compiled
+        self.gm = gm
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.step_times: list[float] = []
+
+    @classmethod
+    def start(cls, compiled, device=None) -> "Runtime":
+        plan = compiled.plan
+        backend = pick_backend(plan.runtime.backend)
+        init_process_group(backend, plan.runtime.timeout_s, compiled.world_size)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world != compiled.world_size:
+            from moedit.plan import PlanError
+
+            raise PlanError(f"the plan was compiled for {compiled.world_size} ranks but the process group has "
+                            f"{world}; launch with --nproc_per_node={compiled.world_size} or set "
+                            f"expert_parallel.degree: {world}")
+        if device is None:
+            device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
+        gm = compiled.graph(rank)
+        bind_groups(gm, {"ep": dist.group.WORLD})
+        gm.to(device)
+        return cls(compiled, gm, rank, world, torch.device(device))
+
+    # -- batch sharding -------------------------------------------------------------
+    def _shard(self, *tensors):
+        return [t.tensor_split(self.world_size)[self.rank].to(self.device) for t in tensors]
+
+    def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
+        """Concatenate every rank's shard (shards may differ in size by one)."""
+        rows = -(-batch // self.world_size)
+        padded = local.new_zeros((rows, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        sizes = [len(s) for s in torch.arange(batch).tensor_split(self.world_size)]
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    # -- public API ---------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One model evaluation on a global batch; every rank returns the full output."""
+        out = self.gm(*self._shard(x, t, y))
+        return self._gather(out, x.shape[0]).cpu()
+
+    @torch.no_grad()
+    def sample(self, class_labels, steps: int = 50, cfg_scale: float = 1.5, seed: int = 0) -> torch.Tensor:
+        """Rectified-flow sampling of one image per label; every rank returns the full batch."""
+        cfg = getattr(self.compiled.model, "config", None)
+        if cfg is None or not hasattr(cfg, "in_channels"):
+            raise TypeError("Runtime.sample needs a model with a DiT-style `config` (in_channels, input_size, "
+                            "num_classes); call Runtime.denoise inside your own sampler instead")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
+        if bad.numel():
+            raise ValueError(f"class labels must be in 0..{cfg.num_classes - 1}, got {bad.tolist()}")
+        z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
+        z_local, y_local = self._shard(z, labels)
+        self.step_times = []
+        bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
+        last = time.perf_counter()
+
+        def on_step(i, latents):
+            nonlocal last
+            if self.compiled.plan.runtime.check_finite:
+                self._check_finite(latents, i)
+            now = time.perf_counter()
+            self.step_times.append(now - last)
+            last = now
+            bar.update()
+
+        try:
+            out = rectified_flow_sample(self.gm, z_local, y_local, steps=steps, cfg_scale=cfg_scale,
+                                        null_class=cfg.num_classes, on_step=on_step)
+        finally:
+            bar.close()
+        return self._gather(out, labels.shape[0]).cpu()
+
+    def _check_finite(self, latents: torch.Tensor, step: int) -> None:
+        """Stop every rank together if any rank's latents hold NaN or Inf."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(latents).all()) else 1.0], device=self.device)
+        flags = [torch.zeros_like(bad) for _ in range(self.world_size)]
+        dist.all_gather(flags, bad)
+        ranks = [r for r, f in enumerate(flags) if f.item()]
+        if ranks:
+            raise FloatingPointError(f"non-finite latents after diffusion step {step} on rank(s) {ranks}; "
+                                     "check the checkpoint and the input dtype")
+
+    def close(self) -> None:
+        """Leave the process group (every rank must call it)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

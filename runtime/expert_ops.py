@@ -1,0 +1,85 @@
+"""The local (non-communicating) pieces of an expert-parallel MoE layer.
+
+Shape legend: T tokens on this rank, K experts per token, H hidden, P ranks in the
+expert-parallel group, L = E / P local experts per rank, R rows received.
+Layout: expert e lives on rank e % P as local expert e // P (DICE's layout).
+
+    route      tokens [T,H]           -> expert_ids [T,K], weights [T,K]
+    permute    tokens, expert_ids     -> rows [T*K,H] sorted by (rank, local expert),
+                                         order [T*K], send_counts [P,L]
+    (dispatch) rows                   -> received [R,H], grouped by (source rank, local expert)
+    experts    received, recv_counts  -> outputs [R,H], same order
+    (combine)  outputs                -> returned [T*K,H], in `rows` order
+    unpermute  returned, order, weights -> routed [T,H] = sum_k weights[:,k] * expert_k(token)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# [Note: layer views]
+# The graph nodes below are children of the MoE layer they serve, and they reach that
+# layer's gate and experts through plain Python references rather than as registered
+# submodules. Registering them would make the module tree cyclic (layer -> router ->
+# layer) or list every expert's weights twice in the state dict. The weights stay
+# registered at their original paths, so `.to(device)` and `state_dict()` see them once.
+
+
+class Router(nn.Module):
+    """Graph node for a MoE layer's gate, through its adapter. [T,H] -> ([T,K], [T,K])."""
+
+    def __init__(self, adapter, moe: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_moe", moe)  # a view, see [Note: layer views]
+
+    def forward(self, tokens):
+        expert_ids, weights = self.adapter.route(self._moe, tokens)
+        return expert_ids.long(), weights
+
+
+def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int):
+    """Sort each (token, slot) copy by destination rank, then local expert."""
+    flat = expert_ids.reshape(-1)
+    key = (flat % world_size) * num_local + flat // world_size
+    order = torch.argsort(key, stable=True)
+    rows = tokens[order // expert_ids.shape[1]]
+    send_counts = torch.bincount(key, minlength=world_size * num_local).reshape(world_size, num_local)
+    return rows, order, send_counts
+
+
+def splits(counts: torch.Tensor) -> list[int]:
+    """Rows per rank, as the Python list an all-to-all takes. [P,L] -> P ints."""
+    return counts.sum(dim=1).tolist()
+
+
+class LocalExperts(nn.Module):
+    """The experts this rank holds, run on rows grouped by (source rank, local expert)."""
+
+    def __init__(self, experts: list[nn.Module], expert_ids: list[int]):
+        super().__init__()
+        object.__setattr__(self, "_experts", list(experts))  # views, see [Note: layer views]
+        self.expert_ids = list(expert_ids)  # global ids, for explain() and dumps
+
+    def extra_repr(self) -> str:
+        return f"global_ids={self.expert_ids}"
+
+    def forward(self, received: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+        num_local = len(self._experts)
+        local_of_row = torch.arange(num_local, device=received.device).repeat(recv_counts.shape[0])
+        local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1))
+        by_expert = torch.argsort(local_of_row, stable=True)
+        grouped = received[by_expert]
+        sizes = recv_counts.sum(dim=0).tolist()
+        outputs = torch.empty_like(received)
+        outputs[by_expert] = torch.cat([expert(chunk) for expert, chunk in zip(self._experts, grouped.split(sizes))])
+        return outputs
+
+
+def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Put expert outputs back in (token, slot) order and sum the slots, weighted. -> [T,H]."""
+    num_tokens, top_k = weights.shape
+    slots = torch.empty_like(returned)
+    slots[order] = returned
+    return (slots.reshape(num_tokens, top_k, returned.shape[-1]) * weights.unsqueeze(-1).to(returned.dtype)).sum(dim=1)
