@@ -35,7 +35,7 @@ def explain(compiled, batch_size: int) -> str:
         slots = 2 * batch_size * tokens
         lines.append(f"bytes per step: global batch {batch_size} images with CFG ({slots} tokens), "
                      f"all-to-all bytes sent off-rank, uniform routing assumed")
-    header = f"{'layer':<6}{'module':<16}{'sync':<6}{'stale':<6}{'inserted':<58}{'bytes/step':>14}"
+    header = f"{'layer':<6}{'module':<16}{'sync':<6}{'stale':<6}{'inserted':<70}{'bytes/step':>14}"
     lines += ["", header, "-" * len(header)]
     for layer in compiled.layers:
         rows = per_layer[layer.index]
@@ -46,7 +46,7 @@ def explain(compiled, batch_size: int) -> str:
             per_slot = sum(r["bytes_per_token"] for _, r in rows)
             sent = _mb(per_slot * 2 * batch_size * tokens * layer.top_k * (world - 1) / world)
         lines.append(f"{layer.index:<6}{layer.path:<16}{'yes' if stale == 0 else 'no':<6}{stale:<6}"
-                     f"{kinds:<58}{sent:>14}")
+                     f"{kinds:<70}{sent:>14}")
     lines += ["", "expert placement (expert e on rank e % P):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")

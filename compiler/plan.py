@@ -109,7 +109,7 @@ class Plan(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise PlanError(_report(err, "plan")) from None
+            raise PlanError(_report(err)) from None
 
     @property
     def world_size(self) -> int:
@@ -134,17 +134,17 @@ class Plan(BaseModel):
         if not isinstance(data, dict):
             raise PlanError(f"{path} must hold a mapping of plan sections, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise PlanError(_report(err, path)) from None
+            return cls(**data)
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
 
-def _report(err: ValidationError, source: str) -> str:
+def _report(err: ValidationError) -> str:
     lines = [f"  {'.'.join(map(str, e['loc'])) or '(plan)'}: {_message(e)}" for e in err.errors()]
-    return f"invalid plan ({source}):\n" + "\n".join(lines)
+    return "invalid plan:\n" + "\n".join(lines)
 
 
 def _message(error: dict) -> str:

@@ -25,17 +25,18 @@ class MoeditTracer(fx.Tracer):
 
     def __init__(self):
         super().__init__()
-        self.scopes: list[tuple[str, type]] = []
+        self.failed_in: tuple[str, type] | None = None  # the innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return adapter_for(m) is not None or is_registered_leaf(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.scopes.append((self.path_of_module(m), type(m)))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.scopes.pop()
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m))
+            raise
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -44,7 +45,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds; each becomes one actionable message
-        where, cls = tracer.scopes[-1] if tracer.scopes else ("(top level)", type(model))
+        where, cls = tracer.failed_in or ("(top level)", type(model))
         raise TraceError(
             f"cannot trace module {where!r} ({cls.__name__}): {type(err).__name__}: {err}. "
             f"If it is a MoE layer, describe it with moedit.register_adapter({cls.__name__}, adapter); "

@@ -7,6 +7,7 @@ whole batch from the seed and keeps its shard, so results do not depend on the w
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 
 from moedit.models.sampling import initial_noise, rectified_flow_sample
 
+from moedit.plan import PlanError
+
 from .comm import bind_groups, init_process_group, pick_backend
 
 log = logging.getLogger(__name__)
@@ -24,32 +27,37 @@ log = logging.getLogger(__name__)
 class Runtime:
     """One rank's view of a compiled model inside a process group."""
 
-    def __init__(self, compiled, gm, rank: int, world_size: int, device: torch.device):
+    def __init__(self, compiled, gm, group, rank: int, world_size: int, device: torch.device,
+                 owns_default_group: bool = False):
         self.compiled = compiled
         self.gm = gm
+        self.group = group
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.step_times: list[float] = []
+        self.owns_default_group = owns_default_group  # start() created it, so close() destroys it
 
     @classmethod
     def start(cls, compiled, device=None) -> "Runtime":
         plan = compiled.plan
         backend = pick_backend(plan.runtime.backend)
+        created = not dist.is_initialized()
         init_process_group(backend, plan.runtime.timeout_s, compiled.world_size)
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != compiled.world_size:
-            from moedit.plan import PlanError
-
             raise PlanError(f"the plan was compiled for {compiled.world_size} ranks but the process group has "
                             f"{world}; launch with --nproc_per_node={compiled.world_size} or set "
                             f"expert_parallel.degree: {world}")
         if device is None:
             device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
+        # A group of our own, so the plan's timeout bounds every collective even when the
+        # caller created the default group with another one.
+        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=plan.runtime.timeout_s))
         gm = compiled.graph(rank)
-        bind_groups(gm, {"ep": dist.group.WORLD})
+        bind_groups(gm, {"ep": group})
         gm.to(device)
-        return cls(compiled, gm, rank, world, torch.device(device))
+        return cls(compiled, gm, group, rank, world, torch.device(device), owns_default_group=created)
 
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
@@ -61,7 +69,7 @@ class Runtime:
         padded = local.new_zeros((rows, *local.shape[1:]))
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded, group=self.group)
         sizes = [len(s) for s in torch.arange(batch).tensor_split(self.world_size)]
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
@@ -109,13 +117,16 @@ class Runtime:
         """Stop every rank together if any rank's latents hold NaN or Inf."""
         bad = torch.tensor([0.0 if bool(torch.isfinite(latents).all()) else 1.0], device=self.device)
         flags = [torch.zeros_like(bad) for _ in range(self.world_size)]
-        dist.all_gather(flags, bad)
+        dist.all_gather(flags, bad, group=self.group)
         ranks = [r for r, f in enumerate(flags) if f.item()]
         if ranks:
             raise FloatingPointError(f"non-finite latents after diffusion step {step} on rank(s) {ranks}; "
                                      "check the checkpoint and the input dtype")
 
     def close(self) -> None:
-        """Leave the process group (every rank must call it)."""
+        """Leave the runtime's process group, and the default one if start() created it.
+        Every rank must call it."""
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group(self.group)
+            if self.owns_default_group:
+                dist.destroy_process_group()

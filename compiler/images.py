@@ -1,0 +1,38 @@
+"""Writing sampled images to disk."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,C,S,S] in [-1, 1] -> [B,S,S,C'] uint8, C' = 1 or 3 (extra latent channels are dropped)."""
+    images = images.detach().float().cpu()[:, :3]
+    if images.shape[1] == 2:
+        images = images[:, :1]
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: torch.Tensor, columns: int = 10, pad: int = 1, scale: int = 1) -> Image.Image:
+    """Tile a batch into one image, `columns` per row, `pad` pixels of black between tiles."""
+    pixels = to_uint8(images)
+    count, side, _, channels = pixels.shape
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    canvas = np.zeros((rows * (side + pad) + pad, columns * (side + pad) + pad, channels), np.uint8)
+    for i, tile in enumerate(pixels):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (side + pad), pad + c * (side + pad)
+        canvas[top:top + side, left:left + side] = tile
+    image = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 10, scale: int = 1) -> None:
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    grid(images, columns, scale=scale).save(path)

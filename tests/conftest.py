@@ -1,0 +1,33 @@
+import pathlib
+
+import pytest
+
+from _dist import run_ranks
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/* from the current code")
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(world, fn, *args)`: run `fn(rank, world, *args)` on `world` gloo ranks; results in rank order."""
+    return run_ranks
+
+
+@pytest.fixture
+def golden(request):
+    """`golden(name, text)`: compare `text` with tests/golden/<name>, or rewrite it with --update-golden."""
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN / name
+        if request.config.getoption("--update-golden"):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"no golden file {path}; run pytest --update-golden once and review it"
+        assert text == path.read_text(), f"{name} changed; if intended, run pytest --update-golden and review the diff"
+
+    return check

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+import moedit
+from moedit.models import dit_moe
+
+
+def test_defaults_are_one_rank_synchronous():
+    plan = moedit.Plan()
+    assert plan.world_size == 1 and plan.staleness.mode == "sync"
+
+
+def test_keyword_and_file_construction_agree(tmp_path):
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text("expert_parallel:\n  degree: 4\nruntime:\n  timeout_s: 30\n")
+    json_file = tmp_path / "p.json"
+    json_file.write_text(json.dumps({"expert_parallel": {"degree": 4}, "runtime": {"timeout_s": 30}}))
+    expected = moedit.Plan(expert_parallel={"degree": 4}, runtime={"timeout_s": 30})
+    assert moedit.Plan.from_file(yaml_file) == expected == moedit.Plan.from_file(json_file)
+
+
+def test_shipped_plans_load():
+    assert moedit.Plan.from_file("examples/plans/sync_ep.yaml").world_size == 2
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"expert_paralel": {"degree": 2}}, "expert_paralel: unknown key"),
+    ({"expert_parallel": {"degree": 2, "layout": "x"}}, "expert_parallel.layout: unknown key"),
+    ({"expert_parallel": {"degree": 0}}, "expert_parallel.degree"),
+    ({"runtime": {"backend": "mpi"}}, "runtime.backend"),
+])
+def test_invalid_fields_are_named(data, field):
+    with pytest.raises(moedit.PlanError, match=field.replace(".", r"\.")):
+        moedit.Plan(**data)
+
+
+@pytest.mark.parametrize("data", [
+    {"staleness": {"mode": "displaced"}},
+    {"conditional_comm": {"interval": 2}},
+    {"sequence_parallel": {"ulysses": 2}},
+    {"cfg_parallel": True},
+    {"offload": {"enabled": True}},
+    {"kernels": "triton"},
+])
+def test_unimplemented_sections_are_rejected_not_ignored(data):
+    section = next(iter(data))
+    with pytest.raises(moedit.PlanError, match=f"{section}: not implemented yet"):
+        moedit.Plan(**data)
+
+
+def test_bad_files_say_what_is_wrong(tmp_path):
+    with pytest.raises(moedit.PlanError, match="cannot read plan file"):
+        moedit.Plan.from_file(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(moedit.PlanError, match="must hold a mapping"):
+        moedit.Plan.from_file(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("expert_parallel:\n  degre: 2\n")
+    with pytest.raises(moedit.PlanError, match=r"typo.yaml.*\n.*expert_parallel.degre: unknown key"):
+        moedit.Plan.from_file(tmp_path / "typo.yaml")
+
+
+def test_expert_count_must_divide_by_the_degree():
+    with pytest.raises(moedit.PlanError, match=r"expert_parallel.degree: experts \(8.*divisible.*\(3\)"):
+        moedit.compile(dit_moe("tiny"), moedit.Plan(expert_parallel={"degree": 3}))
