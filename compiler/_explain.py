@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 
+_KIND_ORDER = ("route", "permute", "counts", "cache_read", "dispatch", "experts", "combine", "unpermute", "shared",
+               "merge", "cache_write")
+
+
 def _mb(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.2f} MiB"
 
@@ -19,34 +23,51 @@ def _tokens_per_sample(model) -> int | None:
 def explain(compiled, batch_size: int) -> str:
     plan, world = compiled.plan, compiled.world_size
     tokens = _tokens_per_sample(compiled.model)
-    # Rows are identical on every rank except for expert placement, so rank 0's log is read.
+    # Rows are the same on every rank but for expert placement, so rank 0's log is read;
+    # for a stale plan, its "async" program (the one most steps run).
+    program = compiled.programs[-1]
+    alive = {node.name for node in compiled.graph(0, program).graph.nodes}  # later passes may replace nodes
     per_layer = defaultdict(list)
     for entry in compiled.pass_log:
-        if entry["rank"] == 0:
+        if entry["rank"] == 0 and entry["program"] == program:
             for row in entry["inserted"]:
-                per_layer[row["layer"]].append((entry["pass"], row))
+                if row["node"] in alive:
+                    per_layer[row["layer"]].append(row)
+    changed = dict.fromkeys(e["pass"] for e in compiled.pass_log if e["changed"])
     lines = [
-        f"moedit plan: expert_parallel.degree={plan.expert_parallel.degree}, "
-        f"staleness={plan.staleness.mode}, world size {world}",
-        "passes: " + ", ".join(sorted({e["pass"] for e in compiled.pass_log})),
+        f"moedit plan: expert_parallel.degree={plan.expert_parallel.degree}, staleness={plan.staleness.mode}, "
+        f"world size {world}, programs {', '.join(compiled.programs)}",
+        "passes that changed the graph: " + ", ".join(changed),
     ]
+    if plan.staleness.mode != "sync":
+        s = plan.staleness
+        lines.append(f"steps: {s.warmup_steps} warm-up, {s.cooldown_steps} cool-down"
+                     + (f", every {s.sync_every}th" if s.sync_every else "") + " run 'sync'; the rest 'async'")
+    slots = None
     if tokens is not None:
         # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.
         slots = 2 * batch_size * tokens
-        lines.append(f"bytes per step: global batch {batch_size} images with CFG ({slots} tokens), "
-                     f"all-to-all bytes sent off-rank, uniform routing assumed")
-    header = f"{'layer':<6}{'module':<16}{'sync':<6}{'stale':<6}{'inserted':<70}{'bytes/step':>14}"
+        lines.append(f"bytes: global batch {batch_size} images with CFG ({slots} tokens); sent = all-to-all bytes "
+                     f"off-rank per step, cache = staleness cache per rank; uniform routing assumed")
+    header = f"{'layer':<6}{'module':<16}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
     lines += ["", header, "-" * len(header)]
+    total_sent = total_cache = 0.0
     for layer in compiled.layers:
         rows = per_layer[layer.index]
-        kinds = ",".join(dict.fromkeys(r["kind"].removesuffix("_start").removesuffix("_wait") for _, r in rows))
-        stale = max((r["staleness"] for _, r in rows), default=0)
-        sent = "-"
-        if tokens is not None:
-            per_slot = sum(r["bytes_per_token"] for _, r in rows)
-            sent = _mb(per_slot * 2 * batch_size * tokens * layer.top_k * (world - 1) / world)
-        lines.append(f"{layer.index:<6}{layer.path:<16}{'yes' if stale == 0 else 'no':<6}{stale:<6}"
-                     f"{kinds:<70}{sent:>14}")
+        present = {r["kind"].removesuffix("_start").removesuffix("_wait") for r in rows}
+        kinds = ",".join(k for k in _KIND_ORDER if k in present)
+        stale = max((r["staleness"] for r in rows), default=0)
+        sent = cache = "-"
+        if slots is not None:
+            slot_bytes = layer.top_k * layer.hidden_size * layer.element_size
+            sent_bytes = sum(r["bytes_per_token"] for r in rows) * slots * layer.top_k * (world - 1) / world
+            cache_bytes = sum(r["kind"] == "cache_write" for r in rows) * slots / world * slot_bytes
+            total_sent, total_cache = total_sent + sent_bytes, total_cache + cache_bytes
+            sent, cache = _mb(sent_bytes), _mb(cache_bytes)
+        lines.append(f"{layer.index:<6}{layer.path:<16}{'async' if stale else 'sync':<7}{stale:<6}"
+                     f"{kinds:<90}{sent:>12}{cache:>12}")
+    if slots is not None:
+        lines.append(f"{'total':<125}{_mb(total_sent):>12}{_mb(total_cache):>12}")
     lines += ["", "expert placement (expert e on rank e % P):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")

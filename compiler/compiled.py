@@ -14,15 +14,24 @@ import os
 import torch.fx as fx
 from torch import nn
 
+from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts
+from moedit.passes.interweave import interweave
+from moedit.passes.selective_sync import selective_sync
 
 from .pipeline import PassContext, copy_module, layers_of, run_passes
 from .plan import Plan, PlanError
 from .tracer import trace
+from .verify import verify_programs
 
 log = logging.getLogger(__name__)
 
-PIPELINE = [expert_parallel]
+PIPELINE = [expert_parallel, selective_sync, displace, interweave]
+
+
+def programs_of(plan: Plan) -> tuple[str, ...]:
+    """The per-step programs a plan needs: "sync" always; "async" for a stale mode."""
+    return ("sync",) if plan.staleness.mode == "sync" else ("sync", "async")
 
 
 def _validate(plan: Plan, layers, world_size: int) -> None:
@@ -52,17 +61,21 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     _validate(plan, layers, plan.world_size)
     per_rank, pass_log = [], []
     for rank in range(plan.world_size):
-        ctx = PassContext(plan=plan, world_size=plan.world_size, rank=rank, layers=layers)
-        gm, rank_log = run_passes(copy_module(traced), ctx, PIPELINE)
-        per_rank.append(gm)
-        pass_log += rank_log
+        programs = {}
+        for program in programs_of(plan):
+            ctx = PassContext(plan=plan, world_size=plan.world_size, rank=rank, layers=layers, program=program)
+            programs[program], program_log = run_passes(copy_module(traced), ctx, PIPELINE)
+            pass_log += program_log
+        verify_programs(programs)
+        per_rank.append(programs)
     return CompiledModel(model, plan, layers, per_rank, pass_log)
 
 
 class CompiledModel:
     """Per-rank programs for one model and plan."""
 
-    def __init__(self, model: nn.Module, plan: Plan, layers, per_rank: list[fx.GraphModule], pass_log: list[dict]):
+    def __init__(self, model: nn.Module, plan: Plan, layers, per_rank: list[dict[str, fx.GraphModule]],
+                 pass_log: list[dict]):
         self.model = model
         self.plan = plan
         self.layers = layers
@@ -70,11 +83,18 @@ class CompiledModel:
         self.pass_log = pass_log
         self._per_rank = per_rank
 
-    def graph(self, rank: int) -> fx.GraphModule:
-        """The rewritten GraphModule rank `rank` runs."""
+    @property
+    def programs(self) -> tuple[str, ...]:
+        return tuple(self._per_rank[0])
+
+    def graph(self, rank: int, program: str = "sync") -> fx.GraphModule:
+        """The rewritten GraphModule rank `rank` runs on steps of kind `program`
+        ("sync", or "async" for stale plans)."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
-        return self._per_rank[rank]
+        if program not in self._per_rank[rank]:
+            raise ValueError(f"program must be one of {self.programs}, got {program!r}")
+        return self._per_rank[rank][program]
 
     def explain(self, batch_size: int = 8) -> str:
         """A per-layer table of expert placement, inserted nodes and bytes moved per step."""
@@ -85,9 +105,11 @@ class CompiledModel:
     def dump(self, directory: str | os.PathLike) -> None:
         """Write each rank's graph code, the pass log, the plan and explain() under `directory`."""
         os.makedirs(directory, exist_ok=True)
-        for rank, gm in enumerate(self._per_rank):
-            with open(os.path.join(directory, f"rank{rank}.py"), "w") as f:
-                f.write(gm.code)
+        for rank, programs in enumerate(self._per_rank):
+            for program, gm in programs.items():
+                suffix = "" if program == "sync" else f"_{program}"
+                with open(os.path.join(directory, f"rank{rank}{suffix}.py"), "w") as f:
+                    f.write(gm.code)
         with open(os.path.join(directory, "pass_log.json"), "w") as f:
             json.dump(self.pass_log, f, indent=1)
         with open(os.path.join(directory, "plan.json"), "w") as f:

@@ -51,6 +51,7 @@ class PassContext:
     world_size: int
     rank: int
     layers: tuple[MoELayer, ...]
+    program: str = "sync"  # which per-step program is being built: "sync" or "async"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +93,11 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[PassFn]) -> tu
             verify_graph(gm)
         except RuntimeError as err:
             ran = ", ".join([entry["pass"] for entry in pass_log] + [name])
-            raise PassError(f"graph invariant broken after pass {name!r} on rank {ctx.rank} "
+            raise PassError(f"graph invariant broken after pass {name!r} on rank {ctx.rank}, program {ctx.program} "
                             f"(passes run: {ran}): {err}") from err
         gm.recompile()
         log.debug("rank %d after %s:\n%s", ctx.rank, name, gm.code)
-        pass_log.append({"pass": name, "rank": ctx.rank, "changed": result.changed,
+        pass_log.append({"pass": name, "rank": ctx.rank, "program": ctx.program, "changed": result.changed,
                          "inserted": [dataclasses.asdict(row) for row in result.inserted]})
     return gm, pass_log
 

@@ -33,6 +33,7 @@ class Staleness(_Section):
     warmup_steps: int = Field(1, ge=0, description="Leading diffusion steps run synchronously to fill the caches.")
     cooldown_steps: int = Field(0, ge=0, description="Trailing diffusion steps run synchronously.")
     sync_every: int | None = Field(None, ge=1, description="Run every k-th step synchronously (None: never).")
+    cache_limit_mb: float | None = Field(None, gt=0, description="Fail if staleness caches would hold more than this.")
 
 
 class SelectiveSync(_Section):
@@ -95,9 +96,18 @@ class Plan(BaseModel):
     runtime: Runtime = Field(default_factory=Runtime, description="Process-group settings.")
 
     @model_validator(mode="after")
-    def _reject_unimplemented(self):
+    def _check_combinations(self):
         defaults = Plan.model_construct()
-        for name in ("staleness", "selective_sync", "conditional_comm", "shortcut", "sequence_parallel",
+        if self.staleness.mode != "sync" and self.staleness.warmup_steps < 1:
+            raise ValueError("staleness.warmup_steps: a stale mode needs at least 1 synchronous warm-up step "
+                             "to fill its caches; set warmup_steps >= 1")
+        if self.staleness.mode == "sync" and self.selective_sync.strategy != "none":
+            raise ValueError("selective_sync: has no effect when staleness.mode is 'sync' (every layer is "
+                             "synchronous); remove it or choose a stale mode")
+        if self.selective_sync.strategy == "auto":
+            raise ValueError("selective_sync.strategy: 'auto' is not implemented yet in this version of moedit; "
+                             "use deep, shallow, staggered or a list of layers")
+        for name in ("conditional_comm", "shortcut", "sequence_parallel",
                      "cfg_parallel", "pipefusion", "offload", "schedule", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:

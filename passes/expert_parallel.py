@@ -96,31 +96,21 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
         moe.add_module(name, part)
     path = layer.path.__add__
     row_bytes = layer.hidden_size * layer.element_size
-    g = gm.graph
-    inserted: list[Inserted] = []
-
-    def emit(kind, op, target, args, bytes_per_token=0):
-        new = getattr(g, op)(target, args)
-        new.meta[META] = {"kind": kind, "layer": layer.index, "staleness": 0}
-        inserted.append(Inserted(new.name, layer.index, kind, bytes_per_token))
-        return new
-
-    with g.inserting_before(node):
-        tokens = g.call_method("flatten", (node.args[0], 0, -2))
-        routed_pair = emit("route", "call_module", path(".ep_router"), (tokens,))
-        expert_ids = g.call_function(operator.getitem, (routed_pair, 0))
-        weights = g.call_function(operator.getitem, (routed_pair, 1))
+    emit = Emitter(gm.graph, layer.index)
+    with gm.graph.inserting_before(node):
+        tokens = emit("glue", "call_method", "flatten", (node.args[0], 0, -2))
+        expert_ids, weights = emit.unpack(emit("route", "call_module", path(".ep_router"), (tokens,)), 2)
         perm = emit("permute", "call_function", permute, (tokens, expert_ids, P, L))
-        rows, order, send_counts = (g.call_function(operator.getitem, (perm, i)) for i in range(3))
+        rows, order, send_counts = emit.unpack(perm, 3)
         recv_counts = emit("counts", "call_module", path(".ep_counts"), (send_counts,))
-        send_splits = g.call_function(splits, (send_counts,))
-        recv_splits = g.call_function(splits, (recv_counts,))
+        send_splits = emit("glue", "call_function", splits, (send_counts,))
+        recv_splits = emit("glue", "call_function", splits, (recv_counts,))
         pending = emit("dispatch_start", "call_module", path(".ep_dispatch"), (rows, send_splits, recv_splits),
-                       row_bytes)
+                       bytes_per_token=row_bytes)
         received = emit("dispatch_wait", "call_function", wait, (pending,))
         outputs = emit("experts", "call_module", path(".ep_experts"), (received, recv_counts))
         pending = emit("combine_start", "call_module", path(".ep_combine"), (outputs, recv_splits, send_splits),
-                       row_bytes)
+                       bytes_per_token=row_bytes)
         returned = emit("combine_wait", "call_function", wait, (pending,))
         routed = emit("unpermute", "call_function", unpermute, (returned, order, weights))
         shared_module = layer.adapter.shared_expert(moe)
@@ -129,10 +119,31 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
             shared_path = _submodule_path(moe, layer.path, shared_module)
             merge_args = (routed, emit("shared", "call_module", shared_path, (tokens,)))
         merged = emit("merge", "call_module", path(".ep_merge"), merge_args)
-        out = g.call_method("reshape_as", (merged, node.args[0]))
+        out = emit("glue", "call_method", "reshape_as", (merged, node.args[0]))
     node.replace_all_uses_with(out)
-    g.erase_node(node)
-    return inserted
+    gm.graph.erase_node(node)
+    return emit.inserted
+
+
+class Emitter:
+    """Creates one layer's nodes at the graph's insertion point, each tagged with
+    `meta["moedit"] = {"kind", "layer", "staleness"}`, and records the ones that matter
+    (every kind but "glue") as `Inserted` rows."""
+
+    def __init__(self, graph: fx.Graph, layer: int, staleness: int = 0):
+        self.graph, self.layer, self.staleness = graph, layer, staleness
+        self.inserted: list[Inserted] = []
+
+    def __call__(self, kind: str, op: str, target, args, bytes_per_token: int = 0, staleness: int | None = None):
+        node = getattr(self.graph, op)(target, args)
+        stale = self.staleness if staleness is None else staleness
+        node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
+        if kind != "glue":
+            self.inserted.append(Inserted(node.name, self.layer, kind, bytes_per_token, stale))
+        return node
+
+    def unpack(self, node: fx.Node, n: int) -> list[fx.Node]:
+        return [self("glue", "call_function", operator.getitem, (node, i)) for i in range(n)]
 
 
 def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

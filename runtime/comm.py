@@ -71,6 +71,18 @@ class AllToAllStart(Collective):
         return Pending(output, work)
 
 
+class CountsStart(Collective):
+    """Start the all-to-all of per-(rank, local expert) token counts, [P, L] -> [P, L].
+
+    Stale layers launch it right after routing and wait on it only after they have run
+    the previous step's experts, so it has landed by then (see README, "Counts")."""
+
+    def forward(self, send_counts: torch.Tensor) -> Pending:
+        recv_counts = torch.empty_like(send_counts)
+        work = dist.all_to_all_single(recv_counts, send_counts, group=self._group(), async_op=True)
+        return Pending(recv_counts, work)
+
+
 class ExchangeCounts(Collective):
     """Blocking all-to-all of per-(rank, local expert) token counts: [P, E_local] -> [P, E_local].
 

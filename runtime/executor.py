@@ -1,4 +1,9 @@
-"""The step executor: runs one rank's compiled graph for every diffusion step.
+"""The step executor: runs one rank's compiled programs, one per diffusion step.
+
+A stale plan compiles two programs per rank: "sync" (exact; it also fills the
+staleness caches) and "async" (stale layers consume earlier steps' exchanges). The
+executor owns the step counter and picks the program: warm-up steps, cool-down steps
+and every `sync_every`-th step run "sync", the rest "async".
 
 The global batch is split over the ranks (dense layers run data-parallel, experts run
 expert-parallel across the same ranks); every rank draws the same initial noise for the
@@ -19,6 +24,7 @@ from moedit.models.sampling import initial_noise, rectified_flow_sample
 
 from moedit.plan import PlanError
 
+from .cache import StepCache, bind_cache
 from .comm import bind_groups, init_process_group, pick_backend
 
 log = logging.getLogger(__name__)
@@ -27,11 +33,19 @@ log = logging.getLogger(__name__)
 class Runtime:
     """One rank's view of a compiled model inside a process group."""
 
-    def __init__(self, compiled, gm, group, rank: int, world_size: int, device: torch.device,
+    def __init__(self, compiled, programs: dict, group, rank: int, world_size: int, device: torch.device,
                  owns_default_group: bool = False):
         self.compiled = compiled
-        self.gm = gm
+        self.programs = programs
+        self.gm = programs["sync"]
         self.group = group
+        limit = compiled.plan.staleness.cache_limit_mb
+        self.cache = StepCache(None if limit is None else int(limit * 2**20))
+        for gm in programs.values():
+            bind_cache(gm, self.cache)
+        self.step = 0  # diffusion steps run since the last reset()
+        self.total_steps: int | None = None  # known inside sample(), for cool-down
+        self.program_log: list[str] = []  # the program each step ran
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -54,10 +68,35 @@ class Runtime:
         # A group of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
         group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=plan.runtime.timeout_s))
-        gm = compiled.graph(rank)
-        bind_groups(gm, {"ep": group})
-        gm.to(device)
-        return cls(compiled, gm, group, rank, world, torch.device(device), owns_default_group=created)
+        programs = {name: compiled.graph(rank, name) for name in compiled.programs}
+        for gm in programs.values():
+            bind_groups(gm, {"ep": group})
+            gm.to(device)
+        return cls(compiled, programs, group, rank, world, torch.device(device), owns_default_group=created)
+
+    # -- step control ---------------------------------------------------------------
+    def program_for(self, step: int) -> str:
+        """"sync" or "async" for diffusion step `step` (0-based), as the plan says."""
+        plan = self.compiled.plan.staleness
+        if plan.mode == "sync":
+            return "sync"
+        total = self.total_steps
+        synchronous = (step < plan.warmup_steps
+                       or (total is not None and step >= total - plan.cooldown_steps)
+                       or (plan.sync_every is not None and step % plan.sync_every == 0))
+        return "sync" if synchronous else "async"
+
+    def reset(self) -> None:
+        """Start a new sample: finish exchanges in flight, empty the caches, step 0."""
+        self.cache.drain()
+        self.step, self.total_steps, self.program_log = 0, None, []
+
+    def _run(self, x, t, y):
+        program = self.program_for(self.step)
+        self.program_log.append(program)
+        out = self.programs[program](x, t, y)
+        self.step += 1
+        return out
 
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
@@ -76,8 +115,10 @@ class Runtime:
     # -- public API ---------------------------------------------------------------------
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One model evaluation on a global batch; every rank returns the full output."""
-        out = self.gm(*self._shard(x, t, y))
+        """One model evaluation on a global batch; every rank returns the full output.
+
+        Each call is one diffusion step for a stale plan (call reset() between samples)."""
+        out = self._run(*self._shard(x, t, y))
         return self._gather(out, x.shape[0]).cpu()
 
     @torch.no_grad()
@@ -93,6 +134,8 @@ class Runtime:
             raise ValueError(f"class labels must be in 0..{cfg.num_classes - 1}, got {bad.tolist()}")
         z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         z_local, y_local = self._shard(z, labels)
+        self.reset()
+        self.total_steps = steps
         self.step_times = []
         bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
         last = time.perf_counter()
@@ -107,10 +150,11 @@ class Runtime:
             bar.update()
 
         try:
-            out = rectified_flow_sample(self.gm, z_local, y_local, steps=steps, cfg_scale=cfg_scale,
+            out = rectified_flow_sample(self._run, z_local, y_local, steps=steps, cfg_scale=cfg_scale,
                                         null_class=cfg.num_classes, on_step=on_step)
         finally:
             bar.close()
+            self.cache.drain()
         return self._gather(out, labels.shape[0]).cpu()
 
     def _check_finite(self, latents: torch.Tensor, step: int) -> None:
