@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
 from moedit.models import initial_noise, rectified_flow_sample
 from moedit.run import load_model
+
+from _launch import machine, run_plan
 
 
 def eager(args) -> dict:
@@ -44,20 +42,10 @@ def eager(args) -> dict:
 
 
 def moedit_run(args, world: int) -> dict:
-    threads = max(1, os.cpu_count() // world)
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = os.path.join(tmp, "plan.yaml")
-        with open(plan, "w") as f:
-            f.write(f"expert_parallel:\n  degree: {world}\n")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "moedit.run", "--model", args.model, "--plan", plan, "--out", tmp, "--steps", str(args.steps),
-               "--num-images", str(args.images), "--cfg-scale", str(args.cfg_scale)]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if not args.verbose else None)
-        with open(os.path.join(tmp, "timings.json")) as f:
-            timings = json.load(f)
-    return {"run": f"moedit sync_ep, {world} rank(s)", "world_size": world, "threads_per_rank": threads,
-            "step_s": timings["step_s"]}
+    result = run_plan({"expert_parallel": {"degree": world}}, world, model=args.model, steps=args.steps,
+                      images=args.images, cfg_scale=args.cfg_scale, verbose=args.verbose)
+    return {"run": f"moedit sync_ep, {world} rank(s)", "world_size": world,
+            "threads_per_rank": result["threads_per_rank"], "step_s": result["step_s"]}
 
 
 def main() -> None:
@@ -73,14 +61,13 @@ def main() -> None:
     rows = [eager(args)] + [moedit_run(args, world) for world in args.worlds]
     for row in rows:
         row["median_step_ms"] = 1e3 * statistics.median(row["step_s"][1:] or row["step_s"])
-    machine = f"{platform.node()}: {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, gloo"
-    print(f"model {args.model}, {args.images} images with CFG, {args.steps} steps; {machine}")
+    print(f"model {args.model}, {args.images} images with CFG, {args.steps} steps; {machine()}")
     print(f"{'run':<28}{'threads/rank':>14}{'median step ms':>16}")
     for row in rows:
         print(f"{row['run']:<28}{row['threads_per_rank']:>14}{row['median_step_ms']:>16.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": machine, "model": args.model, "images": args.images, "steps": args.steps,
+        json.dump({"machine": machine(), "model": args.model, "images": args.images, "steps": args.steps,
                    "cfg_scale": args.cfg_scale, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 

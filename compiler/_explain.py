@@ -66,6 +66,9 @@ def explain(compiled, batch_size: int) -> str:
             sent, cache = _mb(sent_bytes), _mb(cache_bytes)
         lines.append(f"{layer.index:<6}{layer.path:<16}{'async' if stale else 'sync':<7}{stale:<6}"
                      f"{kinds:<90}{sent:>12}{cache:>12}")
+    if compiled.sensitivity is not None:
+        lines.append("selective_sync auto, staleness sensitivity per layer (rel. L2 of a calibration sample): "
+                     + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(compiled.sensitivity)))
     if slots is not None:
         lines.append(f"{'total':<125}{_mb(total_sent):>12}{_mb(total_cache):>12}")
     lines += ["", "expert placement (expert e on rank e % P):"]

@@ -14,10 +14,11 @@ import os
 import torch.fx as fx
 from torch import nn
 
+from moedit.passes.conditional_comm import conditional_comm
 from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts
 from moedit.passes.interweave import interweave
-from moedit.passes.selective_sync import selective_sync
+from moedit.passes.selective_sync import resolve_auto, selective_sync
 
 from .pipeline import PassContext, copy_module, layers_of, run_passes
 from .plan import Plan, PlanError
@@ -26,12 +27,16 @@ from .verify import verify_programs
 
 log = logging.getLogger(__name__)
 
-PIPELINE = [expert_parallel, selective_sync, displace, interweave]
+PIPELINE = [expert_parallel, selective_sync, displace, interweave, conditional_comm]
 
 
 def programs_of(plan: Plan) -> tuple[str, ...]:
-    """The per-step programs a plan needs: "sync" always; "async" for a stale mode."""
-    return ("sync",) if plan.staleness.mode == "sync" else ("sync", "async")
+    """The per-step programs a plan needs: "sync" always, "async" for a stale mode, and a
+    "_drop" twin of each for the non-refresh steps of conditional communication."""
+    base = ("sync",) if plan.staleness.mode == "sync" else ("sync", "async")
+    if plan.conditional_comm.interval is None:
+        return base
+    return base + tuple(f"{name}_drop" for name in base)
 
 
 def _validate(plan: Plan, layers, world_size: int) -> None:
@@ -42,6 +47,10 @@ def _validate(plan: Plan, layers, world_size: int) -> None:
                 f"by the expert-parallel degree ({plan.expert_parallel.degree}); choose a degree that divides "
                 f"{layer.num_experts}"
             )
+        cc = plan.conditional_comm
+        if cc.interval is not None and cc.drop != "threshold" and not cc.slots < layer.top_k:
+            raise PlanError(f"conditional_comm.slots ({cc.slots}) must be below the top-k of layer {layer.index} "
+                            f"({layer.top_k}): at least one slot per token is always sent")
     if world_size != plan.world_size:
         raise PlanError(f"world size {world_size} does not match the plan's {plan.world_size} "
                         f"(expert_parallel.degree); change one to match the other")
@@ -59,6 +68,7 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     traced = trace(model)
     layers = layers_of(traced)
     _validate(plan, layers, plan.world_size)
+    plan, sensitivity = resolve_auto(model, layers, plan)
     per_rank, pass_log = [], []
     for rank in range(plan.world_size):
         programs = {}
@@ -68,20 +78,21 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
             pass_log += program_log
         verify_programs(programs)
         per_rank.append(programs)
-    return CompiledModel(model, plan, layers, per_rank, pass_log)
+    return CompiledModel(model, plan, layers, per_rank, pass_log, sensitivity)
 
 
 class CompiledModel:
     """Per-rank programs for one model and plan."""
 
     def __init__(self, model: nn.Module, plan: Plan, layers, per_rank: list[dict[str, fx.GraphModule]],
-                 pass_log: list[dict]):
+                 pass_log: list[dict], sensitivity: list[float] | None = None):
         self.model = model
         self.plan = plan
         self.layers = layers
         self.world_size = plan.world_size
         self.pass_log = pass_log
         self._per_rank = per_rank
+        self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
 
     @property
     def programs(self) -> tuple[str, ...]:

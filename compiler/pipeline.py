@@ -112,16 +112,23 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
 
 
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing `module`'s parameters, buffers and
+    children; adding a child to the copy leaves the original untouched."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    return clone
+
+
 def strip_modules(module: nn.Module, replace: dict[int, nn.Module]) -> nn.Module:
     """A shallow copy of `module` in which each submodule whose id is in `replace` is swapped
     for its replacement. Untouched subtrees are shared with the original."""
     if id(module) in replace:
         return replace[id(module)]
-    if not any(id(m) in replace for m in module.modules()):
-        return module
-    clone = module.__new__(type(module))
-    clone.__dict__ = dict(module.__dict__)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = {name: strip_modules(child, replace) for name, child in module._modules.items()}
+    clone = shallow_copy(module)
+    clone._modules = {name: child if not any(id(m) in replace for m in child.modules()) else
+                      strip_modules(child, replace) for name, child in module._modules.items()}
     return clone

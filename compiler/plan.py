@@ -38,12 +38,21 @@ class Staleness(_Section):
 
 class SelectiveSync(_Section):
     strategy: Literal["none", "deep", "shallow", "staggered", "auto"] | list[int] = Field(
-        "none", description="Which MoE layers stay synchronous under a stale mode, or an explicit list of layers.")
+        "none", description="Which MoE layers stay synchronous under a stale mode, or an explicit list of layers; "
+                            "auto: the most staleness-sensitive ones, measured on a calibration run at compile time.")
+    fraction: float = Field(0.5, ge=0, le=1, description="auto: the share of MoE layers kept synchronous.")
+    calibration_steps: int = Field(10, ge=2, description="auto: diffusion steps of the calibration run.")
+    calibration_images: int = Field(4, ge=1, description="auto: images in the calibration run.")
 
 
 class ConditionalComm(_Section):
-    interval: int | None = Field(None, ge=1, description="Refresh every slot every `interval` steps; None disables.")
-    drop: Literal["low", "high", "random"] = Field("low", description="Which top-k slot to drop on non-refresh steps.")
+    interval: int | None = Field(None, ge=2, description="Send every slot on every `interval`-th step (refresh), "
+                                 "drop slots on the others; None disables.")
+    drop: Literal["low", "high", "random", "threshold"] = Field(
+        "low", description="low/high/random: drop `slots` slots per token by score rank or at random; "
+                           "threshold: drop every slot whose router weight is below `threshold`.")
+    slots: int = Field(1, ge=1, description="Slots dropped per token (low, high, random); below the top-k.")
+    threshold: float = Field(0.1, ge=0, description="Router-weight threshold for drop: threshold.")
 
 
 class Shortcut(_Section):
@@ -104,10 +113,7 @@ class Plan(BaseModel):
         if self.staleness.mode == "sync" and self.selective_sync.strategy != "none":
             raise ValueError("selective_sync: has no effect when staleness.mode is 'sync' (every layer is "
                              "synchronous); remove it or choose a stale mode")
-        if self.selective_sync.strategy == "auto":
-            raise ValueError("selective_sync.strategy: 'auto' is not implemented yet in this version of moedit; "
-                             "use deep, shallow, staggered or a list of layers")
-        for name in ("conditional_comm", "shortcut", "sequence_parallel",
+        for name in ("shortcut", "sequence_parallel",
                      "cfg_parallel", "pipefusion", "offload", "schedule", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 -m moedit.run --model digits --plan examples/plans/sync_ep.yaml --out out/
 
 Every rank compiles the same plan, keeps only its own experts and runs its share of the
-batch; rank 0 writes `samples.png`, `timings.json` and `explain.txt` under --out.
+batch; rank 0 writes `samples.png`, `images.pt` (the raw batch), `timings.json` (per step:
+seconds, seconds blocked on exchanges, program) and `explain.txt` under --out.
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ def main(argv=None) -> int:
                 "backend": torch.distributed.get_backend(), "torch": torch.__version__,
                 "host": platform.node(), "cpu_count": os.cpu_count(),
                 "images": len(labels), "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
-                "total_s": total, "step_s": runtime.step_times,
+                "total_s": total, "step_s": runtime.step_times, "blocked_s": runtime.blocked_times,
                 "median_step_s": sorted(runtime.step_times)[len(runtime.step_times) // 2],
+                "programs": runtime.program_log, "cache_peak_bytes": runtime.cache.peak_bytes,
             }
+            torch.save(images, os.path.join(args.out, "images.pt"))
             with open(os.path.join(args.out, "timings.json"), "w") as f:
                 json.dump(timings, f, indent=1)
             log.info("%d images in %.2f s (median step %.1f ms) -> %s", len(labels), total,

@@ -47,7 +47,7 @@ def verify_graph(gm: fx.GraphModule) -> None:
 
 def _cache_keys(gm: fx.GraphModule, kind: type) -> set[str]:
     return {gm.get_submodule(n.target).key for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)}
+            if n.op == "call_module" and type(gm.get_submodule(n.target)) is kind}
 
 
 def verify_programs(programs: dict[str, fx.GraphModule]) -> None:

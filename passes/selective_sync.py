@@ -5,15 +5,26 @@ stale plan. The stale passes (displace, interweave) leave the marked layers alon
     shallow    the shallower half
     staggered  every other layer, starting with layer 1
     [i, ...]   exactly these layer indices
+    auto       the most staleness-sensitive `fraction` of the layers, measured at compile
+               time on the single-device model: one short calibration sample per layer in
+               which only that layer consumes stale routed outputs (`resolve_auto`)
     none       every layer stale
 """
 
 from __future__ import annotations
 
-import torch.fx as fx
+import logging
 
-from moedit.pipeline import PassContext, PassResult, PassError
+import torch
+import torch.fx as fx
+from torch import nn
+
+from moedit.models.sampling import initial_noise, rectified_flow_sample
+from moedit.pipeline import PassContext, PassError, PassResult
+from moedit.plan import Plan, PlanError
 from moedit.tracer import META
+
+log = logging.getLogger(__name__)
 
 
 def synchronous_layers(strategy, num_layers: int) -> set[int]:
@@ -45,3 +56,80 @@ def selective_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if meta.get("kind") == "route":
             meta["sync"] = meta["layer"] in chosen
     return PassResult(gm, False, [])
+
+
+# -- auto: calibrate on the single-device model ----------------------------------------
+
+def _slot_outputs(adapter, moe, tokens, expert_ids) -> torch.Tensor:
+    """[T,K,H]: each slot's expert output, unweighted."""
+    experts = adapter.experts(moe)
+    out = tokens.new_zeros((*expert_ids.shape, tokens.shape[-1]))
+    for slot in range(expert_ids.shape[1]):
+        for e in expert_ids[:, slot].unique().tolist():
+            rows = expert_ids[:, slot] == e
+            out[rows, slot] = experts[e](tokens[rows])
+    return out
+
+
+def _stale_hook(layer, delay: int):
+    """A forward hook that makes one MoE layer consume routed outputs `delay` steps old
+    (scaled by the current router weights), as the stale plans do; shared expert current."""
+    history: list[torch.Tensor] = []
+
+    def hook(moe, inputs, _output):
+        x = inputs[0]
+        tokens = x.flatten(0, -2)
+        expert_ids, weights = layer.adapter.route(moe, tokens)
+        history.append(_slot_outputs(layer.adapter, moe, tokens, expert_ids.long()))
+        slots = history[max(0, len(history) - 1 - delay)]
+        routed = (slots * weights.unsqueeze(-1).to(slots.dtype)).sum(1)
+        shared = layer.adapter.shared_expert(moe)
+        return layer.adapter.combine(moe, routed, None if shared is None else shared(tokens)).reshape(x.shape)
+
+    return hook
+
+
+@torch.no_grad()
+def staleness_sensitivity(model: nn.Module, layers, plan) -> list[float]:
+    """Per MoE layer: relative L2 change of the sampled images when only that layer is stale
+    (by the plan's staleness: 1 step interweaved, 2 displaced), on a short calibration run."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "in_channels"):
+        raise PlanError("selective_sync.strategy 'auto' calibrates by sampling, which needs a DiT-style model with "
+                        "a `config`; give an explicit list of layers instead")
+    if any(p.is_meta for p in model.parameters()):
+        raise PlanError("selective_sync.strategy 'auto' needs the model's real weights (it is on the meta device); "
+                        "load them before compiling, or give an explicit list of layers")
+    sel = plan.selective_sync
+    labels = torch.arange(sel.calibration_images) % cfg.num_classes
+    delay = 2 if plan.staleness.mode == "displaced" else 1
+
+    def sample():
+        noise = initial_noise(len(labels), cfg.in_channels, cfg.input_size, seed=0)
+        return rectified_flow_sample(model, noise, labels, steps=sel.calibration_steps, cfg_scale=1.5,
+                                     null_class=cfg.num_classes)
+
+    exact = sample()
+    sensitivity = []
+    for layer in layers:
+        handle = model.get_submodule(layer.path).register_forward_hook(_stale_hook(layer, delay))
+        try:
+            sensitivity.append(((sample() - exact).norm() / exact.norm()).item())
+        finally:
+            handle.remove()
+    return sensitivity
+
+
+def resolve_auto(model: nn.Module, layers, plan):
+    """For strategy "auto": the plan with the measured layer list in its place, and the
+    sensitivities. Any other plan comes back unchanged (and None)."""
+    if plan.selective_sync.strategy != "auto":
+        return plan, None
+    sensitivity = staleness_sensitivity(model, layers, plan)
+    keep = round(plan.selective_sync.fraction * len(layers))
+    chosen = sorted(sorted(range(len(layers)), key=lambda i: -sensitivity[i])[:keep])
+    data = plan.to_dict()
+    data["selective_sync"]["strategy"] = chosen
+    log.info("selective_sync auto: sensitivities %s -> synchronous layers %s",
+             [round(s, 4) for s in sensitivity], chosen)
+    return Plan(**data), sensitivity

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .comm import Pending
+from .expert_ops import unpermute
 
 
 @dataclasses.dataclass
@@ -49,13 +50,14 @@ class StepCache:
 
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
-        self.entries: dict[str, InFlight] = {}
+        self.entries: dict[str, InFlight | torch.Tensor] = {}
         self.peak_bytes = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for v in self.entries.values() for t in v.tensors())
+        tensors = [t for v in self.entries.values() for t in (v.tensors() if isinstance(v, InFlight) else [v])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def write(self, key: str, value: InFlight) -> None:
+    def write(self, key: str, value: InFlight | torch.Tensor) -> None:
         self.entries[key] = value
         used = self.nbytes()
         self.peak_bytes = max(self.peak_bytes, used)
@@ -64,7 +66,7 @@ class StepCache:
                               f"{self.limit_bytes / 2**20:.1f} MiB (staleness.cache_limit_mb); raise the limit, "
                               "keep more layers synchronous (selective_sync) or use a smaller batch")
 
-    def read(self, key: str) -> InFlight:
+    def read(self, key: str) -> InFlight | torch.Tensor:
         if key not in self.entries:
             raise RuntimeError(f"staleness cache {key!r} is empty: a stale step ran before any synchronous step "
                                "filled it; keep staleness.warmup_steps >= 1")
@@ -73,7 +75,8 @@ class StepCache:
     def drain(self) -> None:
         """Finish every exchange still in flight and forget everything (between samples)."""
         for value in self.entries.values():
-            value.pending.wait()
+            if isinstance(value, InFlight):
+                value.pending.wait()
         self.entries.clear()
 
 
@@ -102,6 +105,21 @@ class CacheWrite(CacheNode):
 class CacheRead(CacheNode):
     def forward(self) -> InFlight:
         return self._cache().read(self.key)
+
+
+class SlotCache(CacheNode):
+    """Conditional communication's unpermute: returns the weighted sum of a token's K slot
+    outputs, taking the slots that were not sent from the outputs cached when all K were
+    last sent, and caching all K whenever they were. (`unpermute`'s contract otherwise.)"""
+
+    def forward(self, returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = weights.shape
+        if order.numel() == num_tokens * top_k:  # every slot was sent: refresh the cache
+            slots = returned.new_empty((num_tokens * top_k, returned.shape[-1]))
+            routed = unpermute(returned, order, weights, slots=slots)
+            self._cache().write(self.key, slots)
+            return routed
+        return unpermute(returned, order, weights, slots=self._cache().read(self.key).clone())
 
 
 def bind_cache(module: nn.Module, cache: StepCache) -> None:

@@ -16,12 +16,24 @@ import dataclasses
 import datetime
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+class BlockedClock:
+    """Seconds this process has spent blocked on exchanges: in `wait` nodes and in the
+    blocking counts exchange. Benchmarks read it to measure exposed communication."""
+
+    seconds = 0.0
+
+    @classmethod
+    def add(cls, since: float) -> None:
+        cls.seconds += time.perf_counter() - since
 
 
 @dataclasses.dataclass
@@ -33,7 +45,10 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
+            start = time.perf_counter()
             self.work.wait()
+            self.work = None
+            BlockedClock.add(start)
         return self.output
 
 
@@ -92,7 +107,9 @@ class ExchangeCounts(Collective):
 
     def forward(self, send_counts: torch.Tensor) -> torch.Tensor:
         recv_counts = torch.empty_like(send_counts)
+        start = time.perf_counter()
         dist.all_to_all_single(recv_counts, send_counts, group=self._group())
+        BlockedClock.add(start)
         return recv_counts
 
 

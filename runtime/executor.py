@@ -25,7 +25,7 @@ from moedit.models.sampling import initial_noise, rectified_flow_sample
 from moedit.plan import PlanError
 
 from .cache import StepCache, bind_cache
-from .comm import bind_groups, init_process_group, pick_backend
+from .comm import BlockedClock, bind_groups, init_process_group, pick_backend
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class Runtime:
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # seconds per diffusion step of the last sample()
+        self.blocked_times: list[float] = []  # of which blocked on exchanges (see BlockedClock)
         self.owns_default_group = owns_default_group  # start() created it, so close() destroys it
 
     @classmethod
@@ -76,15 +77,16 @@ class Runtime:
 
     # -- step control ---------------------------------------------------------------
     def program_for(self, step: int) -> str:
-        """"sync" or "async" for diffusion step `step` (0-based), as the plan says."""
-        plan = self.compiled.plan.staleness
-        if plan.mode == "sync":
-            return "sync"
-        total = self.total_steps
-        synchronous = (step < plan.warmup_steps
-                       or (total is not None and step >= total - plan.cooldown_steps)
-                       or (plan.sync_every is not None and step % plan.sync_every == 0))
-        return "sync" if synchronous else "async"
+        """The program for diffusion step `step` (0-based), as the plan says: "sync" or
+        "async", with "_drop" on the non-refresh steps of conditional communication."""
+        plan, total = self.compiled.plan, self.total_steps
+        stale = plan.staleness
+        synchronous = (stale.mode == "sync" or step < stale.warmup_steps
+                       or (total is not None and step >= total - stale.cooldown_steps)
+                       or (stale.sync_every is not None and step % stale.sync_every == 0))
+        interval = plan.conditional_comm.interval
+        refresh = interval is None or step % interval == 0
+        return ("sync" if synchronous else "async") + ("" if refresh else "_drop")
 
     def reset(self) -> None:
         """Start a new sample: finish exchanges in flight, empty the caches, step 0."""
@@ -136,17 +138,19 @@ class Runtime:
         z_local, y_local = self._shard(z, labels)
         self.reset()
         self.total_steps = steps
-        self.step_times = []
+        self.step_times, self.blocked_times = [], []
+        blocked = BlockedClock.seconds
         bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
         last = time.perf_counter()
 
         def on_step(i, latents):
-            nonlocal last
+            nonlocal last, blocked
             if self.compiled.plan.runtime.check_finite:
                 self._check_finite(latents, i)
             now = time.perf_counter()
             self.step_times.append(now - last)
-            last = now
+            self.blocked_times.append(BlockedClock.seconds - blocked)
+            last, blocked = now, BlockedClock.seconds
             bar.update()
 
         try:

@@ -39,14 +39,55 @@ class Router(nn.Module):
         return expert_ids.long(), weights
 
 
-def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int):
-    """Sort each (token, slot) copy by destination rank, then local expert."""
+def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int,
+            keep: torch.Tensor | None = None):
+    """Sort each (token, slot) copy by destination rank, then local expert.
+
+    `keep` [T,K] (bool), if given, leaves the unmarked slots out (conditional
+    communication); `order` then lists only the kept (token * K + slot) positions.
+    """
     flat = expert_ids.reshape(-1)
     key = (flat % world_size) * num_local + flat // world_size
+    if keep is not None:
+        key = torch.where(keep.reshape(-1), key, world_size * num_local)  # dropped slots sort last
     order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=world_size * num_local + 1)
+    order = order[: int(counts[:-1].sum())] if keep is not None else order
     rows = tokens[order // expert_ids.shape[1]]
-    send_counts = torch.bincount(key, minlength=world_size * num_local).reshape(world_size, num_local)
+    send_counts = counts[: world_size * num_local].reshape(world_size, num_local)
     return rows, order, send_counts
+
+
+class DropSlots(nn.Module):
+    """Conditional communication: which of each token's K slots to send this step. -> keep [T,K] bool.
+
+    Slots are sorted by score (top-k order), so "low" drops the last `count`, "high" the
+    first `count`, "random" any `count` per token, and "threshold" every slot whose
+    router weight is below `threshold` (never the top slot).
+    """
+
+    def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.policy, self.count, self.threshold = policy, count, threshold
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy!r}, count={self.count}, threshold={self.threshold}"
+
+    def forward(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = expert_ids.shape
+        keep = torch.ones(num_tokens, top_k, dtype=torch.bool, device=expert_ids.device)
+        if self.policy == "low":
+            keep[:, top_k - self.count:] = False
+        elif self.policy == "high":
+            keep[:, : self.count] = False
+        elif self.policy == "random":
+            scores = torch.rand(num_tokens, top_k, generator=self.generator).to(expert_ids.device)
+            keep.scatter_(1, scores.topk(self.count, dim=1).indices, False)
+        else:
+            keep = weights >= self.threshold
+            keep[:, 0] = True
+        return keep
 
 
 def splits(counts: torch.Tensor) -> list[int]:
@@ -77,9 +118,15 @@ class LocalExperts(nn.Module):
         return outputs
 
 
-def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Put expert outputs back in (token, slot) order and sum the slots, weighted. -> [T,H]."""
+def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+              slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Put expert outputs back in (token, slot) order and sum the slots, weighted. -> [T,H].
+
+    `slots` [T*K,H], if given, supplies the outputs of slots that were not sent (their
+    positions are absent from `order`); it is updated in place with the returned rows.
+    """
     num_tokens, top_k = weights.shape
-    slots = torch.empty_like(returned)
+    if slots is None:
+        slots = returned.new_zeros((num_tokens * top_k, returned.shape[-1]))
     slots[order] = returned
-    return (slots.reshape(num_tokens, top_k, returned.shape[-1]) * weights.unsqueeze(-1).to(returned.dtype)).sum(dim=1)
+    return (slots.reshape(num_tokens, top_k, slots.shape[-1]) * weights.unsqueeze(-1).to(returned.dtype)).sum(dim=1)

@@ -1,8 +1,13 @@
 import pathlib
 
 import pytest
+import torch
 
 from _dist import run_ranks
+
+# The models here are tiny: one intra-op thread is faster than two fighting over the
+# cores with the spawned ranks (a 2-thread parent ran the reference checks ~30x slower).
+torch.set_num_threads(1)
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 

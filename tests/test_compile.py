@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 import moedit
+from _models import tiny_model
 from moedit.compiled import compile as compile_model
 from moedit.models import dit_moe
 from moedit.pipeline import PassContext, PassResult, copy_module, layers_of, run_passes, PassError
@@ -51,14 +52,15 @@ def test_model_without_moe_layers_is_rejected():
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_each_rank_holds_only_its_own_experts(world):
     model = dit_moe("tiny")
-    compiled = moedit.compile(model, _ep(world))
+    compiled = moedit.compile(model, moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "displaced"}))
     for rank in range(world):
         keys = [k for k in compiled.graph(rank).state_dict() if ".experts." in k]
         held = sorted({int(k.split(".experts.")[1].split(".")[0]) for k in keys})
         assert held == compiled.experts_of(rank) == list(range(rank, 8, world))
         assert len(keys) == 2 * len(held) * 3  # two layers, three projections per expert
     # Compiling leaves the user's model untouched and shares (does not copy) its weights.
-    assert len(model.blocks[0].moe.experts) == 8 and isinstance(model.blocks[0].moe.experts[1], nn.Module)
+    assert [type(e).__name__ for e in model.blocks[0].moe.experts] == ["MoeMLP"] * 8
+    assert not hasattr(model.blocks[0].moe, "ep_router")
     w = compiled.graph(world - 1).get_parameter(f"blocks.0.moe.experts.{world - 1}.up_proj.weight")
     assert w is model.blocks[0].moe.experts[world - 1].up_proj.weight
 
@@ -126,3 +128,20 @@ def test_compile_accepts_a_plan_path_and_defaults_to_one_rank():
 def test_graph_rank_out_of_range():
     with pytest.raises(ValueError, match=r"rank must be in 0..1, got 2"):
         moedit.compile(dit_moe("tiny"), _ep(2)).graph(2)
+
+
+def test_auto_selective_sync_keeps_the_most_sensitive_layers_synchronous():
+    model = tiny_model(depth=4)
+    with torch.no_grad():  # make layer 2's routed experts dominate its block
+        for expert in model.blocks[2].moe.experts:
+            expert.down_proj.weight.mul_(20)
+    plan = moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "interweaved"},
+                       selective_sync={"strategy": "auto", "fraction": 0.25})
+    compiled = moedit.compile(model, plan)
+    assert compiled.plan.selective_sync.strategy == [2]
+    assert max(range(4), key=lambda i: compiled.sensitivity[i]) == 2
+    assert "sensitivity per layer" in compiled.explain()
+    with torch.device("meta"):
+        meta_model = dit_moe("tiny")
+    with pytest.raises(moedit.PlanError, match="needs the model's real weights"):
+        moedit.compile(meta_model, plan)

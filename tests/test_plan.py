@@ -36,8 +36,9 @@ def test_invalid_fields_are_named(data, field):
 
 
 @pytest.mark.parametrize("data", [
-    {"staleness": {"mode": "displaced"}},
-    {"conditional_comm": {"interval": 2}},
+    {"shortcut": {"enabled": True}},
+    {"pipefusion": {"degree": 2}},
+    {"schedule": {"policy": "overlap"}},
     {"sequence_parallel": {"ulysses": 2}},
     {"cfg_parallel": True},
     {"offload": {"enabled": True}},
@@ -47,6 +48,22 @@ def test_unimplemented_sections_are_rejected_not_ignored(data):
     section = next(iter(data))
     with pytest.raises(moedit.PlanError, match=f"{section}: not implemented yet"):
         moedit.Plan(**data)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"staleness": {"mode": "displaced", "warmup_steps": 0}}, "warmup_steps: a stale mode needs at least 1"),
+    ({"selective_sync": {"strategy": "deep"}}, "selective_sync: has no effect when staleness.mode is 'sync'"),
+    ({"conditional_comm": {"interval": 1}}, "conditional_comm.interval"),
+])
+def test_invalid_combinations_say_what_to_change(data, message):
+    with pytest.raises(moedit.PlanError, match=message):
+        moedit.Plan(**data)
+
+
+def test_conditional_comm_slots_must_leave_one_slot():
+    plan = moedit.Plan(conditional_comm={"interval": 2, "slots": 2})
+    with pytest.raises(moedit.PlanError, match=r"conditional_comm.slots \(2\) must be below the top-k"):
+        moedit.compile(dit_moe("tiny"), plan)
 
 
 def test_bad_files_say_what_is_wrong(tmp_path):

@@ -1,11 +1,12 @@
 """Stale plans consume exactly the step they claim.
 
 Every step feeds a different input. Per layer and step, the worker records the layer's
-tokens, the router's choice and weights, and the routed output the layer merged; the
-test recomputes that output with the single-device experts on the tokens and expert
-choices of the step the plan claims (t for synchronous layers and steps, t-1 for
-interweaved, t-2 for displaced, the last synchronous step where that is later),
-scaled by step t's router weights.
+tokens, the router's choice and weights, the slots conditional communication kept,
+and the routed output the layer merged; the test recomputes that output with the
+single-device experts on the tokens and expert choices of the step the plan claims
+(t for synchronous layers and steps, t-1 for interweaved, t-2 for displaced, the last
+synchronous step where that is later), scaled by step t's router weights. A slot that
+was not sent takes its value from the last step whose exchange carried every slot.
 """
 
 import pytest
@@ -37,28 +38,46 @@ def _record_worker(rank, world, plan_kwargs):
             def on_merge(_m, inputs, _out, layer=layer):
                 records[layer, step[0]]["routed"] = inputs[0]
 
+            def on_drop(_m, _inputs, keep, layer=layer):
+                records[layer, step[0]]["keep"] = keep
+
             moe.ep_router.register_forward_hook(on_route)
             moe.ep_merge.register_forward_hook(on_merge)
+            if hasattr(moe, "ep_drop"):
+                moe.ep_drop.register_forward_hook(on_drop)
     runtime.total_steps = STEPS  # as sample() does, so cool-down steps are known
     for step[0] in range(STEPS):
         runtime.denoise(*_inputs(step[0]))
     return records, runtime.program_log
 
 
-def _expected(experts, source, weights):
-    """sum_k weights[:, k] * expert_{ids[:, k]}(tokens), ids and tokens from `source`."""
-    out = torch.zeros_like(source["tokens"])
-    for slot in range(weights.shape[1]):
-        for e in source["ids"][:, slot].unique().tolist():
-            rows = source["ids"][:, slot] == e
-            out[rows] += weights[rows, slot, None] * experts[e](source["tokens"][rows])
+def _slot_outputs(experts, record):
+    """[T,K,H]: expert_{ids[:, k]}(tokens) for every slot of a recorded step (memoised in it)."""
+    if "slots" in record:
+        return record["slots"]
+    ids, tokens = record["ids"], record["tokens"]
+    out = torch.zeros(*ids.shape, tokens.shape[-1])
+    for slot in range(ids.shape[1]):
+        for e in ids[:, slot].unique().tolist():
+            rows = ids[:, slot] == e
+            out[rows, slot] = experts[e](tokens[rows])
+    record["slots"] = out
     return out
 
 
+def _expected(experts, source, weights, cached=None):
+    """sum_k weights[:, k] * slot k's output: from `source`, or from `cached` where
+    `source` did not send slot k."""
+    slots = _slot_outputs(experts, source)
+    if "keep" in source:
+        slots = torch.where(source["keep"].unsqueeze(-1), slots, _slot_outputs(experts, cached))
+    return (slots * weights.unsqueeze(-1)).sum(1)
+
+
 def _source_step(mode, t, log, synchronous_layer):
-    if synchronous_layer or log[t] == "sync":
+    if synchronous_layer or log[t].startswith("sync"):
         return t
-    last_sync = max(s for s in range(t) if log[s] == "sync")
+    last_sync = max(s for s in range(t) if log[s].startswith("sync"))
     return max(t - (2 if mode == "displaced" else 1), last_sync)
 
 
@@ -68,15 +87,19 @@ def _check(spawn, world, mode, plan_kwargs, sync_layers=()):
     results = spawn(world, _record_worker, plan)
     checked = set()
     for records, log in results:
-        assert log.count("async") >= 3, log
-        for (layer, t), rec in records.items():
-            experts = model.blocks[layer].moe.experts
-            s = _source_step(mode, t, log, layer in sync_layers)
-            with torch.no_grad():
-                expected = _expected(experts, records[layer, s], rec["weights"])
-            torch.testing.assert_close(rec["routed"], expected, rtol=0, atol=1e-5,
-                                       msg=lambda m: f"layer {layer}, step {t} ({log[t]}), source step {s}: {m}")
-            checked.add(t - s)
+        assert sum(p != "sync" for p in log) >= 3, log
+        for layer in range(DEPTH):
+            experts, full = model.blocks[layer].moe.experts, None  # full: source of the last all-slot exchange
+            for t in range(STEPS):
+                rec = records[layer, t]
+                s = _source_step(mode, t, log, layer in sync_layers)
+                with torch.no_grad():
+                    expected = _expected(experts, records[layer, s], rec["weights"],
+                                         None if full is None else records[layer, full])
+                torch.testing.assert_close(rec["routed"], expected, rtol=0, atol=1e-5,
+                                           msg=lambda m: f"layer {layer}, step {t} ({log[t]}), source {s}: {m}")
+                checked.add(t - s)
+                full = s if "keep" not in records[layer, s] else full
     return checked, log
 
 
@@ -100,3 +123,17 @@ def test_warmup_cooldown_and_strided_sync_steps_are_exact(spawn):
 @pytest.mark.parametrize("strategy, sync_layers", [("deep", {2, 3}), ("staggered", {1, 3}), ([0], {0})])
 def test_selectively_synchronous_layers_are_exact(spawn, strategy, sync_layers):
     _check(spawn, 2, "interweaved", {"selective_sync": {"strategy": strategy}}, sync_layers)
+
+
+@pytest.mark.parametrize("drop", ["low", "high", "random"])
+def test_dropped_slots_reuse_the_output_cached_at_the_last_refresh(spawn, drop):
+    plan = {"conditional_comm": {"interval": 2, "drop": drop}}
+    checked, log = _check(spawn, 2, "sync", plan)
+    assert log == ["sync", "sync_drop", "sync", "sync_drop", "sync", "sync_drop", "sync"]
+
+
+@pytest.mark.parametrize("mode", ["displaced", "interweaved"])
+def test_conditional_comm_on_stale_layers(spawn, mode):
+    plan = {"conditional_comm": {"interval": 3}, "selective_sync": {"strategy": "deep"}}
+    checked, log = _check(spawn, 2, mode, plan, sync_layers={2, 3})
+    assert "async_drop" in log

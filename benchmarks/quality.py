@@ -1,0 +1,91 @@
+"""Image quality of every plan in examples/plans/ on the trained digits model.
+
+    python benchmarks/quality.py [--seeds 0 1 2] [--images 200] [--steps 25]
+
+Per plan and seed (each run under torchrun on the plan's own number of CPU ranks):
+classifier accuracy against the requested labels, FD-digits (Fréchet distance of
+classifier features to the real test digits), and relative L2 / PSNR against the
+sync_ep plan's images from the same seed. Reports mean ± std over seeds, writes
+benchmarks/results/quality.{json,md} and a side-by-side PNG (one row per plan, seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import torch
+
+from moedit import metrics
+from moedit.images import save_grid
+from moedit.models.pretrained import SAMPLING
+
+from _launch import load_plan, machine, run_plan
+
+BASE = "sync_ep"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=200, help="per run; labels cycle through the 10 classes")
+    parser.add_argument("--steps", type=int, default=SAMPLING["digits"]["steps"])
+    parser.add_argument("--cfg-scale", type=float, default=SAMPLING["digits"]["cfg_scale"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob("examples/plans/*.yaml"))
+    names = [BASE] + [n for n in names if n != BASE]  # the base first, for the deviation columns
+    labels = torch.arange(args.images) % 10
+    clf = metrics.classifier()
+    real, _ = metrics.digits_dataset("test")
+    images, raw = {}, {}
+    for name in names:
+        plan = load_plan(f"examples/plans/{name}.yaml")
+        world = plan.get("expert_parallel", {}).get("degree", 1)
+        for seed in args.seeds:
+            result = run_plan(plan, world, steps=args.steps, images=args.images, cfg_scale=args.cfg_scale, seed=seed)
+            batch = result["images"]
+            images[name, seed] = batch
+            base = images[BASE, seed]
+            raw.setdefault(name, []).append({
+                "seed": seed, "world_size": world, "accuracy": metrics.accuracy(batch, labels, clf),
+                "fd_digits": metrics.fd_digits(batch, clf, real),
+                "rel_l2": metrics.relative_l2(batch, base), "psnr": metrics.psnr(batch, base),
+            })
+            print(f"  {name} seed {seed}: accuracy {raw[name][-1]['accuracy']:.3f}, "
+                  f"FD {raw[name][-1]['fd_digits']:.2f}", flush=True)
+    table = {name: {key: metrics.summarize([r[key] for r in runs]) for key in ("accuracy", "fd_digits", "rel_l2")}
+             for name, runs in raw.items()}
+    for name, runs in raw.items():
+        finite = [r["psnr"] for r in runs if r["psnr"] != float("inf")]
+        table[name]["psnr"] = metrics.summarize(finite) if finite else {"mean": float("inf"), "std": 0.0, "n": 0}
+    reference_fd = metrics.fd_digits(metrics.digits_dataset("train")[0][: args.images], clf, real)
+    lines = [f"Digits DiT-MoE, {args.images} images per run, {args.steps} steps, CFG {args.cfg_scale}, "
+             f"seeds {args.seeds} (mean ± std over seeds); {machine()}.",
+             f"FD-digits of {args.images} real training digits against the test split: {reference_fd:.2f}.", "",
+             "| plan | ranks | accuracy | FD-digits | rel. L2 vs sync_ep | PSNR vs sync_ep (dB) |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        t, world = table[name], raw[name][0]["world_size"]
+        psnr_text = "∞ (identical)" if t["psnr"]["n"] == 0 else f"{t['psnr']['mean']:.1f} ± {t['psnr']['std']:.1f}"
+        lines.append(f"| {name} | {world} | {t['accuracy']['mean']:.3f} ± {t['accuracy']['std']:.3f} | "
+                     f"{t['fd_digits']['mean']:.2f} ± {t['fd_digits']['std']:.2f} | "
+                     f"{t['rel_l2']['mean']:.4f} ± {t['rel_l2']['std']:.4f} | {psnr_text} |")
+    markdown = "\n".join(lines)
+    print("\n" + markdown)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(markdown + "\n")
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump({"machine": machine(), "images": args.images, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                   "seeds": args.seeds, "reference_fd_digits": reference_fd, "summary": table, "runs": raw}, f,
+                  indent=1)
+    side_by_side = torch.cat([images[name, args.seeds[0]][:20] for name in names])
+    save_grid(side_by_side, os.path.join(args.out, "quality_plans.png"), columns=20, scale=3)
+    print(f"wrote {args.out}/quality.md, quality.json, quality_plans.png (rows: {', '.join(names)})")
+
+
+if __name__ == "__main__":
+    main()
