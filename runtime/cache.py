@@ -62,8 +62,8 @@ class StepCache:
         used = self.nbytes()
         self.peak_bytes = max(self.peak_bytes, used)
         if self.limit_bytes is not None and used > self.limit_bytes:
-            raise MemoryError(f"staleness caches hold {used / 2**20:.1f} MiB, over the plan's limit of "
-                              f"{self.limit_bytes / 2**20:.1f} MiB (staleness.cache_limit_mb); raise the limit, "
+            raise MemoryError(f"staleness caches hold {used / 2**20:.2f} MiB, over the plan's limit of "
+                              f"{self.limit_bytes / 2**20:.2f} MiB (staleness.cache_limit_mb); raise the limit, "
                               "keep more layers synchronous (selective_sync) or use a smaller batch")
 
     def read(self, key: str) -> InFlight | torch.Tensor:

@@ -137,3 +137,18 @@ def test_conditional_comm_on_stale_layers(spawn, mode):
     plan = {"conditional_comm": {"interval": 3}, "selective_sync": {"strategy": "deep"}}
     checked, log = _check(spawn, 2, mode, plan, sync_layers={2, 3})
     assert "async_drop" in log
+
+
+def _cache_limit_worker(rank, world):
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "displaced", "cache_limit_mb": 0.01})
+    runtime = moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime()
+    try:
+        runtime.denoise(*_inputs(0))
+    except MemoryError as err:
+        return str(err)
+    return None
+
+
+def test_cache_limit_is_enforced_with_a_clear_error(spawn):
+    for message in spawn(2, _cache_limit_worker):
+        assert message is not None and "over the plan's limit of 0.01 MiB (staleness.cache_limit_mb)" in message
