@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-_KIND_ORDER = ("route", "permute", "counts", "cache_read", "dispatch", "experts", "combine", "unpermute", "shared",
-               "merge", "cache_write")
+_KIND_ORDER = ("route", "drop_slots", "permute", "counts", "cache_read", "dispatch", "experts", "combine", "unpermute",
+               "slot_cache", "shared", "merge", "cache_write")
+_CACHING = ("cache_write", "slot_cache")  # kinds that keep one [T*K, H] set of rows across steps
 
 
 def _mb(num_bytes: float) -> str:
@@ -25,7 +26,7 @@ def explain(compiled, batch_size: int) -> str:
     tokens = _tokens_per_sample(compiled.model)
     # Rows are the same on every rank but for expert placement, so rank 0's log is read;
     # for a stale plan, its "async" program (the one most steps run).
-    program = compiled.programs[-1]
+    program = "async" if "async" in compiled.programs else "sync"
     alive = {node.name for node in compiled.graph(0, program).graph.nodes}  # later passes may replace nodes
     per_layer = defaultdict(list)
     for entry in compiled.pass_log:
@@ -42,13 +43,19 @@ def explain(compiled, batch_size: int) -> str:
     if plan.staleness.mode != "sync":
         s = plan.staleness
         lines.append(f"steps: {s.warmup_steps} warm-up, {s.cooldown_steps} cool-down"
-                     + (f", every {s.sync_every}th" if s.sync_every else "") + " run 'sync'; the rest 'async'")
+                     + (f", every step i with i % {s.sync_every} == 0" if s.sync_every else "") + " run 'sync'; the rest 'async'")
+    cc = plan.conditional_comm
+    if cc.interval is not None:
+        what = f"slots with router weight < {cc.threshold}" if cc.drop == "threshold" else f"{cc.slots} slot(s) ({cc.drop})"
+        lines.append(f"conditional communication: every step i with i % {cc.interval} == 0 sends every slot; the others drop {what} "
+                     "per token and reuse the cached outputs ('_drop' programs)")
     slots = None
     if tokens is not None:
         # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.
         slots = 2 * batch_size * tokens
         lines.append(f"bytes: global batch {batch_size} images with CFG ({slots} tokens); sent = all-to-all bytes "
-                     f"off-rank per step, cache = staleness cache per rank; uniform routing assumed")
+                     f"off-rank per step with every slot sent, cache = staleness cache per rank; uniform routing "
+                     f"assumed")
     header = f"{'layer':<6}{'module':<16}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
     lines += ["", header, "-" * len(header)]
     total_sent = total_cache = 0.0
@@ -61,7 +68,7 @@ def explain(compiled, batch_size: int) -> str:
         if slots is not None:
             slot_bytes = layer.top_k * layer.hidden_size * layer.element_size
             sent_bytes = sum(r["bytes_per_token"] for r in rows) * slots * layer.top_k * (world - 1) / world
-            cache_bytes = sum(r["kind"] == "cache_write" for r in rows) * slots / world * slot_bytes
+            cache_bytes = sum(r["kind"] in _CACHING for r in rows) * slots / world * slot_bytes
             total_sent, total_cache = total_sent + sent_bytes, total_cache + cache_bytes
             sent, cache = _mb(sent_bytes), _mb(cache_bytes)
         lines.append(f"{layer.index:<6}{layer.path:<16}{'async' if stale else 'sync':<7}{stale:<6}"

@@ -82,6 +82,9 @@ def test_explain_and_graph_code_golden(golden, tmp_path):
     compiled.dump(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explain.txt", "pass_log.json", "plan.json",
                                                           "rank0.py", "rank1.py"]
+    dice = moedit.compile(dit_moe("tiny", depth=4), "examples/plans/dice.yaml")
+    golden("explain_tiny_dice.txt", dice.explain() + "\n")
+    golden("tiny_dice_rank0_async.py", dice.graph(0, "async").code)
 
 
 def test_explain_reports_placement_and_bytes():
