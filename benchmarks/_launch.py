@@ -26,7 +26,7 @@ def load_plan(path: str, world: int | None = None) -> dict:
 
 
 def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, images: int = 16,
-             cfg_scale: float = 2.0, seed: int = 0, verbose: bool = False) -> dict:
+             cfg_scale: float = 1.5, seed: int = 0, extra_args: tuple = (), verbose: bool = False) -> dict:
     """Sample under `plan` on `world` CPU ranks (each with cpu_count // world threads).
     Returns timings.json plus the images as "images"."""
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -36,7 +36,7 @@ def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, 
             yaml.safe_dump(plan, f)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "moedit.run", "--model", model, "--plan", plan_file, "--out", tmp, "--steps", str(steps),
-               "--num-images", str(images), "--cfg-scale", str(cfg_scale), "--seed", str(seed)]
+               "--num-images", str(images), "--cfg-scale", str(cfg_scale), "--seed", str(seed), *extra_args]
         proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=not verbose,
                               text=True)
         if proc.returncode != 0:

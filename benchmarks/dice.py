@@ -1,10 +1,13 @@
 """Stale expert-parallel plans against synchronous EP: speed, hidden communication, cache,
 and how far the images move.
 
-    python benchmarks/dice.py [--model digits] [--worlds 2 4] [--steps 20] [--images 16]
+    python benchmarks/dice.py [--config digits|comm-bound] [--worlds 2 4] [--steps 20] [--images 16]
 
-For each world size, every plan in --plans runs under torchrun on CPU (gloo) with the
-same seed. Per plan:
+Configs: `digits`, the trained model (6 blocks, hidden 64, 64 tokens per image); and
+`comm-bound`, the tiny reference config at depth 12 (hidden 32, 16 tokens per image) with
+random weights written to a checkpoint, where all-to-all is most of a synchronous step
+on this CPU. For each world size, every plan in --plans runs under torchrun on CPU
+(gloo) with the same seed. Per plan:
 
     step ms       mean wall time of a diffusion step (all steps but the first)
     blocked ms    of which the rank was blocked in an exchange (wait nodes, blocking counts)
@@ -24,12 +27,29 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
+
+import torch
 
 from moedit.metrics import psnr, relative_l2
+from moedit.models import dit_moe
 
 from _launch import load_plan, machine, run_plan
 
 PLANS = ["sync_ep", "displaced", "interweaved", "dice"]
+COMM_BOUND = {"depth": 12}  # overrides of the "tiny" reference config
+
+
+@torch.no_grad()
+def random_checkpoint(path: str) -> list[str]:
+    """Random weights for the comm-bound config (adaLN-Zero's zeros would make every block
+    the identity and every plan's images equal); returns moedit.run's model arguments."""
+    model = dit_moe("tiny", **COMM_BOUND)
+    gen = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        param.copy_(torch.randn(param.shape, generator=gen) * (param.shape[-1] ** -0.5 if param.dim() > 1 else 0.1))
+    torch.save(model.state_dict(), path)
+    return ["--checkpoint", path] + [arg for k, v in COMM_BOUND.items() for arg in ("--set", f"{k}={v}")]
 
 
 def summarise(name: str, result: dict, base: dict | None) -> dict:
@@ -46,26 +66,31 @@ def summarise(name: str, result: dict, base: dict | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="digits")
+    parser.add_argument("--config", choices=["digits", "comm-bound"], default="digits")
     parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--plans", nargs="+", default=PLANS, help="names of examples/plans/*.yaml; first is the base")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--out", default="benchmarks/results/dice.json")
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--out", help="default: benchmarks/results/dice_<config>.json")
     args = parser.parse_args()
+    out = args.out or f"benchmarks/results/dice_{args.config}.json"
+    tmp = tempfile.TemporaryDirectory()
+    model, extra = "digits", []
+    if args.config == "comm-bound":
+        model, extra = "tiny", random_checkpoint(os.path.join(tmp.name, "random.pt"))
     rows = []
     for world in args.worlds:
         base = None
         for name in args.plans:
             plan = load_plan(os.path.join("examples", "plans", f"{name}.yaml"), world)
-            result = run_plan(plan, world, model=args.model, steps=args.steps, images=args.images,
-                              cfg_scale=args.cfg_scale)
+            result = run_plan(plan, world, model=model, steps=args.steps, images=args.images,
+                              cfg_scale=args.cfg_scale, extra_args=extra)
             row, measured = summarise(name, result, base)
             base = base or measured
             rows.append(row)
             print(f"  {name} on {world} ranks: {row['step_ms']:.1f} ms/step", flush=True)
-    print(f"\nmodel {args.model}, {args.images} images with CFG, {args.steps} steps; {machine()}")
+    print(f"\nconfig {args.config}, {args.images} images with CFG, {args.steps} steps; {machine()}")
     header = (f"{'plan':<13}{'ranks':>6}{'step ms':>9}{'blocked ms':>12}{'a2a share':>11}{'hidden':>8}"
               f"{'speed-up':>10}{'cache MiB':>11}{'rel L2':>9}{'PSNR dB':>9}")
     print(header)
@@ -74,11 +99,11 @@ def main() -> None:
                  if "hidden" in r else f"{'-':>8}{'1.00x':>10}{r['cache_mib']:>11.2f}{'-':>9}{'-':>9}")
         print(f"{r['plan']:<13}{r['world_size']:>6}{r['step_ms']:>9.1f}{r['blocked_ms']:>12.1f}{r['a2a_share']:>11.0%}"
               + extra)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "model": args.model, "images": args.images, "steps": args.steps,
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": machine(), "config": args.config, "images": args.images, "steps": args.steps,
                    "cfg_scale": args.cfg_scale, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

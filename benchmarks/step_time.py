@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--out", default="benchmarks/results/step_time.json")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

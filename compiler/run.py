@@ -18,29 +18,34 @@ import sys
 import time
 
 import torch
+import yaml
 
 import moedit
 from moedit.images import save_grid
 from moedit.models import CheckpointError, dit_moe, load_checkpoint
+from moedit.models.pretrained import SAMPLING
 
 log = logging.getLogger("moedit.run")
 
 
-def load_model(name: str, checkpoint: str | None = None, device: str | torch.device = "cpu"):
+def load_model(name: str, checkpoint: str | None = None, device: str | torch.device = "cpu", **overrides):
     """A shipped pretrained model by name ("digits"), or a reference config ("S/2-8E2A",
-    "tiny", ...) with random weights unless `checkpoint` names a state-dict file.
-    On the meta device nothing is allocated or loaded (enough for compiling and explain())."""
+    "tiny", ...) with DiT constructor-argument `overrides`, with random weights unless
+    `checkpoint` names a state-dict file. On the meta device nothing is allocated or
+    loaded (enough for compiling and explain())."""
     from moedit.models.pretrained import PRETRAINED, pretrained
 
     meta = torch.device(device).type == "meta"
+    if name in PRETRAINED and overrides:
+        raise ValueError(f"{name} is a trained model; its config cannot be overridden ({sorted(overrides)})")
     if name in PRETRAINED:
         if meta:
             with torch.device("meta"):
                 return pretrained(name, load=False)
-        model = pretrained(name)
+        model = pretrained(name, device=device)
     else:
         with torch.device(device):
-            model = dit_moe(name)
+            model = dit_moe(name, **overrides)
     if checkpoint is not None and not meta:
         load_checkpoint(model, checkpoint)
     elif name not in PRETRAINED and not meta:
@@ -48,14 +53,28 @@ def load_model(name: str, checkpoint: str | None = None, device: str | torch.dev
     return model
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["depth=12", "learn_sigma=false"] -> {"depth": 12, "learn_sigma": False}."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moedit.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits", help="shipped model name or reference config (default: digits)")
     parser.add_argument("--checkpoint", help="state-dict file to load into a reference config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a reference config's DiT argument, e.g. --set depth=12 (repeatable)")
     parser.add_argument("--plan", required=True, help="plan file (YAML or JSON), e.g. examples/plans/sync_ep.yaml")
     parser.add_argument("--out", required=True, help="folder for samples.png, timings.json and explain.txt")
-    parser.add_argument("--steps", type=int, default=25, help="Euler steps (default 25)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    parser.add_argument("--steps", type=int, help="Euler steps (default: the shipped model's, else 25)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the shipped "
+                        "model's, else 1.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=20, help="images, labels cycling through the classes")
     parser.add_argument("--labels", type=int, nargs="+", help="explicit class labels (overrides --num-images)")
@@ -64,11 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    defaults = SAMPLING.get(args.model, {"steps": 25, "cfg_scale": 1.5})
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.cfg_scale = defaults["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
     logging.basicConfig(level=logging.INFO,
                         format=f"[rank {os.environ.get('RANK', '0')}] %(asctime)s %(name)s: %(message)s")
     try:
         plan = moedit.Plan.from_file(args.plan)
-        model = load_model(args.model, args.checkpoint)
+        model = load_model(args.model, args.checkpoint, **parse_overrides(args.set))
         compiled = moedit.compile(model, plan)
         runtime = compiled.to_runtime()
     except (moedit.PlanError, moedit.TraceError, CheckpointError, ValueError, FileNotFoundError) as err:

@@ -134,6 +134,9 @@ class Runtime:
         bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
         if bad.numel():
             raise ValueError(f"class labels must be in 0..{cfg.num_classes - 1}, got {bad.tolist()}")
+        if cfg_scale != 1.0 and getattr(cfg, "class_dropout_prob", 1.0) <= 0:
+            raise ValueError("this model was built with class_dropout_prob=0, so it has no null class for "
+                             "classifier-free guidance; use cfg_scale=1.0")
         z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         z_local, y_local = self._shard(z, labels)
         self.reset()
