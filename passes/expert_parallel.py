@@ -6,11 +6,12 @@ layout). Each MoE leaf becomes, in numbered steps:
     1. route      the gate picks K experts per token (through the layer's adapter)
     2. permute    copies of each token sorted by destination rank and local expert
     3. counts     blocking all-to-all of per-expert counts, to size the buffers
-    4. dispatch   all-to-all with variable splits, started, then waited on
-    5. experts    this rank's experts on what arrived
-    6. combine    all-to-all back, started, then waited on
-    7. unpermute  outputs back in token order, weighted by the router and summed
-    8. shared     the shared expert, merged with the routed output by the adapter
+    4. dispatch   all-to-all with variable splits, started
+    5. shared     the shared expert, while the dispatch is in flight; then wait
+    6. experts    this rank's experts on what arrived
+    7. combine    all-to-all back, started, then waited on
+    8. unpermute  outputs back in token order, weighted by the router and summed,
+                  and merged with the shared expert's output by the adapter
 
 The per-rank module holds only this rank's experts: the layer is replaced by a shallow
 copy whose other experts are `RemovedExpert` placeholders, so its state dict keeps the
@@ -107,18 +108,17 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
         recv_splits = emit("glue", "call_function", splits, (recv_counts,))
         pending = emit("dispatch_start", "call_module", path(".ep_dispatch"), (rows, send_splits, recv_splits),
                        bytes_per_token=row_bytes)
+        shared = None  # the shared expert runs while the dispatch is in flight
+        shared_module = layer.adapter.shared_expert(moe)
+        if shared_module is not None:
+            shared = emit("shared", "call_module", _submodule_path(moe, layer.path, shared_module), (tokens,))
         received = emit("dispatch_wait", "call_function", wait, (pending,))
         outputs = emit("experts", "call_module", path(".ep_experts"), (received, recv_counts))
         pending = emit("combine_start", "call_module", path(".ep_combine"), (outputs, recv_splits, send_splits),
                        bytes_per_token=row_bytes)
         returned = emit("combine_wait", "call_function", wait, (pending,))
         routed = emit("unpermute", "call_function", unpermute, (returned, order, weights))
-        shared_module = layer.adapter.shared_expert(moe)
-        merge_args = (routed,)
-        if shared_module is not None:
-            shared_path = _submodule_path(moe, layer.path, shared_module)
-            merge_args = (routed, emit("shared", "call_module", shared_path, (tokens,)))
-        merged = emit("merge", "call_module", path(".ep_merge"), merge_args)
+        merged = emit("merge", "call_module", path(".ep_merge"), (routed,) if shared is None else (routed, shared))
         out = emit("glue", "call_method", "reshape_as", (merged, node.args[0]))
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)

@@ -26,11 +26,13 @@ import torch.fx as fx
 
 from moedit.pipeline import MoELayer, PassContext
 from moedit.runtime.cache import CacheRead, CacheWrite, in_flight, ready
-from moedit.runtime.comm import CountsStart, wait
+from moedit.runtime.comm import AllToAllStart, CountsStart, wait
 from moedit.runtime.expert_ops import splits, unpermute
 from moedit.tracer import META
 
 from .expert_parallel import Emitter
+
+STALE_AXIS = "ep_stale"  # see [Note: a communicator for stale exchanges]
 
 # The synchronous exchange a stale layer replaces.
 _EXCHANGE = ("counts", "dispatch_start", "dispatch_wait", "experts", "combine_start", "combine_wait", "unpermute")
@@ -78,6 +80,21 @@ def add_part(gm: fx.GraphModule, view: LayerNodes, name: str, module) -> str:
     return view.path(name)
 
 
+def stale_exchange(gm: fx.GraphModule, view: LayerNodes, name: str) -> str:
+    """The layer's all-to-all for stale traffic (created once), on the "ep_stale" axis.
+
+    [Note: a communicator for stale exchanges]
+    Collectives on one process group complete in the order they were issued. A stale
+    exchange stays in flight for most of a step, so a synchronous layer's exchange issued
+    behind it on the same group would wait for it, and the overlap would only move the
+    waiting elsewhere. Stale exchanges therefore run on a second group over the same ranks.
+    """
+    moe = gm.get_submodule(view.layer.path)
+    if not hasattr(moe, name):
+        moe.add_module(name, (CountsStart if name == "ep_stale_counts" else AllToAllStart)(STALE_AXIS))
+    return view.path(name)
+
+
 def cache_key(layer: MoELayer | int, what: str) -> str:
     index = layer if isinstance(layer, int) else layer.index
     return f"layer{index}_{what}"
@@ -119,14 +136,13 @@ def remove_exchange(gm: fx.GraphModule, view: LayerNodes) -> None:
 
 
 class StaleSlot:
-    """Emits one stale layer's slot before its `shared` node (or `merge`, without one)."""
+    """Emits one stale layer's slot before its `merge` node."""
 
     def __init__(self, gm: fx.GraphModule, view: LayerNodes, staleness: int):
         self.gm, self.view = gm, view
         self.emit = Emitter(gm.graph, view.layer.index, staleness=staleness)
         self.row_bytes = view.layer.hidden_size * view.layer.element_size
-        anchor = view.nodes.get("shared", view.nodes["merge"])
-        self._ctx = gm.graph.inserting_before(anchor)
+        self._ctx = gm.graph.inserting_before(view.nodes["merge"])
 
     def __enter__(self):
         self._ctx.__enter__()
@@ -136,7 +152,7 @@ class StaleSlot:
         return self._ctx.__exit__(*exc)
 
     def start_counts(self) -> fx.Node:
-        target = add_part(self.gm, self.view, "ep_counts_start", CountsStart("ep"))
+        target = stale_exchange(self.gm, self.view, "ep_stale_counts")
         return self.emit("counts_start", "call_module", target, (self.view.send_counts,), staleness=0)
 
     def run_experts(self, record: fx.Node, owner: LayerNodes) -> fx.Node:
@@ -148,8 +164,8 @@ class StaleSlot:
         outputs = emit("experts", "call_module", owner.path("ep_experts"), (received, recv_counts))
         send_splits = emit("glue", "call_function", splits, (send_counts,))
         recv_splits = emit("glue", "call_function", splits, (recv_counts,))
-        combine = emit("combine_start", "call_module", owner.path("ep_combine"), (outputs, recv_splits, send_splits),
-                       bytes_per_token=self.row_bytes)
+        combine = emit("combine_start", "call_module", stale_exchange(self.gm, owner, "ep_stale_combine"),
+                       (outputs, recv_splits, send_splits), bytes_per_token=self.row_bytes)
         return emit("glue", "call_function", in_flight, (combine, order, send_counts, recv_counts))
 
     def consume_combine(self, record: fx.Node) -> None:
@@ -167,8 +183,8 @@ class StaleSlot:
         recv_counts = emit("counts_wait", "call_function", wait, (counts_pending,), staleness=0)
         send_splits = emit("glue", "call_function", splits, (view.send_counts,))
         recv_splits = emit("glue", "call_function", splits, (recv_counts,))
-        pending = emit("dispatch_start", "call_module", view.path("ep_dispatch"), (view.rows, send_splits, recv_splits),
-                       bytes_per_token=self.row_bytes)
+        pending = emit("dispatch_start", "call_module", stale_exchange(self.gm, view, "ep_stale_dispatch"),
+                       (view.rows, send_splits, recv_splits), bytes_per_token=self.row_bytes)
         return emit("glue", "call_function", in_flight, (pending, view.order, view.send_counts, recv_counts))
 
     def read(self, key: str) -> fx.Node:

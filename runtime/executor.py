@@ -25,7 +25,7 @@ from moedit.models.sampling import initial_noise, rectified_flow_sample
 from moedit.plan import PlanError
 
 from .cache import StepCache, bind_cache
-from .comm import BlockedClock, bind_groups, init_process_group, pick_backend
+from .comm import BlockedClock, Collective, bind_groups, init_process_group, pick_backend
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 class Runtime:
     """One rank's view of a compiled model inside a process group."""
 
-    def __init__(self, compiled, programs: dict, group, rank: int, world_size: int, device: torch.device,
+    def __init__(self, compiled, programs: dict, groups: dict, rank: int, world_size: int, device: torch.device,
                  owns_default_group: bool = False):
         self.compiled = compiled
         self.programs = programs
         self.gm = programs["sync"]
-        self.group = group
+        self.groups = groups  # mesh axis -> process group
+        self.group = groups["ep"]  # for the runtime's own gathers
         limit = compiled.plan.staleness.cache_limit_mb
         self.cache = StepCache(None if limit is None else int(limit * 2**20))
         for gm in programs.values():
@@ -66,14 +67,17 @@ class Runtime:
                             f"expert_parallel.degree: {world}")
         if device is None:
             device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-        # A group of our own, so the plan's timeout bounds every collective even when the
-        # caller created the default group with another one.
-        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=plan.runtime.timeout_s))
+        # Groups of our own, so the plan's timeout bounds every collective even when the
+        # caller created the default group with another one; one per mesh axis the
+        # programs use (all over the same ranks so far).
         programs = {name: compiled.graph(rank, name) for name in compiled.programs}
+        axes = sorted({"ep"} | {m.axis for gm in programs.values() for m in gm.modules() if isinstance(m, Collective)})
+        timeout = datetime.timedelta(seconds=plan.runtime.timeout_s)
+        groups = {axis: dist.new_group(list(range(world)), timeout=timeout) for axis in axes}
         for gm in programs.values():
-            bind_groups(gm, {"ep": group})
+            bind_groups(gm, groups)
             gm.to(device)
-        return cls(compiled, programs, group, rank, world, torch.device(device), owns_default_group=created)
+        return cls(compiled, programs, groups, rank, world, torch.device(device), owns_default_group=created)
 
     # -- step control ---------------------------------------------------------------
     def program_for(self, step: int) -> str:
@@ -175,9 +179,10 @@ class Runtime:
                                      "check the checkpoint and the input dtype")
 
     def close(self) -> None:
-        """Leave the runtime's process group, and the default one if start() created it.
+        """Leave the runtime's process groups, and the default one if start() created it.
         Every rank must call it."""
         if dist.is_initialized():
-            dist.destroy_process_group(self.group)
+            for group in self.groups.values():
+                dist.destroy_process_group(group)
             if self.owns_default_group:
                 dist.destroy_process_group()

@@ -71,8 +71,8 @@ def test_expert_parallel_rewrites_every_moe_layer_in_order():
     assert not [n for n in gm.graph.nodes if n.meta.get("moedit", {}).get("kind") == "moe"]
     layer0 = [n.meta["moedit"]["kind"] for n in gm.graph.nodes
               if n.meta.get("moedit", {}).get("layer") == 0 and n.meta["moedit"]["kind"] != "glue"]
-    assert layer0 == ["route", "permute", "counts", "dispatch_start", "dispatch_wait", "experts",
-                      "combine_start", "combine_wait", "unpermute", "shared", "merge"]
+    assert layer0 == ["route", "permute", "counts", "dispatch_start", "shared", "dispatch_wait", "experts",
+                      "combine_start", "combine_wait", "unpermute", "merge"]
 
 
 def test_explain_and_graph_code_golden(golden, tmp_path):

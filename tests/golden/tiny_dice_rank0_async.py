@@ -58,7 +58,8 @@ def forward(self, x, t, y):
     getitem_32 = permute[0]
     getitem_33 = permute[1]
     getitem_34 = permute[2];  permute = None
-    blocks_0_moe_ep_counts_start = getattr(self.blocks, "0").moe.ep_counts_start(getitem_34)
+    blocks_0_moe_shared_experts = getattr(self.blocks, "0").moe.shared_experts(flatten_1);  flatten_1 = None
+    blocks_0_moe_ep_stale_counts = getattr(self.blocks, "0").moe.ep_stale_counts(getitem_34)
     blocks_0_moe_ep_read_ring_dispatch = getattr(self.blocks, "0").moe.ep_read_ring_dispatch()
     getattr_4 = blocks_0_moe_ep_read_ring_dispatch.pending
     getattr_5 = blocks_0_moe_ep_read_ring_dispatch.order
@@ -68,8 +69,8 @@ def forward(self, x, t, y):
     blocks_1_moe_ep_experts_1 = getattr(self.blocks, "1").moe.ep_experts(wait_8, getattr_7);  wait_8 = None
     splits_8 = moedit_runtime_expert_ops_splits(getattr_6)
     splits_9 = moedit_runtime_expert_ops_splits(getattr_7)
-    blocks_1_moe_ep_combine_1 = getattr(self.blocks, "1").moe.ep_combine(blocks_1_moe_ep_experts_1, splits_9, splits_8);  blocks_1_moe_ep_experts_1 = splits_9 = splits_8 = None
-    in_flight = moedit_runtime_cache_in_flight(blocks_1_moe_ep_combine_1, getattr_5, getattr_6, getattr_7);  blocks_1_moe_ep_combine_1 = getattr_5 = getattr_6 = getattr_7 = None
+    blocks_1_moe_ep_stale_combine = getattr(self.blocks, "1").moe.ep_stale_combine(blocks_1_moe_ep_experts_1, splits_9, splits_8);  blocks_1_moe_ep_experts_1 = splits_9 = splits_8 = None
+    in_flight = moedit_runtime_cache_in_flight(blocks_1_moe_ep_stale_combine, getattr_5, getattr_6, getattr_7);  blocks_1_moe_ep_stale_combine = getattr_5 = getattr_6 = getattr_7 = None
     blocks_0_moe_ep_read_layer0_combine = getattr(self.blocks, "0").moe.ep_read_layer0_combine()
     getattr_8 = blocks_0_moe_ep_read_layer0_combine.pending
     getattr_9 = blocks_0_moe_ep_read_layer0_combine.order
@@ -77,12 +78,11 @@ def forward(self, x, t, y):
     getattr_11 = blocks_0_moe_ep_read_layer0_combine.recv_counts;  blocks_0_moe_ep_read_layer0_combine = getattr_11 = None
     wait_9 = moedit_runtime_comm_wait(getattr_8);  getattr_8 = None
     blocks_0_moe_ep_slot_cache = getattr(self.blocks, "0").moe.ep_slot_cache(wait_9, getattr_9, getitem_31);  wait_9 = getattr_9 = getitem_31 = None
-    wait_10 = moedit_runtime_comm_wait(blocks_0_moe_ep_counts_start);  blocks_0_moe_ep_counts_start = None
+    wait_10 = moedit_runtime_comm_wait(blocks_0_moe_ep_stale_counts);  blocks_0_moe_ep_stale_counts = None
     splits_10 = moedit_runtime_expert_ops_splits(getitem_34)
     splits_11 = moedit_runtime_expert_ops_splits(wait_10)
-    blocks_0_moe_ep_dispatch_1 = getattr(self.blocks, "0").moe.ep_dispatch(getitem_32, splits_10, splits_11);  getitem_32 = splits_10 = splits_11 = None
-    in_flight_1 = moedit_runtime_cache_in_flight(blocks_0_moe_ep_dispatch_1, getitem_33, getitem_34, wait_10);  blocks_0_moe_ep_dispatch_1 = getitem_33 = getitem_34 = wait_10 = None
-    blocks_0_moe_shared_experts = getattr(self.blocks, "0").moe.shared_experts(flatten_1);  flatten_1 = None
+    blocks_0_moe_ep_stale_dispatch = getattr(self.blocks, "0").moe.ep_stale_dispatch(getitem_32, splits_10, splits_11);  getitem_32 = splits_10 = splits_11 = None
+    in_flight_1 = moedit_runtime_cache_in_flight(blocks_0_moe_ep_stale_dispatch, getitem_33, getitem_34, wait_10);  blocks_0_moe_ep_stale_dispatch = getitem_33 = getitem_34 = wait_10 = None
     blocks_0_moe_ep_merge = getattr(self.blocks, "0").moe.ep_merge(blocks_0_moe_ep_slot_cache, blocks_0_moe_shared_experts);  blocks_0_moe_ep_slot_cache = blocks_0_moe_shared_experts = None
     reshape_as = blocks_0_moe_ep_merge.reshape_as(add_6);  blocks_0_moe_ep_merge = add_6 = None
     mul_5 = unsqueeze_3 * reshape_as;  unsqueeze_3 = reshape_as = None
@@ -121,7 +121,8 @@ def forward(self, x, t, y):
     getitem_37 = permute_1[0]
     getitem_38 = permute_1[1]
     getitem_39 = permute_1[2];  permute_1 = None
-    blocks_1_moe_ep_counts_start = getattr(self.blocks, "1").moe.ep_counts_start(getitem_39)
+    blocks_1_moe_shared_experts = getattr(self.blocks, "1").moe.shared_experts(flatten_2);  flatten_2 = None
+    blocks_1_moe_ep_stale_counts = getattr(self.blocks, "1").moe.ep_stale_counts(getitem_39)
     getattr_12 = in_flight_1.pending
     getattr_13 = in_flight_1.order
     getattr_14 = in_flight_1.send_counts
@@ -130,8 +131,8 @@ def forward(self, x, t, y):
     blocks_0_moe_ep_experts_1 = getattr(self.blocks, "0").moe.ep_experts(wait_11, getattr_15);  wait_11 = None
     splits_12 = moedit_runtime_expert_ops_splits(getattr_14)
     splits_13 = moedit_runtime_expert_ops_splits(getattr_15)
-    blocks_0_moe_ep_combine_1 = getattr(self.blocks, "0").moe.ep_combine(blocks_0_moe_ep_experts_1, splits_13, splits_12);  blocks_0_moe_ep_experts_1 = splits_13 = splits_12 = None
-    in_flight_2 = moedit_runtime_cache_in_flight(blocks_0_moe_ep_combine_1, getattr_13, getattr_14, getattr_15);  blocks_0_moe_ep_combine_1 = getattr_13 = getattr_14 = getattr_15 = None
+    blocks_0_moe_ep_stale_combine = getattr(self.blocks, "0").moe.ep_stale_combine(blocks_0_moe_ep_experts_1, splits_13, splits_12);  blocks_0_moe_ep_experts_1 = splits_13 = splits_12 = None
+    in_flight_2 = moedit_runtime_cache_in_flight(blocks_0_moe_ep_stale_combine, getattr_13, getattr_14, getattr_15);  blocks_0_moe_ep_stale_combine = getattr_13 = getattr_14 = getattr_15 = None
     blocks_1_moe_ep_write_layer0_combine = getattr(self.blocks, "1").moe.ep_write_layer0_combine(in_flight_2);  in_flight_2 = blocks_1_moe_ep_write_layer0_combine = None
     getattr_16 = in_flight.pending
     getattr_17 = in_flight.order
@@ -139,13 +140,12 @@ def forward(self, x, t, y):
     getattr_19 = in_flight.recv_counts;  in_flight = getattr_19 = None
     wait_12 = moedit_runtime_comm_wait(getattr_16);  getattr_16 = None
     blocks_1_moe_ep_slot_cache = getattr(self.blocks, "1").moe.ep_slot_cache(wait_12, getattr_17, getitem_36);  wait_12 = getattr_17 = getitem_36 = None
-    wait_13 = moedit_runtime_comm_wait(blocks_1_moe_ep_counts_start);  blocks_1_moe_ep_counts_start = None
+    wait_13 = moedit_runtime_comm_wait(blocks_1_moe_ep_stale_counts);  blocks_1_moe_ep_stale_counts = None
     splits_14 = moedit_runtime_expert_ops_splits(getitem_39)
     splits_15 = moedit_runtime_expert_ops_splits(wait_13)
-    blocks_1_moe_ep_dispatch_1 = getattr(self.blocks, "1").moe.ep_dispatch(getitem_37, splits_14, splits_15);  getitem_37 = splits_14 = splits_15 = None
-    in_flight_3 = moedit_runtime_cache_in_flight(blocks_1_moe_ep_dispatch_1, getitem_38, getitem_39, wait_13);  blocks_1_moe_ep_dispatch_1 = getitem_38 = getitem_39 = wait_13 = None
+    blocks_1_moe_ep_stale_dispatch = getattr(self.blocks, "1").moe.ep_stale_dispatch(getitem_37, splits_14, splits_15);  getitem_37 = splits_14 = splits_15 = None
+    in_flight_3 = moedit_runtime_cache_in_flight(blocks_1_moe_ep_stale_dispatch, getitem_38, getitem_39, wait_13);  blocks_1_moe_ep_stale_dispatch = getitem_38 = getitem_39 = wait_13 = None
     blocks_1_moe_ep_write_ring_dispatch = getattr(self.blocks, "1").moe.ep_write_ring_dispatch(in_flight_3);  in_flight_3 = blocks_1_moe_ep_write_ring_dispatch = None
-    blocks_1_moe_shared_experts = getattr(self.blocks, "1").moe.shared_experts(flatten_2);  flatten_2 = None
     blocks_1_moe_ep_merge = getattr(self.blocks, "1").moe.ep_merge(blocks_1_moe_ep_slot_cache, blocks_1_moe_shared_experts);  blocks_1_moe_ep_slot_cache = blocks_1_moe_shared_experts = None
     reshape_as_1 = blocks_1_moe_ep_merge.reshape_as(add_12);  blocks_1_moe_ep_merge = add_12 = None
     mul_9 = unsqueeze_9 * reshape_as_1;  unsqueeze_9 = reshape_as_1 = None
@@ -188,12 +188,12 @@ def forward(self, x, t, y):
     splits_4 = moedit_runtime_expert_ops_splits(getitem_44);  getitem_44 = None
     splits_5 = moedit_runtime_expert_ops_splits(blocks_2_moe_ep_counts)
     blocks_2_moe_ep_dispatch = getattr(self.blocks, "2").moe.ep_dispatch(getitem_42, splits_4, splits_5);  getitem_42 = None
+    blocks_2_moe_shared_experts = getattr(self.blocks, "2").moe.shared_experts(flatten_3);  flatten_3 = None
     wait_4 = moedit_runtime_comm_wait(blocks_2_moe_ep_dispatch);  blocks_2_moe_ep_dispatch = None
     blocks_2_moe_ep_experts = getattr(self.blocks, "2").moe.ep_experts(wait_4, blocks_2_moe_ep_counts);  wait_4 = blocks_2_moe_ep_counts = None
     blocks_2_moe_ep_combine = getattr(self.blocks, "2").moe.ep_combine(blocks_2_moe_ep_experts, splits_5, splits_4);  blocks_2_moe_ep_experts = splits_5 = splits_4 = None
     wait_5 = moedit_runtime_comm_wait(blocks_2_moe_ep_combine);  blocks_2_moe_ep_combine = None
     blocks_2_moe_ep_slot_cache = getattr(self.blocks, "2").moe.ep_slot_cache(wait_5, getitem_43, getitem_41);  wait_5 = getitem_43 = getitem_41 = None
-    blocks_2_moe_shared_experts = getattr(self.blocks, "2").moe.shared_experts(flatten_3);  flatten_3 = None
     blocks_2_moe_ep_merge = getattr(self.blocks, "2").moe.ep_merge(blocks_2_moe_ep_slot_cache, blocks_2_moe_shared_experts);  blocks_2_moe_ep_slot_cache = blocks_2_moe_shared_experts = None
     reshape_as_2 = blocks_2_moe_ep_merge.reshape_as(add_18);  blocks_2_moe_ep_merge = add_18 = None
     mul_13 = unsqueeze_15 * reshape_as_2;  unsqueeze_15 = reshape_as_2 = None
@@ -236,12 +236,12 @@ def forward(self, x, t, y):
     splits_6 = moedit_runtime_expert_ops_splits(getitem_49);  getitem_49 = None
     splits_7 = moedit_runtime_expert_ops_splits(blocks_3_moe_ep_counts)
     blocks_3_moe_ep_dispatch = getattr(self.blocks, "3").moe.ep_dispatch(getitem_47, splits_6, splits_7);  getitem_47 = None
+    blocks_3_moe_shared_experts = getattr(self.blocks, "3").moe.shared_experts(flatten_4);  flatten_4 = None
     wait_6 = moedit_runtime_comm_wait(blocks_3_moe_ep_dispatch);  blocks_3_moe_ep_dispatch = None
     blocks_3_moe_ep_experts = getattr(self.blocks, "3").moe.ep_experts(wait_6, blocks_3_moe_ep_counts);  wait_6 = blocks_3_moe_ep_counts = None
     blocks_3_moe_ep_combine = getattr(self.blocks, "3").moe.ep_combine(blocks_3_moe_ep_experts, splits_7, splits_6);  blocks_3_moe_ep_experts = splits_7 = splits_6 = None
     wait_7 = moedit_runtime_comm_wait(blocks_3_moe_ep_combine);  blocks_3_moe_ep_combine = None
     blocks_3_moe_ep_slot_cache = getattr(self.blocks, "3").moe.ep_slot_cache(wait_7, getitem_48, getitem_46);  wait_7 = getitem_48 = getitem_46 = None
-    blocks_3_moe_shared_experts = getattr(self.blocks, "3").moe.shared_experts(flatten_4);  flatten_4 = None
     blocks_3_moe_ep_merge = getattr(self.blocks, "3").moe.ep_merge(blocks_3_moe_ep_slot_cache, blocks_3_moe_shared_experts);  blocks_3_moe_ep_slot_cache = blocks_3_moe_shared_experts = None
     reshape_as_3 = blocks_3_moe_ep_merge.reshape_as(add_24);  blocks_3_moe_ep_merge = add_24 = None
     mul_17 = unsqueeze_21 * reshape_as_3;  unsqueeze_21 = reshape_as_3 = None

@@ -62,12 +62,12 @@ def forward(self, x, t, y):
     splits = moedit_runtime_expert_ops_splits(getitem_22);  getitem_22 = None
     splits_1 = moedit_runtime_expert_ops_splits(blocks_0_moe_ep_counts)
     blocks_0_moe_ep_dispatch = getattr(self.blocks, "0").moe.ep_dispatch(getitem_20, splits, splits_1);  getitem_20 = None
+    blocks_0_moe_shared_experts = getattr(self.blocks, "0").moe.shared_experts(flatten_1);  flatten_1 = None
     wait = moedit_runtime_comm_wait(blocks_0_moe_ep_dispatch);  blocks_0_moe_ep_dispatch = None
     blocks_0_moe_ep_experts = getattr(self.blocks, "0").moe.ep_experts(wait, blocks_0_moe_ep_counts);  wait = blocks_0_moe_ep_counts = None
     blocks_0_moe_ep_combine = getattr(self.blocks, "0").moe.ep_combine(blocks_0_moe_ep_experts, splits_1, splits);  blocks_0_moe_ep_experts = splits_1 = splits = None
     wait_1 = moedit_runtime_comm_wait(blocks_0_moe_ep_combine);  blocks_0_moe_ep_combine = None
     unpermute = moedit_runtime_expert_ops_unpermute(wait_1, getitem_21, getitem_19);  wait_1 = getitem_21 = getitem_19 = None
-    blocks_0_moe_shared_experts = getattr(self.blocks, "0").moe.shared_experts(flatten_1);  flatten_1 = None
     blocks_0_moe_ep_merge = getattr(self.blocks, "0").moe.ep_merge(unpermute, blocks_0_moe_shared_experts);  unpermute = blocks_0_moe_shared_experts = None
     reshape_as = blocks_0_moe_ep_merge.reshape_as(add_6);  blocks_0_moe_ep_merge = add_6 = None
     mul_5 = unsqueeze_3 * reshape_as;  unsqueeze_3 = reshape_as = None
@@ -110,12 +110,12 @@ def forward(self, x, t, y):
     splits_2 = moedit_runtime_expert_ops_splits(getitem_27);  getitem_27 = None
     splits_3 = moedit_runtime_expert_ops_splits(blocks_1_moe_ep_counts)
     blocks_1_moe_ep_dispatch = getattr(self.blocks, "1").moe.ep_dispatch(getitem_25, splits_2, splits_3);  getitem_25 = None
+    blocks_1_moe_shared_experts = getattr(self.blocks, "1").moe.shared_experts(flatten_2);  flatten_2 = None
     wait_2 = moedit_runtime_comm_wait(blocks_1_moe_ep_dispatch);  blocks_1_moe_ep_dispatch = None
     blocks_1_moe_ep_experts = getattr(self.blocks, "1").moe.ep_experts(wait_2, blocks_1_moe_ep_counts);  wait_2 = blocks_1_moe_ep_counts = None
     blocks_1_moe_ep_combine = getattr(self.blocks, "1").moe.ep_combine(blocks_1_moe_ep_experts, splits_3, splits_2);  blocks_1_moe_ep_experts = splits_3 = splits_2 = None
     wait_3 = moedit_runtime_comm_wait(blocks_1_moe_ep_combine);  blocks_1_moe_ep_combine = None
     unpermute_1 = moedit_runtime_expert_ops_unpermute(wait_3, getitem_26, getitem_24);  wait_3 = getitem_26 = getitem_24 = None
-    blocks_1_moe_shared_experts = getattr(self.blocks, "1").moe.shared_experts(flatten_2);  flatten_2 = None
     blocks_1_moe_ep_merge = getattr(self.blocks, "1").moe.ep_merge(unpermute_1, blocks_1_moe_shared_experts);  unpermute_1 = blocks_1_moe_shared_experts = None
     reshape_as_1 = blocks_1_moe_ep_merge.reshape_as(add_12);  blocks_1_moe_ep_merge = add_12 = None
     mul_9 = unsqueeze_9 * reshape_as_1;  unsqueeze_9 = reshape_as_1 = None
