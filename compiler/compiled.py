@@ -1,7 +1,9 @@
 """`moedit.compile` and the `CompiledModel` it returns.
 
-Compiling traces the model once, then runs the pass pipeline once per rank on a copy
-of the graph. No process group is needed and no weight is copied: every per-rank module
+Compiling traces the model once, then runs the pass pipeline on a copy of the graph for
+each rank and program. Rank 0's programs are built by `compile` (so a plan that breaks a
+pass fails there); the others on first use, so a torchrun process builds only rank 0's
+and its own. No process group is needed and no weight is copied: every per-rank module
 shares the model's parameters, and holds only the experts that rank owns.
 """
 
@@ -69,42 +71,45 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     layers = layers_of(traced)
     _validate(plan, layers, plan.world_size)
     plan, sensitivity = resolve_auto(model, layers, plan)
-    per_rank, pass_log = [], []
-    for rank in range(plan.world_size):
-        programs = {}
-        for program in programs_of(plan):
-            ctx = PassContext(plan=plan, world_size=plan.world_size, rank=rank, layers=layers, program=program)
-            programs[program], program_log = run_passes(copy_module(traced), ctx, PIPELINE)
-            pass_log += program_log
-        verify_programs(programs)
-        per_rank.append(programs)
-    return CompiledModel(model, plan, layers, per_rank, pass_log, sensitivity)
+    compiled = CompiledModel(model, plan, traced, layers, sensitivity)
+    compiled.graph(0)
+    return compiled
 
 
 class CompiledModel:
     """Per-rank programs for one model and plan."""
 
-    def __init__(self, model: nn.Module, plan: Plan, layers, per_rank: list[dict[str, fx.GraphModule]],
-                 pass_log: list[dict], sensitivity: list[float] | None = None):
+    def __init__(self, model: nn.Module, plan: Plan, traced: fx.GraphModule, layers,
+                 sensitivity: list[float] | None = None):
         self.model = model
         self.plan = plan
         self.layers = layers
         self.world_size = plan.world_size
-        self.pass_log = pass_log
-        self._per_rank = per_rank
+        self.programs = programs_of(plan)
+        self.pass_log: list[dict] = []  # one entry per (rank, program, pass), in build order
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
+        self._traced = traced
+        self._per_rank: dict[int, dict[str, fx.GraphModule]] = {}
 
-    @property
-    def programs(self) -> tuple[str, ...]:
-        return tuple(self._per_rank[0])
+    def _build(self, rank: int) -> dict[str, fx.GraphModule]:
+        programs = {}
+        for program in self.programs:
+            ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers,
+                              program=program)
+            programs[program], program_log = run_passes(copy_module(self._traced), ctx, PIPELINE)
+            self.pass_log += program_log
+        verify_programs(programs)
+        return programs
 
     def graph(self, rank: int, program: str = "sync") -> fx.GraphModule:
         """The rewritten GraphModule rank `rank` runs on steps of kind `program`
-        ("sync", or "async" for stale plans)."""
+        ("sync", or "async" for stale plans; "_drop" twins with conditional communication)."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
-        if program not in self._per_rank[rank]:
+        if program not in self.programs:
             raise ValueError(f"program must be one of {self.programs}, got {program!r}")
+        if rank not in self._per_rank:
+            self._per_rank[rank] = self._build(rank)
         return self._per_rank[rank][program]
 
     def explain(self, batch_size: int = 8) -> str:
@@ -116,8 +121,9 @@ class CompiledModel:
     def dump(self, directory: str | os.PathLike) -> None:
         """Write each rank's graph code, the pass log, the plan and explain() under `directory`."""
         os.makedirs(directory, exist_ok=True)
-        for rank, programs in enumerate(self._per_rank):
-            for program, gm in programs.items():
+        for rank in range(self.world_size):
+            for program in self.programs:
+                gm = self.graph(rank, program)
                 suffix = "" if program == "sync" else f"_{program}"
                 with open(os.path.join(directory, f"rank{rank}{suffix}.py"), "w") as f:
                     f.write(gm.code)
