@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.fx as fx
 from torch import nn
 
 import moedit
@@ -78,13 +77,13 @@ def test_expert_parallel_rewrites_every_moe_layer_in_order():
 def test_explain_and_graph_code_golden(golden, tmp_path):
     compiled = moedit.compile(dit_moe("tiny"), _ep(2))
     golden("explain_tiny_ep2.txt", compiled.explain() + "\n")
-    golden("tiny_ep2_rank1.py", compiled.graph(1).code)
+    golden("tiny_ep2_rank1.code.txt", compiled.graph(1).code)
     compiled.dump(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explain.txt", "pass_log.json", "plan.json",
                                                           "rank0.py", "rank1.py"]
     dice = moedit.compile(dit_moe("tiny", depth=4), "examples/plans/dice.yaml")
     golden("explain_tiny_dice.txt", dice.explain() + "\n")
-    golden("tiny_dice_rank0_async.py", dice.graph(0, "async").code)
+    golden("tiny_dice_rank0_async.code.txt", dice.graph(0, "async").code)
 
 
 def test_explain_reports_placement_and_bytes():
