@@ -42,13 +42,15 @@ def explain(compiled, batch_size: int) -> str:
     ]
     if plan.staleness.mode != "sync":
         s = plan.staleness
-        lines.append(f"steps: {s.warmup_steps} warm-up, {s.cooldown_steps} cool-down"
-                     + (f", every step i with i % {s.sync_every} == 0" if s.sync_every else "") + " run 'sync'; the rest 'async'")
+        strided = f", every step i with i % {s.sync_every} == 0" if s.sync_every else ""
+        lines.append(f"steps: {s.warmup_steps} warm-up, {s.cooldown_steps} cool-down{strided} run 'sync'; "
+                     "the rest 'async'")
     cc = plan.conditional_comm
     if cc.interval is not None:
-        what = f"slots with router weight < {cc.threshold}" if cc.drop == "threshold" else f"{cc.slots} slot(s) ({cc.drop})"
-        lines.append(f"conditional communication: every step i with i % {cc.interval} == 0 sends every slot; the others drop {what} "
-                     "per token and reuse the cached outputs ('_drop' programs)")
+        what = (f"slots with router weight < {cc.threshold}" if cc.drop == "threshold"
+                else f"{cc.slots} slot(s) ({cc.drop})")
+        lines.append(f"conditional communication: every step i with i % {cc.interval} == 0 sends every slot; "
+                     f"the others drop {what} per token and reuse the cached outputs ('_drop' programs)")
     slots = None
     if tokens is not None:
         # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.

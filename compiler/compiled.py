@@ -41,7 +41,8 @@ def programs_of(plan: Plan) -> tuple[str, ...]:
     return base + tuple(f"{name}_drop" for name in base)
 
 
-def _validate(plan: Plan, layers, world_size: int) -> None:
+def _validate(plan: Plan, layers) -> None:
+    cc = plan.conditional_comm
     for layer in layers:
         if layer.num_experts % plan.expert_parallel.degree:
             raise PlanError(
@@ -49,13 +50,9 @@ def _validate(plan: Plan, layers, world_size: int) -> None:
                 f"by the expert-parallel degree ({plan.expert_parallel.degree}); choose a degree that divides "
                 f"{layer.num_experts}"
             )
-        cc = plan.conditional_comm
         if cc.interval is not None and cc.drop != "threshold" and not cc.slots < layer.top_k:
             raise PlanError(f"conditional_comm.slots ({cc.slots}) must be below the top-k of layer {layer.index} "
                             f"({layer.top_k}): at least one slot per token is always sent")
-    if world_size != plan.world_size:
-        raise PlanError(f"world size {world_size} does not match the plan's {plan.world_size} "
-                        f"(expert_parallel.degree); change one to match the other")
 
 
 def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "CompiledModel":
@@ -69,7 +66,7 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
         plan = Plan.from_file(plan)
     traced = trace(model)
     layers = layers_of(traced)
-    _validate(plan, layers, plan.world_size)
+    _validate(plan, layers)
     plan, sensitivity = resolve_auto(model, layers, plan)
     compiled = CompiledModel(model, plan, traced, layers, sensitivity)
     compiled.graph(0)

@@ -51,7 +51,7 @@ class PassContext:
     world_size: int
     rank: int
     layers: tuple[MoELayer, ...]
-    program: str = "sync"  # which per-step program is being built: "sync" or "async"
+    program: str = "sync"  # which per-step program is being built: "sync", "async" or a "_drop" twin
 
 
 @dataclasses.dataclass(frozen=True)
