@@ -31,7 +31,7 @@ import tempfile
 
 import torch
 
-from moedit.metrics import psnr, relative_l2
+from moedit.models.metrics import psnr, relative_l2
 from moedit.models import dit_moe
 
 from _launch import load_plan, machine, run_plan

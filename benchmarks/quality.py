@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from moedit import metrics
-from moedit.images import save_grid
+from moedit.models import metrics
+from moedit.models.images import save_grid
 from moedit.models.pretrained import SAMPLING
 
 from _launch import load_plan, machine, run_plan

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from moedit.models import initial_noise, rectified_flow_sample
-from moedit.run import load_model
+from moedit.runtime.sampling import initial_noise, rectified_flow_sample
+from moedit.models import load_model
 
 from _launch import machine, run_plan
 

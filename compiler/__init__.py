@@ -6,10 +6,13 @@
     images = runner.sample(labels, steps=50, cfg_scale=1.5, seed=0)
 """
 
+from moedit.runtime.comm import CollectiveError
+
 from .adapters import MoEAdapter, register_adapter, register_leaf
 from .compiled import CompiledModel, compile
 from .plan import Plan, PlanError
+from .steps import StepKind
 from .tracer import TraceError
 
-__all__ = ["CompiledModel", "MoEAdapter", "Plan", "PlanError", "TraceError", "compile", "register_adapter",
-           "register_leaf"]
+__all__ = ["CollectiveError", "CompiledModel", "MoEAdapter", "Plan", "PlanError", "StepKind", "TraceError", "compile",
+           "register_adapter", "register_leaf"]

@@ -21,12 +21,13 @@ def _tokens_per_sample(model) -> int | None:
     return (cfg.input_size // cfg.patch_size) ** 2
 
 
-def explain(compiled, batch_size: int) -> str:
+def explain(compiled, batch_size: int, steps: int) -> str:
     plan, world = compiled.plan, compiled.world_size
     tokens = _tokens_per_sample(compiled.model)
-    # Rows are the same on every rank but for expert placement, so rank 0's log is read;
-    # for a stale plan, its "async" program (the one most steps run).
-    program = "async" if "async" in compiled.programs else "sync"
+    # Rows are the same on every rank but for expert placement, so rank 0's log is read,
+    # for the kind of step the most steps of a sample run.
+    table = compiled.steps.table(steps)
+    program = max(compiled.kinds, key=table.count).name
     alive = {node.name for node in compiled.graph(0, program).graph.nodes}  # later passes may replace nodes
     per_layer = defaultdict(list)
     for entry in compiled.pass_log:
@@ -37,20 +38,17 @@ def explain(compiled, batch_size: int) -> str:
     changed = dict.fromkeys(e["pass"] for e in compiled.pass_log if e["changed"])
     lines = [
         f"moedit plan: expert_parallel.degree={plan.expert_parallel.degree}, staleness={plan.staleness.mode}, "
-        f"world size {world}, programs {', '.join(compiled.programs)}",
+        f"world size {world}, programs {', '.join(k.name for k in compiled.kinds)}",
         "passes that changed the graph: " + ", ".join(changed),
+        f"step kinds of a {steps}-step sample ({compiled.steps.rules()}):",
+        *compiled.steps.describe(steps),
     ]
-    if plan.staleness.mode != "sync":
-        s = plan.staleness
-        strided = f", every step i with i % {s.sync_every} == 0" if s.sync_every else ""
-        lines.append(f"steps: {s.warmup_steps} warm-up, {s.cooldown_steps} cool-down{strided} run 'sync'; "
-                     "the rest 'async'")
     cc = plan.conditional_comm
     if cc.interval is not None:
         what = (f"slots with router weight < {cc.threshold}" if cc.drop == "threshold"
                 else f"{cc.slots} slot(s) ({cc.drop})")
-        lines.append(f"conditional communication: every step i with i % {cc.interval} == 0 sends every slot; "
-                     f"the others drop {what} per token and reuse the cached outputs ('_drop' programs)")
+        lines.append(f"conditional communication: '_drop' steps leave out {what} per token and reuse the "
+                     "outputs cached at the last step that sent every slot")
     slots = None
     if tokens is not None:
         # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.
@@ -59,7 +57,7 @@ def explain(compiled, batch_size: int) -> str:
                      f"off-rank per step with every slot sent, cache = staleness cache per rank; uniform routing "
                      f"assumed")
     header = f"{'layer':<6}{'module':<16}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
-    lines += ["", header, "-" * len(header)]
+    lines += ["", f"layer rows show the {program} program", header, "-" * len(header)]
     total_sent = total_cache = 0.0
     for layer in compiled.layers:
         rows = per_layer[layer.index]

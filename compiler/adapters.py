@@ -25,8 +25,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from moedit.models.dit_moe import Attention, QKNormAttention, SparseMoeBlock
-
 
 class MoEAdapter:
     """Describes one MoE layer class in canonical form; subclass and override what differs."""
@@ -48,22 +46,6 @@ class MoEAdapter:
 
     def num_experts(self, moe: nn.Module) -> int:
         return len(self.experts(moe))
-
-
-class DiTMoEAdapter(MoEAdapter):
-    """The reference DiT-MoE `SparseMoeBlock`: softmax top-k gate, SwiGLU experts, one shared expert."""
-
-    def route(self, moe, tokens):
-        return moe.gate(tokens)
-
-    def experts(self, moe):
-        return list(moe.experts)
-
-    def shared_expert(self, moe):
-        return moe.shared_experts
-
-    def top_k(self, moe):
-        return moe.num_experts_per_tok
 
 
 _ADAPTERS: dict[type, MoEAdapter] = {}
@@ -96,7 +78,3 @@ def adapter_for(module: nn.Module) -> MoEAdapter | None:
 def is_registered_leaf(module: nn.Module) -> bool:
     return any(cls in _LEAVES for cls in type(module).__mro__)
 
-
-register_adapter(SparseMoeBlock, DiTMoEAdapter())
-register_leaf(Attention)
-register_leaf(QKNormAttention)

@@ -9,17 +9,16 @@ import argparse
 import sys
 
 import moedit
+from moedit.models import load_model
 
 
 def _inspect(args) -> None:
-    from moedit.run import load_model
-
     plan = moedit.Plan.from_file(args.plan)
     if args.world_size is not None:
         plan = moedit.Plan(**{**plan.to_dict(), "expert_parallel": {"degree": args.world_size}})
     model = load_model(args.model, device="meta")  # shapes only: no memory, no checkpoint read
     compiled = moedit.compile(model, plan)
-    print(compiled.explain(batch_size=args.batch_size))
+    print(compiled.explain(batch_size=args.batch_size, steps=args.steps))
     if args.dump:
         compiled.dump(args.dump)
         print(f"\nper-rank graphs and pass log written to {args.dump}")
@@ -33,6 +32,7 @@ def main(argv=None) -> int:
     inspect.add_argument("--plan", required=True, help="plan file (YAML or JSON)")
     inspect.add_argument("--world-size", type=int, help="override expert_parallel.degree")
     inspect.add_argument("--batch-size", type=int, default=8, help="global batch for the bytes-per-step column")
+    inspect.add_argument("--steps", type=int, default=25, help="diffusion steps for the step-kind table")
     inspect.add_argument("--dump", help="also write per-rank graph code and the pass log to this folder")
     args = parser.parse_args(argv)
     try:

@@ -1,16 +1,19 @@
 """`moedit.compile` and the `CompiledModel` it returns.
 
-Compiling traces the model once, then runs the pass pipeline on a copy of the graph for
-each rank and program. Rank 0's programs are built by `compile` (so a plan that breaks a
-pass fails there); the others on first use, so a torchrun process builds only rank 0's
-and its own. No process group is needed and no weight is copied: every per-rank module
-shares the model's parameters, and holds only the experts that rank owns.
+Compiling traces the model once, resolves the plan into data every later stage reads
+(the step kinds, the selectively synchronous layers), then runs the pass pipeline on a
+copy of the graph for each rank and step kind. Rank 0's programs are built by `compile`
+(so a plan that breaks a pass fails there); the others on first use, so a torchrun
+process builds only rank 0's and its own, and checks its own collective order against
+rank 0's before it issues a single collective. No process group is needed and no weight
+is copied: every per-rank module shares the model's parameters, and holds only the
+experts that rank owns. Programs hold no run state (see [Note: the run input] in
+graph.py), so one compiled model serves any number of runtimes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import torch.fx as fx
@@ -20,28 +23,23 @@ from moedit.passes.conditional_comm import conditional_comm
 from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts
 from moedit.passes.interweave import interweave
-from moedit.passes.selective_sync import resolve_auto, selective_sync
+from moedit.passes.selective_sync import resolve_auto, synchronous_layers
+from moedit.runtime.executor import Runtime
 
-from .pipeline import PassContext, copy_module, layers_of, run_passes
+from ._explain import explain
+from .graph import copy_module
+from .pipeline import PassContext, PassFn, layers_of, run_passes
 from .plan import Plan, PlanError
+from .steps import StepKind, StepPlan
 from .tracer import trace
-from .verify import verify_programs
-
-log = logging.getLogger(__name__)
-
-PIPELINE = [expert_parallel, selective_sync, displace, interweave, conditional_comm]
+from .verify import collective_order, verify_collective_order, verify_programs
 
 
-def programs_of(plan: Plan) -> tuple[str, ...]:
-    """The per-step programs a plan needs: "sync" always, "async" for a stale mode, and a
-    "_drop" twin of each for the non-refresh steps of conditional communication."""
-    base = ("sync",) if plan.staleness.mode == "sync" else ("sync", "async")
-    if plan.conditional_comm.interval is None:
-        return base
-    return base + tuple(f"{name}_drop" for name in base)
+PIPELINE: list[PassFn] = [expert_parallel, displace, interweave, conditional_comm]
 
 
 def _validate(plan: Plan, layers) -> None:
+    """What the plan asks of this model, checked before any pass runs."""
     cc = plan.conditional_comm
     for layer in layers:
         if layer.num_experts % plan.expert_parallel.degree:
@@ -74,54 +72,77 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
 
 
 class CompiledModel:
-    """Per-rank programs for one model and plan."""
+    """Per-rank programs for one model and plan, one per step kind."""
 
     def __init__(self, model: nn.Module, plan: Plan, traced: fx.GraphModule, layers,
-                 sensitivity: list[float] | None = None):
+                 sensitivity: list[float] | None = None, pipeline: list[PassFn] = PIPELINE):
         self.model = model
         self.plan = plan
         self.layers = layers
         self.world_size = plan.world_size
-        self.programs = programs_of(plan)
+        self.steps = StepPlan.of(plan)  # which kind every diffusion step runs
+        self.synchronous_layers = synchronous_layers(plan, len(layers))
         self.pass_log: list[dict] = []  # one entry per (rank, program, pass), in build order
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
+        self.pipeline = list(pipeline)
         self._traced = traced
-        self._per_rank: dict[int, dict[str, fx.GraphModule]] = {}
+        self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
 
-    def _build(self, rank: int) -> dict[str, fx.GraphModule]:
+    @property
+    def kinds(self) -> tuple[StepKind, ...]:
+        """The step kinds this plan runs; each rank has one program per kind."""
+        return self.steps.kinds
+
+    def _build(self, rank: int) -> dict[StepKind, fx.GraphModule]:
         programs = {}
-        for program in self.programs:
-            ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers,
-                              program=program)
-            programs[program], program_log = run_passes(copy_module(self._traced), ctx, PIPELINE)
+        for kind in self.kinds:
+            ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers, step=kind,
+                              synchronous_layers=self.synchronous_layers)
+            programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             self.pass_log += program_log
-        verify_programs(programs)
+        verify_programs({kind.name: gm for kind, gm in programs.items()})
         return programs
 
-    def graph(self, rank: int, program: str = "sync") -> fx.GraphModule:
-        """The rewritten GraphModule rank `rank` runs on steps of kind `program`
-        ("sync", or "async" for stale plans; "_drop" twins with conditional communication)."""
+    def programs(self, rank: int) -> dict[StepKind, fx.GraphModule]:
+        """Rank `rank`'s program for every step kind, built (and checked against rank 0's
+        collective order) on first use."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
-        if program not in self.programs:
-            raise ValueError(f"program must be one of {self.programs}, got {program!r}")
         if rank not in self._per_rank:
-            self._per_rank[rank] = self._build(rank)
-        return self._per_rank[rank][program]
+            built = self._build(rank)
+            if rank != 0:
+                reference = self.programs(0)
+                for kind in self.kinds:
+                    verify_collective_order({0: collective_order(reference[kind]),
+                                             rank: collective_order(built[kind])}, kind.name)
+            self._per_rank[rank] = built
+        return self._per_rank[rank]
 
-    def explain(self, batch_size: int = 8) -> str:
-        """A per-layer table of expert placement, inserted nodes and bytes moved per step."""
-        from ._explain import explain
+    def graph(self, rank: int, kind: StepKind | str = "sync") -> fx.GraphModule:
+        """The rewritten GraphModule rank `rank` runs on steps of `kind` (a StepKind or its
+        name: "sync", "async" for stale plans, a "_drop" twin with conditional communication)."""
+        kind = StepKind.named(kind) if isinstance(kind, str) else kind
+        if kind not in self.kinds:
+            raise ValueError(f"step kind must be one of {[k.name for k in self.kinds]}, got {kind.name!r}")
+        return self.programs(rank)[kind]
 
-        return explain(self, batch_size)
+    def check_collective_order(self) -> None:
+        """Build every rank's programs and check that each communicator sees the same
+        exchanges in the same order on every rank (RuntimeError at the first divergence)."""
+        for rank in range(self.world_size):
+            self.programs(rank)
+
+    def explain(self, batch_size: int = 8, steps: int = 25) -> str:
+        """Per layer: expert placement, inserted nodes and bytes moved per step; and which
+        step kind each of `steps` diffusion steps runs."""
+        return explain(self, batch_size, steps)
 
     def dump(self, directory: str | os.PathLike) -> None:
         """Write each rank's graph code, the pass log, the plan and explain() under `directory`."""
         os.makedirs(directory, exist_ok=True)
         for rank in range(self.world_size):
-            for program in self.programs:
-                gm = self.graph(rank, program)
-                suffix = "" if program == "sync" else f"_{program}"
+            for kind, gm in self.programs(rank).items():
+                suffix = "" if kind.name == "sync" else f"_{kind.name}"
                 with open(os.path.join(directory, f"rank{rank}{suffix}.py"), "w") as f:
                     f.write(gm.code)
         with open(os.path.join(directory, "pass_log.json"), "w") as f:
@@ -137,6 +158,4 @@ class CompiledModel:
 
     def to_runtime(self, device=None):
         """Join (or start) the process group and return this rank's `Runtime`."""
-        from moedit.runtime.executor import Runtime
-
         return Runtime.start(self, device=device)

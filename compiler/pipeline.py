@@ -1,8 +1,10 @@
 """The pass pipeline: plain functions over an fx graph, a verifier after each.
 
 A pass is `fn(gm, ctx) -> PassResult`. It rewrites `gm` in place (or returns a new
-module) and records each node it inserted as a `Inserted` row: the layer, the kind of
-node, the bytes it moves per token and the staleness of what it produces, in steps.
+module), says truthfully whether it changed anything, and records each node it inserted
+as an `Inserted` row (moedit/graph.py). `ctx` says what is being built: the plan, the
+rank, the layer table, the kind of diffusion step the program runs, and which layers
+the plan keeps synchronous.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import MoEAdapter, adapter_for
+from .graph import META, Inserted
 from .plan import Plan
-from .tracer import META, moe_nodes
+from .steps import StepKind
+from .tracer import moe_nodes
 from .verify import verify_graph
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,11 @@ class MoELayer:
                    num_experts=len(experts), top_k=adapter.top_k(moe),
                    hidden_size=weight.shape[-1], element_size=weight.element_size())
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's activation row, as the exchanges send it."""
+        return self.hidden_size * self.element_size
+
 
 @dataclasses.dataclass(frozen=True)
 class PassContext:
@@ -51,18 +60,16 @@ class PassContext:
     world_size: int
     rank: int
     layers: tuple[MoELayer, ...]
-    program: str = "sync"  # which per-step program is being built: "sync", "async" or a "_drop" twin
+    step: StepKind  # the kind of diffusion step this program runs
+    synchronous_layers: frozenset[int] = frozenset()  # layers the plan never runs stale (selective sync)
 
-
-@dataclasses.dataclass(frozen=True)
-class Inserted:
-    """One node a pass inserted."""
-
-    node: str
-    layer: int
-    kind: str
-    bytes_per_token: int = 0  # bytes this node sends per routed token slot (communication only)
-    staleness: int = 0  # steps between the activations it reads and the step that consumes it
+    @property
+    def stale_layers(self) -> tuple[MoELayer, ...]:
+        """The layers the plan runs stale on stale steps (on synchronous steps the stale
+        passes only make them fill the caches the next stale step reads)."""
+        if self.plan.staleness.mode == "sync":
+            return ()
+        return tuple(layer for layer in self.layers if layer.index not in self.synchronous_layers)
 
 
 class PassResult(NamedTuple):
@@ -93,23 +100,13 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[PassFn]) -> tu
             verify_graph(gm)
         except RuntimeError as err:
             ran = ", ".join([entry["pass"] for entry in pass_log] + [name])
-            raise PassError(f"graph invariant broken after pass {name!r} on rank {ctx.rank}, program {ctx.program} "
+            raise PassError(f"graph invariant broken after pass {name!r} on rank {ctx.rank}, program {ctx.step} "
                             f"(passes run: {ran}): {err}") from err
         gm.recompile()
-        log.debug("rank %d after %s:\n%s", ctx.rank, name, gm.code)
-        pass_log.append({"pass": name, "rank": ctx.rank, "program": ctx.program, "changed": result.changed,
+        log.debug("rank %d, %s program, after %s:\n%s", ctx.rank, ctx.step, name, gm.code)
+        pass_log.append({"pass": name, "rank": ctx.rank, "program": ctx.step.name, "changed": result.changed,
                          "inserted": [dataclasses.asdict(row) for row in result.inserted]})
     return gm, pass_log
-
-
-def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of `gm`'s graph; submodules are shared, not copied."""
-    graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    for old, new in zip(gm.graph.nodes, graph.nodes):
-        new.meta = {k: (dict(v) if isinstance(v, dict) else v) for k, v in old.meta.items()}
-    return fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ version reads the same, but any non-default value in them is rejected with
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Literal
 
@@ -128,9 +129,15 @@ class Plan(BaseModel):
             raise PlanError(_report(err)) from None
 
     @property
+    def mesh_axes(self) -> dict[str, int]:
+        """The named axes of the device mesh and their sizes, outermost first; the world size is
+        their product. Expert parallelism is the only axis so far."""
+        return {"ep": self.expert_parallel.degree}
+
+    @property
     def world_size(self) -> int:
-        """Ranks the plan runs on (expert parallelism is the only axis so far)."""
-        return self.expert_parallel.degree
+        """Ranks the plan runs on: the product of its mesh axes."""
+        return math.prod(self.mesh_axes.values())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Plan":
@@ -165,8 +172,22 @@ def _report(err: ValidationError) -> str:
 
 def _message(error: dict) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key; check the spelling against the sections in DESIGN.md"
+        section = _section_at(error["loc"][:-1])
+        accepted = ", ".join(section.model_fields) if section is not None else "(none)"
+        return f"unknown key; accepted keys here: {accepted}"
     return error["msg"].removeprefix("Value error, ")
+
+
+def _section_at(loc) -> type[BaseModel] | None:
+    """The plan section (a pydantic model class) at `loc`, e.g. ("staleness",) -> Staleness."""
+    model: type[BaseModel] = Plan
+    for key in loc:
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 
 def _show(value) -> str:

@@ -1,8 +1,9 @@
 """Tracing: the whole model into one fx graph, with MoE layers and attention as leaves.
 
-Every MoE call node gets `node.meta["moedit"] = {"kind": "moe", "layer": i}` in program
-order; attention nodes get `{"kind": "attention"}`. Passes find layers through that meta,
-never through module names.
+Every MoE call node gets `node.meta["moedit"] = {"kind": Kind.MOE, "layer": i}` in program
+order; attention nodes get `{"kind": Kind.ATTENTION}`. Passes find layers through that
+meta, never through module names. The graph gains a last input, `run` (see [Note: the
+run input] in graph.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import adapter_for, is_registered_leaf
-
-META = "moedit"
+from .graph import META, RUN, Kind, kind_of
 
 
 class TraceError(TypeError):
@@ -59,18 +59,30 @@ def trace(model: nn.Module) -> fx.GraphModule:
             continue
         module = gm.get_submodule(node.target)
         if adapter_for(module) is not None:
-            node.meta[META] = {"kind": "moe", "layer": layer}
+            node.meta[META] = {"kind": Kind.MOE, "layer": layer}
             layer += 1
         elif is_registered_leaf(module):
-            node.meta[META] = {"kind": "attention"}
+            node.meta[META] = {"kind": Kind.ATTENTION}
     if layer == 0:
         raise TraceError(
             f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
             "class with moedit.register_adapter(MoEClass, adapter) (see README, 'Adding an adapter')"
         )
+    _add_run_input(gm)
     return gm
+
+
+def _add_run_input(gm: fx.GraphModule) -> None:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if any(node.name == RUN for node in placeholders):
+        raise TraceError(f"the model's forward already has an argument named {RUN!r}, which moedit's programs "
+                         "take for their run state; rename that argument")
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.placeholder(RUN, default_value=None)
+    node.meta[META] = {"kind": Kind.RUN}
+    gm.recompile()
 
 
 def moe_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The MoE call nodes of a traced graph, in layer order."""
-    return [n for n in gm.graph.nodes if n.meta.get(META, {}).get("kind") == "moe"]
+    return [n for n in gm.graph.nodes if kind_of(n) is Kind.MOE]

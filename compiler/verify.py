@@ -1,62 +1,103 @@
-"""The graph verifier: the invariants every pass must leave intact.
+"""The verifier: the invariants every pass must leave intact, and the ones across programs.
 
+`verify_graph(gm)`, after every pass:
 * fx's own lint holds (every use after its definition, targets exist);
-* every communication node carries moedit meta naming its layer, so explain() and the
-  byte accounting see every exchange;
-* every `*_start` communication node has exactly one user: a `wait`, or an `in_flight`
-  record that carries it to a later step; every `wait` reads a start node or the
-  `pending` field of such a record - so no exchanged buffer is read before its exchange
-  finished (see [Note: async handles] in runtime/comm.py);
-* across a rank's programs, every cache key a program reads is written by every
-  program, so whichever step came before has left it (`verify_programs`).
+* every moedit op carries moedit meta naming its kind, and every exchange its layer, so
+  explain() and the byte accounting see it; stateful ops read the program's `run` input;
+* every `*_start` exchange has exactly one user: a `wait`, or an `in_flight` record that
+  carries it to a later step; every `wait` reads a start or the `pending` field of such a
+  record - so no exchanged buffer is read before its exchange finished.
+
+`verify_programs(programs)`: across one rank's programs, every cache key a program reads is
+written by every program, so whichever kind of step came before has left it.
+
+`verify_collective_order(orders)`: across ranks, each communicator sees the same exchanges
+in the same order in every program (collectives on one group complete in issue order).
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from moedit.runtime.cache import CacheRead, CacheWrite, in_flight
-from moedit.runtime.comm import Collective, wait
+from moedit.runtime import ops
 
-from .tracer import META
+from .graph import STARTS, Kind, kind_of, meta, run_input
 
-def _kind(node: fx.Node) -> str:
-    return node.meta.get(META, {}).get("kind", "")
+_STARTS = (ops.exchange_start, ops.counts_start)
 
 
 def verify_graph(gm: fx.GraphModule) -> None:
     """Raise RuntimeError naming the first node that breaks an invariant."""
     gm.graph.lint()
+    run = run_input(gm)
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Collective):
-            if "layer" not in node.meta.get(META, {}):
-                raise RuntimeError(f"communication node {node.name!r} has no moedit layer meta; "
-                                   "passes must annotate every exchange they insert")
-        if _kind(node).endswith("_start"):
+        if node.op == "call_function" and node.target in ops.STATEFUL:
+            if kind_of(node) is None:
+                raise RuntimeError(f"moedit op {node.name!r} has no moedit meta; passes must tag what they insert")
+            if not node.args or node.args[0] is not run:
+                raise RuntimeError(f"stateful op {node.name!r} must take the program's `run` input first")
+        if node.target in _STARTS and "layer" not in meta(node):
+            raise RuntimeError(f"exchange {node.name!r} has no moedit layer meta; passes must annotate every "
+                               "exchange they insert")
+        if kind_of(node) in STARTS:
             users = list(node.users)
-            if len(users) != 1 or users[0].target not in (wait, in_flight):
+            if len(users) != 1 or users[0].target not in (ops.wait, ops.in_flight):
                 raise RuntimeError(f"async node {node.name!r} must have exactly one user, a wait or an in_flight "
                                    f"record; it has {[u.name for u in users]}")
-        if node.op == "call_function" and node.target is wait:
-            (pending,) = node.args
-            carried = (isinstance(pending, fx.Node) and pending.target is getattr and pending.args[1] == "pending")
-            if not isinstance(pending, fx.Node) or not (_kind(pending).endswith("_start") or carried):
+        if node.op == "call_function" and node.target is ops.wait:
+            pending = node.args[1]
+            if not isinstance(pending, fx.Node) or kind_of(pending) not in STARTS | {Kind.PENDING}:
                 raise RuntimeError(f"wait {node.name!r} must read an async start node or a carried exchange, "
                                    f"got {pending}")
 
 
-def _cache_keys(gm: fx.GraphModule, kind: type) -> set[str]:
-    return {gm.get_submodule(n.target).key for n in gm.graph.nodes
-            if n.op == "call_module" and type(gm.get_submodule(n.target)) is kind}
+def _cache_keys(gm: fx.GraphModule, op) -> set[str]:
+    return {n.kwargs["key"] for n in gm.graph.nodes if n.op == "call_function" and n.target is op}
 
 
-def verify_programs(programs: dict[str, fx.GraphModule]) -> None:
-    """Every cache key read by any program is written by every program."""
-    reads = {name: _cache_keys(gm, CacheRead) for name, gm in programs.items()}
-    writes = {name: _cache_keys(gm, CacheWrite) for name, gm in programs.items()}
+def verify_programs(programs: dict) -> None:
+    """Every cache key read by any of one rank's programs is written by every program."""
+    reads = {name: _cache_keys(gm, ops.cache_read) for name, gm in programs.items()}
+    writes = {name: _cache_keys(gm, ops.cache_write) for name, gm in programs.items()}
     for reader, keys in reads.items():
         for writer, written in writes.items():
             missing = keys - written
             if missing:
-                raise RuntimeError(f"program {reader!r} reads cache keys {sorted(missing)} that program {writer!r} "
+                raise RuntimeError(f"program {reader} reads cache keys {sorted(missing)} that program {writer} "
                                    "never writes; a step of that kind would leave them stale or empty")
+
+
+def collective_order(gm: fx.GraphModule) -> dict[tuple[str, bool], list[str]]:
+    """Per communicator (axis, stale): the exchanges the program issues, in issue order."""
+    order: dict[tuple[str, bool], list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.target in _STARTS:
+            kw = node.kwargs
+            name = kw.get("name", "counts")
+            order.setdefault((kw["axis"], kw.get("stale", False)), []).append(f"layer {kw['layer']} {name}")
+    return order
+
+
+def verify_collective_order(orders: dict[int, dict[tuple[str, bool], list[str]]], program: str) -> None:
+    """`orders[rank]` is `collective_order` of that rank's `program`. Raise RuntimeError at the
+    first exchange where a rank's order differs from rank 0's, with both sequences side by side."""
+    ranks = sorted(orders)
+    reference = orders[ranks[0]]
+    for rank in ranks[1:]:
+        for comm in sorted(set(reference) | set(orders[rank])):
+            a, b = reference.get(comm, []), orders[rank].get(comm, [])
+            if a != b:
+                raise RuntimeError(_divergence(comm, program, ranks[0], a, rank, b))
+
+
+def _divergence(comm, program: str, rank_a: int, a: list[str], rank_b: int, b: list[str]) -> str:
+    first = next(i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i])
+    axis, stale = comm
+    lines = [f"ranks {rank_a} and {rank_b} issue exchanges on mesh axis {axis!r}"
+             f"{' (stale communicator)' if stale else ''} in a different order in the {program} program; "
+             "collectives on one group complete in issue order, so they would deadlock or mix up data:",
+             f"  {'#':>3}  {f'rank {rank_a}':<28}{f'rank {rank_b}':<28}"]
+    for i in range(min(max(len(a), len(b)), first + 3)):
+        left, right = (a[i] if i < len(a) else "-"), (b[i] if i < len(b) else "-")
+        lines.append(f"  {i:>3}  {left:<28}{right:<28}{'<-- ERROR HERE' if i == first else ''}")
+    return "\n".join(lines)

@@ -39,8 +39,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moedit.metrics import DigitsClassifier, accuracy, fd_digits, summarize  # noqa: E402
-from moedit.models import digits_dataset, initial_noise, rectified_flow_sample  # noqa: E402
+from moedit.models.metrics import DigitsClassifier, accuracy, fd_digits, summarize  # noqa: E402
+from moedit.models import digits_dataset  # noqa: E402
+from moedit.runtime.sampling import initial_noise, rectified_flow_sample  # noqa: E402
 from moedit.models.dit_moe import DiTMoE  # noqa: E402
 from moedit.models.pretrained import PRETRAINED, SAMPLING, pretrained_config  # noqa: E402
 

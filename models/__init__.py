@@ -1,9 +1,10 @@
-"""Reference models, samplers and checkpoint loading."""
+"""Reference models, shipped checkpoints and how they load, and the digits metrics.
+
+Importing this package registers the reference DiT-MoE's adapter with moedit."""
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .dit_moe import DiTMoE, DiTMoEConfig, config_for, dit_moe
-from .pretrained import digits_dataset, pretrained
-from .sampling import initial_noise, rectified_flow_sample
+from .pretrained import digits_dataset, load_model, pretrained
 
-__all__ = ["CheckpointError", "DiTMoE", "DiTMoEConfig", "config_for", "digits_dataset", "dit_moe", "initial_noise",
-           "load_checkpoint", "pretrained", "rectified_flow_sample"]
+__all__ = ["CheckpointError", "DiTMoE", "DiTMoEConfig", "config_for", "digits_dataset", "dit_moe", "load_checkpoint",
+           "load_model", "pretrained"]

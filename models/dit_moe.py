@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moedit.adapters import MoEAdapter, register_adapter, register_leaf
+
 # depth, hidden, heads; XL and G use the q/k-normed attention of the released code.
 _SIZES = {
     "S": (12, 384, 6),
@@ -326,6 +328,27 @@ class DiTMoE(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
+
+
+class DiTMoEAdapter(MoEAdapter):
+    """How moedit sees `SparseMoeBlock`: softmax top-k gate, SwiGLU experts, one shared expert."""
+
+    def route(self, moe, tokens):
+        return moe.gate(tokens)
+
+    def experts(self, moe):
+        return list(moe.experts)
+
+    def shared_expert(self, moe):
+        return moe.shared_experts
+
+    def top_k(self, moe):
+        return moe.num_experts_per_tok
+
+
+register_adapter(SparseMoeBlock, DiTMoEAdapter())
+register_leaf(Attention)
+register_leaf(QKNormAttention)
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:

@@ -10,13 +10,16 @@ trained with rectified flow on scikit-learn's 8x8 digits, upscaled to 16x16.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
-from .dit_moe import DiTMoE, DiTMoEConfig
+from .dit_moe import DiTMoE, DiTMoEConfig, dit_moe
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = os.path.join(os.path.dirname(__file__), "checkpoints")
 
@@ -56,6 +59,29 @@ def pretrained(name: str = "digits", device=None, *, load: bool = True) -> DiTMo
                                     f"create it with `python examples/train_digits.py`")
         load_checkpoint(model, path)
     return model.to(device) if device is not None else model
+
+
+def load_model(name: str, checkpoint: str | None = None, device: str | torch.device = "cpu", **overrides):
+    """A shipped pretrained model by name ("digits"), or a reference config ("S/2-8E2A",
+    "tiny", ...) with DiT constructor-argument `overrides`, with random weights unless
+    `checkpoint` names a state-dict file. On the meta device nothing is allocated or
+    loaded (enough for compiling and explain())."""
+    meta = torch.device(device).type == "meta"
+    if name in PRETRAINED and overrides:
+        raise ValueError(f"{name} is a trained model; its config cannot be overridden ({sorted(overrides)})")
+    if name in PRETRAINED:
+        if meta:
+            with torch.device("meta"):
+                return pretrained(name, load=False)
+        model = pretrained(name, device=device)
+    else:
+        with torch.device(device):
+            model = dit_moe(name, **overrides)
+    if checkpoint is not None and not meta:
+        load_checkpoint(model, checkpoint)
+    elif name not in PRETRAINED and not meta:
+        log.warning("model %s has random weights; pass --checkpoint to load trained ones", name)
+    return model
 
 
 def training_record(name: str = "digits") -> dict:

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from moedit.pipeline import PassContext, PassResult
 
-from .stale_ep import StaleSlot, cache_key, fill_from_sync, remove_exchange, stale_layers
+from ._stale import StaleSlot, cache_key, fill_from_sync, remove_exchange, stale_layers
 
 STALENESS = 2
 
@@ -28,7 +28,7 @@ def displace(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inserted = []
     for view in stale_layers(gm, ctx):
         dispatch_key, combine_key = cache_key(view.layer, "dispatch"), cache_key(view.layer, "combine")
-        if ctx.program == "sync":
+        if ctx.step.synchronous:
             inserted += fill_from_sync(gm, view, combine_key, "returned")
             inserted += fill_from_sync(gm, view, dispatch_key, "received")
             continue

@@ -5,7 +5,7 @@ layout). Each MoE leaf becomes, in numbered steps:
 
     1. route      the gate picks K experts per token (through the layer's adapter)
     2. permute    copies of each token sorted by destination rank and local expert
-    3. counts     blocking all-to-all of per-expert counts, to size the buffers
+    3. counts     all-to-all of per-expert counts, to size the buffers (waited at once)
     4. dispatch   all-to-all with variable splits, started
     5. shared     the shared expert, while the dispatch is in flight; then wait
     6. experts    this rank's experts on what arrived
@@ -13,48 +13,25 @@ layout). Each MoE leaf becomes, in numbered steps:
     8. unpermute  outputs back in token order, weighted by the router and summed,
                   and merged with the shared expert's output by the adapter
 
-The per-rank module holds only this rank's experts: the layer is replaced by a shallow
-copy whose other experts are `RemovedExpert` placeholders, so its state dict keeps the
-original key names, restricted to local experts.
+Every node is tagged with its `Kind`, so later passes find a layer's values (weights,
+rows, order, counts) and steps by kind (`LayerNodes`). The per-rank module holds only
+this rank's experts: the layer is replaced by a shallow copy whose other experts are
+`RemovedExpert` placeholders, so its state dict keeps the original key names, restricted
+to local experts.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch.fx as fx
 from torch import nn
 
-from moedit.pipeline import Inserted, MoELayer, PassContext, PassResult, strip_modules
-from moedit.runtime.comm import AllToAllStart, ExchangeCounts, wait
-from moedit.runtime.expert_ops import LocalExperts, Router, permute, splits, unpermute
-from moedit.tracer import META, moe_nodes
+from moedit.graph import META, Emitter, Inserted, Kind
+from moedit.pipeline import MoELayer, PassContext, PassResult, strip_modules
+from moedit.runtime import ops
+from moedit.runtime.expert_ops import LocalExperts, Merge, RemovedExpert, Router, permute, splits, unpermute
+from moedit.tracer import moe_nodes
 
-
-class RemovedExpert(nn.Module):
-    """Stands in for an expert that lives on another rank."""
-
-    def __init__(self, expert: int, rank: int):
-        super().__init__()
-        self.expert, self.rank = expert, rank
-
-    def extra_repr(self) -> str:
-        return f"expert={self.expert}, on rank {self.rank}"
-
-    def forward(self, *args):
-        raise RuntimeError(f"expert {self.expert} lives on rank {self.rank}; it cannot run here")
-
-
-class Merge(nn.Module):
-    """Graph node for the adapter's merge of routed and shared outputs."""
-
-    def __init__(self, layer: MoELayer, moe: nn.Module):
-        super().__init__()
-        self.adapter = layer.adapter
-        object.__setattr__(self, "_moe", moe)  # a view; see [Note: layer views] in runtime/expert_ops.py
-
-    def forward(self, routed, shared=None):
-        return self.adapter.combine(self._moe, routed, shared)
+AXIS = "ep"
 
 
 def expert_owner(expert: int, world_size: int) -> int:
@@ -90,60 +67,39 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     moe = _localize(gm, layer, ctx)
     ids = local_experts(layer.num_experts, P, ctx.rank)
     experts = layer.adapter.experts(moe)
-    parts = {"ep_router": Router(layer.adapter, moe), "ep_counts": ExchangeCounts("ep"),
-             "ep_dispatch": AllToAllStart("ep"), "ep_experts": LocalExperts([experts[i] for i in ids], ids),
-             "ep_combine": AllToAllStart("ep"), "ep_merge": Merge(layer, moe)}
-    for name, part in parts.items():
-        moe.add_module(name, part)
-    path = layer.path.__add__
-    row_bytes = layer.hidden_size * layer.element_size
-    emit = Emitter(gm.graph, layer.index)
+    moe.add_module("ep_router", Router(layer.adapter, moe))
+    moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids))
+    moe.add_module("ep_merge", Merge(layer.adapter, moe))
+    path = f"{layer.path}.".__add__
+    where = {"layer": layer.index, "axis": AXIS}
+    emit = Emitter(gm, layer.index)
     with gm.graph.inserting_before(node):
-        tokens = emit("glue", "call_method", "flatten", (node.args[0], 0, -2))
-        expert_ids, weights = emit.unpack(emit("route", "call_module", path(".ep_router"), (tokens,)), 2)
-        perm = emit("permute", "call_function", permute, (tokens, expert_ids, P, L))
-        rows, order, send_counts = emit.unpack(perm, 3)
-        recv_counts = emit("counts", "call_module", path(".ep_counts"), (send_counts,))
-        send_splits = emit("glue", "call_function", splits, (send_counts,))
-        recv_splits = emit("glue", "call_function", splits, (recv_counts,))
-        pending = emit("dispatch_start", "call_module", path(".ep_dispatch"), (rows, send_splits, recv_splits),
-                       bytes_per_token=row_bytes)
+        tokens = emit.method(Kind.TOKENS, "flatten", node.args[0], 0, -2)
+        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, path("ep_router"), tokens),
+                                          Kind.EXPERT_IDS, Kind.WEIGHTS)
+        perm = emit.call(Kind.PERMUTE, permute, tokens, expert_ids, P, L)
+        rows, order, send_counts = emit.unpack(perm, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS)
+        counts = emit.call(Kind.COUNTS_START, ops.counts_start, send_counts, **where)
+        recv_counts = emit.call(Kind.COUNTS_WAIT, ops.wait, counts)
+        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+        recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
+        pending = emit.call(Kind.DISPATCH_START, ops.exchange_start, rows, send_splits, recv_splits,
+                            name="dispatch", **where, bytes_per_token=layer.row_bytes)
         shared = None  # the shared expert runs while the dispatch is in flight
         shared_module = layer.adapter.shared_expert(moe)
         if shared_module is not None:
-            shared = emit("shared", "call_module", _submodule_path(moe, layer.path, shared_module), (tokens,))
-        received = emit("dispatch_wait", "call_function", wait, (pending,))
-        outputs = emit("experts", "call_module", path(".ep_experts"), (received, recv_counts))
-        pending = emit("combine_start", "call_module", path(".ep_combine"), (outputs, recv_splits, send_splits),
-                       bytes_per_token=row_bytes)
-        returned = emit("combine_wait", "call_function", wait, (pending,))
-        routed = emit("unpermute", "call_function", unpermute, (returned, order, weights))
-        merged = emit("merge", "call_module", path(".ep_merge"), (routed,) if shared is None else (routed, shared))
-        out = emit("glue", "call_method", "reshape_as", (merged, node.args[0]))
+            shared = emit.module(Kind.SHARED, _submodule_path(moe, layer.path, shared_module), tokens)
+        received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
+        outputs = emit.module(Kind.EXPERTS, path("ep_experts"), received, recv_counts)
+        pending = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
+                            name="combine", **where, bytes_per_token=layer.row_bytes)
+        returned = emit.call(Kind.COMBINE_WAIT, ops.wait, pending)
+        routed = emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights)
+        merged = emit.module(Kind.MERGE, path("ep_merge"), *([routed] if shared is None else [routed, shared]))
+        out = emit.method(Kind.OUTPUT, "reshape_as", merged, node.args[0])
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return emit.inserted
-
-
-class Emitter:
-    """Creates one layer's nodes at the graph's insertion point, each tagged with
-    `meta["moedit"] = {"kind", "layer", "staleness"}`, and records the ones that matter
-    (every kind but "glue") as `Inserted` rows."""
-
-    def __init__(self, graph: fx.Graph, layer: int, staleness: int = 0):
-        self.graph, self.layer, self.staleness = graph, layer, staleness
-        self.inserted: list[Inserted] = []
-
-    def __call__(self, kind: str, op: str, target, args, bytes_per_token: int = 0, staleness: int | None = None):
-        node = getattr(self.graph, op)(target, args)
-        stale = self.staleness if staleness is None else staleness
-        node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
-        if kind != "glue":
-            self.inserted.append(Inserted(node.name, self.layer, kind, bytes_per_token, stale))
-        return node
-
-    def unpack(self, node: fx.Node, n: int) -> list[fx.Node]:
-        return [self("glue", "call_function", operator.getitem, (node, i)) for i in range(n)]
 
 
 def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from moedit.pipeline import PassContext, PassResult
 
-from .stale_ep import StaleSlot, cache_key, fill_from_sync, remove_exchange, stale_layers
+from ._stale import StaleSlot, cache_key, fill_from_sync, remove_exchange, stale_layers
 
 STALENESS = 1
 RING = "ring_dispatch"  # the last stale layer's dispatch, consumed by the first at the next step
@@ -33,7 +33,7 @@ def interweave(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False, [])
     ring = stale_layers(gm, ctx)
     inserted = []
-    if ctx.program == "sync":
+    if ctx.step.synchronous:
         for j, view in enumerate(ring):
             if j < len(ring) - 1:
                 inserted += fill_from_sync(gm, view, cache_key(view.layer, "combine"), "returned")

@@ -1,5 +1,7 @@
 """DICE's selective synchronisation: choose which MoE layers stay synchronous under a
-stale plan. The stale passes (displace, interweave) leave the marked layers alone.
+stale plan. This is decided once per plan, not per graph: `compile` resolves the
+strategy into the set of layers (`PassContext.synchronous_layers`), and the stale passes
+(displace, interweave) leave those layers alone.
 
     deep       the deeper half (DICE's best: FID 5.74, vs 6.55 shallow, 5.95 staggered)
     shallow    the shallower half
@@ -16,46 +18,31 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from moedit.models.sampling import initial_noise, rectified_flow_sample
-from moedit.pipeline import PassContext, PassError, PassResult
+from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 from moedit.plan import Plan, PlanError
-from moedit.tracer import META
 
 log = logging.getLogger(__name__)
 
 
-def synchronous_layers(strategy, num_layers: int) -> set[int]:
-    half = num_layers // 2
-    if strategy == "none":
-        return set()
-    if strategy == "deep":
-        return set(range(num_layers - half, num_layers))
-    if strategy == "shallow":
-        return set(range(half))
-    if strategy == "staggered":
-        return set(range(1, num_layers, 2))
+def synchronous_layers(plan: Plan, num_layers: int) -> frozenset[int]:
+    """The MoE layers `plan` keeps synchronous on stale steps (every layer under mode sync).
+    Raises PlanError for layer indices the model does not have; "auto" must be resolved
+    first (`resolve_auto`)."""
+    strategy, half = plan.selective_sync.strategy, num_layers // 2
+    if plan.staleness.mode == "sync":
+        return frozenset(range(num_layers))
     if isinstance(strategy, list):
         bad = [i for i in strategy if not 0 <= i < num_layers]
         if bad:
-            raise PassError(f"selective_sync.strategy lists layers {bad}, but the model has MoE layers "
-                            f"0..{num_layers - 1}")
-        return set(strategy)
-    raise PassError(f"selective_sync.strategy {strategy!r} is not supported by this pass")
-
-
-def selective_sync(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Mark each layer's route node `sync: True/False`."""
-    chosen = synchronous_layers(ctx.plan.selective_sync.strategy, len(ctx.layers))
-    if ctx.plan.staleness.mode == "sync":
-        chosen = {layer.index for layer in ctx.layers}
-    for node in gm.graph.nodes:
-        meta = node.meta.get(META, {})
-        if meta.get("kind") == "route":
-            meta["sync"] = meta["layer"] in chosen
-    return PassResult(gm, False, [])
+            raise PlanError(f"selective_sync.strategy lists layers {bad}, but the model has MoE layers "
+                            f"0..{num_layers - 1}; list indices in that range")
+        return frozenset(strategy)
+    chosen = {"none": set(), "deep": range(num_layers - half, num_layers), "shallow": range(half),
+              "staggered": range(1, num_layers, 2)}
+    assert strategy in chosen, f"selective_sync.strategy {strategy!r} must be resolved before compiling"
+    return frozenset(chosen[strategy])
 
 
 # -- auto: calibrate on the single-device model ----------------------------------------

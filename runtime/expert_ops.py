@@ -59,22 +59,23 @@ def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num
 
 
 class DropSlots(nn.Module):
-    """Conditional communication: which of each token's K slots to send this step. -> keep [T,K] bool.
+    """Conditional communication: which of each token's K slots to send this step.
+    (run, expert_ids [T,K], weights [T,K]) -> keep [T,K] bool.
 
     Slots are sorted by score (top-k order), so "low" drops the last `count`, "high" the
     first `count`, "random" any `count` per token, and "threshold" every slot whose
-    router weight is below `threshold` (never the top slot).
+    router weight is below `threshold` (never the top slot). "random" draws from the run's
+    seed, step, this layer and the rank, so a seed gives the same images every time.
     """
 
-    def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, seed: int = 0):
+    def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, layer: int = 0):
         super().__init__()
-        self.policy, self.count, self.threshold = policy, count, threshold
-        self.generator = torch.Generator().manual_seed(seed)
+        self.policy, self.count, self.threshold, self.layer = policy, count, threshold, layer
 
     def extra_repr(self) -> str:
         return f"policy={self.policy!r}, count={self.count}, threshold={self.threshold}"
 
-    def forward(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, run, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = expert_ids.shape
         keep = torch.ones(num_tokens, top_k, dtype=torch.bool, device=expert_ids.device)
         if self.policy == "low":
@@ -82,7 +83,9 @@ class DropSlots(nn.Module):
         elif self.policy == "high":
             keep[:, : self.count] = False
         elif self.policy == "random":
-            scores = torch.rand(num_tokens, top_k, generator=self.generator).to(expert_ids.device)
+            # Tuples of ints hash the same in every process (only str hashing is salted).
+            generator = torch.Generator().manual_seed(hash((run.seed, run.step, self.layer, run.rank)) % 2**63)
+            scores = torch.rand(num_tokens, top_k, generator=generator).to(expert_ids.device)
             keep.scatter_(1, scores.topk(self.count, dim=1).indices, False)
         else:
             keep = weights >= self.threshold
@@ -130,3 +133,29 @@ def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
         slots = returned.new_zeros((num_tokens * top_k, returned.shape[-1]))
     slots[order] = returned
     return (slots.reshape(num_tokens, top_k, slots.shape[-1]) * weights.unsqueeze(-1).to(returned.dtype)).sum(dim=1)
+
+
+class Merge(nn.Module):
+    """The adapter's merge of routed and shared outputs."""
+
+    def __init__(self, adapter, moe: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_moe", moe)  # a view, see [Note: layer views]
+
+    def forward(self, routed, shared=None):
+        return self.adapter.combine(self._moe, routed, shared)
+
+
+class RemovedExpert(nn.Module):
+    """Stands in for an expert that lives on another rank."""
+
+    def __init__(self, expert: int, rank: int):
+        super().__init__()
+        self.expert, self.rank = expert, rank
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, on rank {self.rank}"
+
+    def forward(self, *args):
+        raise RuntimeError(f"expert {self.expert} lives on rank {self.rank}; it cannot run here")

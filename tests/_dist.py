@@ -24,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, out_dir, timeout_s, fn, args):
+def _entry(rank, world, port, out_dir, timeout_s, init_group, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    if init_group:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -36,10 +37,14 @@ def _entry(rank, world, port, out_dir, timeout_s, fn, args):
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout_s: float = 120.0, collective_timeout_s: float = 60.0) -> list:
-    """Call `fn(rank, world, *args)` on `world` spawned ranks; return their results in rank order."""
+def run_ranks(world: int, fn, *args, timeout_s: float = 120.0, collective_timeout_s: float = 60.0,
+              init_group: bool = True) -> list:
+    """Call `fn(rank, world, *args)` on `world` spawned ranks; return their results in rank order.
+    With `init_group=False` the ranks get torchrun's environment but no process group, so the
+    code under test creates it, as under torchrun."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(world, free_port(), out_dir, collective_timeout_s, fn, args),
+        ctx = mp.start_processes(_entry, args=(world, free_port(), out_dir, collective_timeout_s, init_group, fn,
+                                               args),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=1.0):

@@ -1,5 +1,8 @@
 """Tracing, the expert-parallel pass and the verifier, with no process group."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -8,8 +11,10 @@ import moedit
 from _models import tiny_model
 from moedit.compiled import compile as compile_model
 from moedit.models import dit_moe
-from moedit.pipeline import PassContext, PassResult, copy_module, layers_of, run_passes, PassError
-from moedit.runtime.comm import AllToAllStart, wait
+from moedit.graph import copy_module
+from moedit.pipeline import PassContext, PassError, PassResult, layers_of, run_passes
+from moedit.runtime import ops
+from moedit.steps import SYNC
 from moedit.tracer import trace
 
 
@@ -20,8 +25,9 @@ def _ep(world):
 def test_tiny_traces_with_moe_and_attention_as_leaves():
     gm = trace(dit_moe("tiny"))
     kinds = [n.meta["moedit"] for n in gm.graph.nodes if "moedit" in n.meta]
-    assert kinds == [{"kind": "attention"}, {"kind": "moe", "layer": 0}, {"kind": "attention"},
+    assert kinds == [{"kind": "run"}, {"kind": "attention"}, {"kind": "moe", "layer": 0}, {"kind": "attention"},
                      {"kind": "moe", "layer": 1}]
+    assert list(gm.graph.nodes)[3].name == "run", "the run input comes right after the model's own inputs"
 
 
 class DataDependent(nn.Module):
@@ -68,10 +74,11 @@ def test_expert_parallel_rewrites_every_moe_layer_in_order():
     compiled = moedit.compile(dit_moe("tiny"), _ep(2))
     gm = compiled.graph(0)
     assert not [n for n in gm.graph.nodes if n.meta.get("moedit", {}).get("kind") == "moe"]
-    layer0 = [n.meta["moedit"]["kind"] for n in gm.graph.nodes
-              if n.meta.get("moedit", {}).get("layer") == 0 and n.meta["moedit"]["kind"] != "glue"]
-    assert layer0 == ["route", "permute", "counts", "dispatch_start", "shared", "dispatch_wait", "experts",
-                      "combine_start", "combine_wait", "unpermute", "merge"]
+    layer0 = [row["kind"] for entry in compiled.pass_log for row in entry["inserted"] if row["layer"] == 0]
+    assert layer0 == ["route", "permute", "counts_start", "counts_wait", "dispatch_start", "shared", "dispatch_wait",
+                      "experts", "combine_start", "combine_wait", "unpermute", "merge"]
+    assert [n.name for n in gm.graph.nodes if n.meta.get("moedit", {}).get("layer") == 0][:4] == [
+        "l0_tokens", "l0_route", "l0_expert_ids", "l0_weights"], "nodes are named after their kind and layer"
 
 
 def test_explain_and_graph_code_golden(golden, tmp_path):
@@ -96,8 +103,8 @@ def test_explain_reports_placement_and_bytes():
 
 def _drop_wait(gm, ctx):
     for node in gm.graph.nodes:
-        if node.target is wait:
-            node.replace_all_uses_with(node.args[0])
+        if node.target is ops.wait:
+            node.replace_all_uses_with(node.args[1])
             gm.graph.erase_node(node)
             break
     return PassResult(gm, True, [])
@@ -105,7 +112,7 @@ def _drop_wait(gm, ctx):
 
 def test_verifier_names_the_pass_that_broke_async_pairing():
     compiled = moedit.compile(dit_moe("tiny"), _ep(2))
-    ctx = PassContext(plan=compiled.plan, world_size=2, rank=0, layers=compiled.layers)
+    ctx = PassContext(plan=compiled.plan, world_size=2, rank=0, layers=compiled.layers, step=SYNC)
     with pytest.raises(PassError, match="after pass '_drop_wait'.*must have exactly one user, a wait"):
         run_passes(copy_module(compiled.graph(0)), ctx, [_drop_wait])
 
@@ -113,10 +120,10 @@ def test_verifier_names_the_pass_that_broke_async_pairing():
 def test_verifier_rejects_unannotated_communication():
     gm = copy_module(moedit.compile(dit_moe("tiny"), _ep(2)).graph(0))
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), AllToAllStart):
-            del node.meta["moedit"]
+        if node.target is ops.exchange_start:
+            del node.meta["moedit"]["layer"]
             break
-    ctx = PassContext(plan=moedit.Plan(), world_size=2, rank=0, layers=layers_of(trace(dit_moe("tiny"))))
+    ctx = PassContext(plan=moedit.Plan(), world_size=2, rank=0, layers=layers_of(trace(dit_moe("tiny"))), step=SYNC)
     with pytest.raises(PassError, match="has no moedit layer meta"):
         run_passes(gm, ctx, [lambda gm, ctx: PassResult(gm, False, [])])
 
@@ -147,3 +154,39 @@ def test_auto_selective_sync_keeps_the_most_sensitive_layers_synchronous():
         meta_model = dit_moe("tiny")
     with pytest.raises(moedit.PlanError, match="needs the model's real weights"):
         moedit.compile(meta_model, plan)
+
+
+def _swap_first_exchanges_on_rank_1(gm, ctx):
+    """A faulty reordering pass: rank 1 issues layer 0's combine where the others issue its dispatch."""
+    if ctx.rank != 1:
+        return PassResult(gm, False, [])
+    first, second = [n for n in gm.graph.nodes if n.target is ops.exchange_start][:2]
+    first.update_kwarg("name", "combine")
+    second.update_kwarg("name", "dispatch")
+    return PassResult(gm, True, [])
+
+
+def test_collective_order_that_differs_between_ranks_fails_at_compile_time():
+    model = dit_moe("tiny")
+    traced = trace(model)
+    compiled = moedit.CompiledModel(model, _ep(4), traced, layers_of(traced),
+                                    pipeline=moedit.compiled.PIPELINE + [_swap_first_exchanges_on_rank_1])
+    compiled.programs(0)
+    with pytest.raises(RuntimeError, match=r"(?s)ranks 0 and 1 issue exchanges on mesh axis 'ep'.*sync program"
+                                           r".*1  layer 0 dispatch\s+layer 0 combine\s+<-- ERROR HERE"):
+        compiled.programs(1)
+    with pytest.raises(RuntimeError, match="in a different order"):
+        compiled.check_collective_order()
+
+
+def test_collective_order_agrees_across_ranks_for_every_shipped_plan():
+    for plan in ("sync_ep", "displaced", "interweaved", "dice"):
+        data = moedit.Plan.from_file(f"examples/plans/{plan}.yaml").to_dict()
+        data["expert_parallel"]["degree"] = 4
+        moedit.compile(dit_moe("tiny", depth=4), moedit.Plan(**data)).check_collective_order()
+
+
+def test_the_core_does_not_import_the_reference_model():
+    code = "import sys, moedit; print(sorted(m for m in sys.modules if m.startswith('moedit.models')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"import moedit loaded {out}"

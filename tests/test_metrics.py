@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from moedit import metrics
-from moedit.models import initial_noise, pretrained, rectified_flow_sample
+from moedit.models import metrics
+from moedit.models import pretrained
+from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 from moedit.models.pretrained import PRETRAINED, SAMPLING
 
 # `moedit.models.pretrained` is also the name of the function that package exports.

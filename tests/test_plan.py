@@ -25,8 +25,8 @@ def test_shipped_plans_load():
 
 
 @pytest.mark.parametrize("data, field", [
-    ({"expert_paralel": {"degree": 2}}, "expert_paralel: unknown key"),
-    ({"expert_parallel": {"degree": 2, "layout": "x"}}, "expert_parallel.layout: unknown key"),
+    ({"expert_paralel": {"degree": 2}}, "expert_paralel: unknown key; accepted keys here: expert_parallel, stale"),
+    ({"expert_parallel": {"degree": 2, "layout": "x"}}, "expert_parallel.layout: unknown key; accepted keys here: deg"),
     ({"expert_parallel": {"degree": 0}}, "expert_parallel.degree"),
     ({"runtime": {"backend": "mpi"}}, "runtime.backend"),
 ])
@@ -80,3 +80,17 @@ def test_bad_files_say_what_is_wrong(tmp_path):
 def test_expert_count_must_divide_by_the_degree():
     with pytest.raises(moedit.PlanError, match=r"expert_parallel.degree: experts \(8.*divisible.*\(3\)"):
         moedit.compile(dit_moe("tiny"), moedit.Plan(expert_parallel={"degree": 3}))
+
+
+def test_selective_sync_layers_out_of_range_are_a_plan_error():
+    plan = moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "interweaved"},
+                       selective_sync={"strategy": [0, 5]})
+    with pytest.raises(moedit.PlanError, match=r"lists layers \[5\], but the model has MoE layers 0..1; list indices"):
+        moedit.compile(dit_moe("tiny"), plan)
+
+
+def test_error_messages_point_only_to_files_in_the_repository(tmp_path):
+    (tmp_path / "typo.yaml").write_text("staleness:\n  mod: displaced\n")
+    with pytest.raises(moedit.PlanError) as err:
+        moedit.Plan.from_file(tmp_path / "typo.yaml")
+    assert ".md" not in str(err.value) and "accepted keys here: mode, warmup_steps" in str(err.value)

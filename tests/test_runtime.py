@@ -1,5 +1,8 @@
 """Synchronous expert parallelism on spawned gloo ranks equals the single-device model."""
 
+import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -8,7 +11,7 @@ from torch import nn
 
 import moedit
 from _models import STARVED, routing_counts, tiny_model
-from moedit.models import initial_noise, rectified_flow_sample
+from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 
 LABELS = [1, 2, 3, 4, 5]  # 5 images: shards of 3+2 on 2 ranks, 2+1+1+1 on 4
 STEPS, CFG = 3, 1.5
@@ -24,11 +27,12 @@ def _plan(world, **runtime):
 
 
 def _parity_worker(rank, world):
-    runtime = moedit.compile(tiny_model(), _plan(world)).to_runtime()
-    x, t, y = _batch()
-    held = [name for name, _ in runtime.gm.named_parameters() if ".experts." in name]
-    return {"denoise": runtime.denoise(x, t, y), "sample": runtime.sample(LABELS, STEPS, CFG, seed=7),
-            "held": held, "steps": len(runtime.step_times)}
+    compiled = moedit.compile(tiny_model(), _plan(world))
+    with compiled.to_runtime() as runtime:
+        x, t, y = _batch()
+        held = [name for name, _ in compiled.graph(rank).named_parameters() if ".experts." in name]
+        return {"denoise": runtime.denoise(x, t, y), "sample": runtime.sample(LABELS, STEPS, CFG, seed=7),
+                "held": held, "steps": len(runtime.step_times)}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -72,7 +76,7 @@ def _stalled_peer_worker(rank, world):
     start = time.monotonic()
     try:
         runtime.denoise(x, t, y)
-    except RuntimeError as err:
+    except moedit.CollectiveError as err:
         return time.monotonic() - start, str(err)
     return None
 
@@ -82,7 +86,79 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(spawn):
     assert result is not None, "rank 0 finished although its peer never joined"
     elapsed, message = result
     assert elapsed < 6, f"rank 0 waited {elapsed:.1f} s for a stalled peer with a 2 s timeout"
-    assert "timed out" in message.lower() or "timeout" in message.lower(), message
+    assert "exchange counts of MoE layer 0 on mesh axis 'ep' failed at diffusion step 0 (sync program)" in message
+    assert "runtime.timeout_s = 2" in message and "a peer rank stalled or died" in message
+
+
+STALL_SCRIPT = """
+import sys, time, torch, moedit
+sys.path.insert(0, {tests!r})
+from _models import tiny_model
+plan = moedit.Plan(expert_parallel={{"degree": 4}}, runtime={{"timeout_s": 5}})
+runtime = moedit.compile(tiny_model(), plan).to_runtime()
+if runtime.rank == 2:
+    time.sleep(120)  # stops answering
+runtime.sample([1, 2, 3, 4], steps=3, cfg_scale=1.5)
+"""
+
+
+def test_every_rank_exits_within_the_timeout_when_a_peer_stops_answering(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(script)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 5 + 30, f"the ranks took {elapsed:.0f} s to exit with a 5 s collective timeout"
+    assert "failed at diffusion step 0 (sync program)" in proc.stderr, proc.stderr[-3000:]
+    assert "(runtime.timeout_s = 5)" in proc.stderr
+
+
+def _sequential_worker(rank, world):
+    images = []
+    for _ in range(2):  # the first runtime creates the default group and closes; the second starts in it
+        with moedit.compile(tiny_model(), _plan(world)).to_runtime() as runtime:
+            images.append(runtime.sample(LABELS, STEPS, CFG, seed=7))
+    return images
+
+
+def test_two_runtimes_one_after_the_other(spawn):
+    for first, second in spawn(2, _sequential_worker, init_group=False, timeout_s=90):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def _steps(n):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(4, 4, 8, 8, generator=gen), torch.rand(4, generator=gen),
+             torch.randint(0, 10, (4,), generator=gen)) for _ in range(n)]
+
+
+def _side_by_side_worker(rank, world):
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "displaced"},
+                       conditional_comm={"interval": 2, "drop": "random"})
+    compiled = moedit.compile(tiny_model(), plan)
+    inputs_a, inputs_b = _steps(5), _steps(5)[::-1]
+    alone = []
+    with compiled.to_runtime() as runtime:
+        runtime.reset(steps=5, seed=1)
+        alone = [runtime.denoise(*inputs) for inputs in inputs_a]
+    a, b = compiled.to_runtime(), compiled.to_runtime()
+    a.reset(steps=5, seed=1)
+    b.reset(steps=5, seed=2)
+    together = []
+    for step in range(5):  # interleaved: each runtime's caches and groups must stay its own
+        together.append(a.denoise(*inputs_a[step]))
+        b.denoise(*inputs_b[step])
+    a.close()
+    b.close()
+    return alone, together
+
+
+def test_two_runtimes_of_one_compiled_model_side_by_side(spawn):
+    for alone, together in spawn(2, _side_by_side_worker):
+        for step, (x, y) in enumerate(zip(alone, together)):
+            torch.testing.assert_close(y, x, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
 
 
 # A third-party MoE layer with a different structure, described by an adapter.
@@ -132,14 +208,13 @@ class ThirdPartyModel(nn.Module):
 
 
 def _adapter_worker(rank, world):
-    runtime = moedit.compile(ThirdPartyModel().eval(), _plan(world)).to_runtime()
-    x = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(3))
-    return runtime.gm(*runtime._shard(x))
+    with moedit.compile(ThirdPartyModel().eval(), _plan(world)).to_runtime() as runtime:
+        return runtime.denoise(torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(3)))
 
 
 def test_a_registered_third_party_moe_layer_runs_expert_parallel(spawn):
     x = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ThirdPartyModel().eval()(x)
-    shards = spawn(2, _adapter_worker)
-    torch.testing.assert_close(torch.cat(shards), expected, rtol=0, atol=1e-5)
+    for output in spawn(2, _adapter_worker):
+        torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)

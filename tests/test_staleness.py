@@ -45,10 +45,11 @@ def _record_worker(rank, world, plan_kwargs):
             moe.ep_merge.register_forward_hook(on_merge)
             if hasattr(moe, "ep_drop"):
                 moe.ep_drop.register_forward_hook(on_drop)
-    runtime.total_steps = STEPS  # as sample() does, so cool-down steps are known
+    runtime.reset(steps=STEPS)  # as sample() does, so cool-down steps are known
     for step[0] in range(STEPS):
         runtime.denoise(*_inputs(step[0]))
-    return records, runtime.program_log
+    runtime.close()
+    return records, [kind.name for kind in runtime.step_log]
 
 
 def _slot_outputs(experts, record):
@@ -85,8 +86,10 @@ def _check(spawn, world, mode, plan_kwargs, sync_layers=()):
     model = tiny_model(depth=DEPTH)
     plan = {**plan_kwargs, "staleness": {"mode": mode, **plan_kwargs.get("staleness", {})}}
     results = spawn(world, _record_worker, plan)
+    steps = moedit.compile(model, moedit.Plan(expert_parallel={"degree": world}, **plan)).steps
     checked = set()
     for records, log in results:
+        assert log == [kind.name for kind in steps.table(STEPS)], "the executor must run the compiled step table"
         assert sum(p != "sync" for p in log) >= 3, log
         for layer in range(DEPTH):
             experts, full = model.blocks[layer].moe.experts, None  # full: source of the last all-slot exchange
@@ -132,6 +135,13 @@ def test_dropped_slots_reuse_the_output_cached_at_the_last_refresh(spawn, drop):
     assert log == ["sync", "sync_drop", "sync", "sync_drop", "sync", "sync_drop", "sync"]
 
 
+def test_warmup_steps_that_drop_slots_are_synchronous(spawn):
+    # Regression: the "sync_drop" program of a stale plan used to be built stale.
+    plan = {"staleness": {"warmup_steps": 3}, "conditional_comm": {"interval": 2}}
+    checked, log = _check(spawn, 2, "displaced", plan)
+    assert log[:4] == ["sync", "sync_drop", "sync", "async_drop"]
+
+
 @pytest.mark.parametrize("mode", ["displaced", "interweaved"])
 def test_conditional_comm_on_stale_layers(spawn, mode):
     plan = {"conditional_comm": {"interval": 3}, "selective_sync": {"strategy": "deep"}}
@@ -152,3 +162,40 @@ def _cache_limit_worker(rank, world):
 def test_cache_limit_is_enforced_with_a_clear_error(spawn):
     for message in spawn(2, _cache_limit_worker):
         assert message is not None and "over the plan's limit of 0.01 MiB (staleness.cache_limit_mb)" in message
+
+
+def _sample_worker(rank, world, plans, seeds):
+    images = []
+    for plan, seed in zip(plans, seeds):
+        compiled = moedit.compile(tiny_model(depth=DEPTH), moedit.Plan(expert_parallel={"degree": world}, **plan))
+        with compiled.to_runtime() as runtime:
+            images.append(runtime.sample([1, 2, 3, 4, 5], steps=STEPS, cfg_scale=1.5, seed=seed))
+    return images
+
+
+def test_a_plan_whose_every_step_is_warm_up_gives_the_images_of_sync(spawn):
+    cc = {"interval": 2, "drop": "low"}
+    plans = [{"staleness": {"mode": mode, "warmup_steps": STEPS}, "conditional_comm": cc}
+             for mode in ("displaced", "interweaved")] + [{"conditional_comm": cc}]
+    for displaced, interweaved, sync in spawn(2, _sample_worker, plans, [0, 0, 0]):
+        torch.testing.assert_close(displaced, sync, rtol=0, atol=0)
+        torch.testing.assert_close(interweaved, sync, rtol=0, atol=0)
+
+
+def _random_drop_worker(rank, world):
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "interweaved"},
+                       conditional_comm={"interval": 2, "drop": "random"})
+    with moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime() as runtime:
+        samples = [runtime.sample([1, 2, 3, 4, 5], steps=STEPS, cfg_scale=1.5, seed=0) for _ in range(2)]
+        dropped = []  # step 1 drops slots, step 2 consumes them; the same inputs under two run seeds
+        for seed in (0, 0, 1):
+            runtime.reset(steps=3, seed=seed)
+            dropped.append([runtime.denoise(*_inputs(step)) for step in range(3)][2])
+    return samples, dropped
+
+
+def test_random_slot_dropping_is_reproducible(spawn):
+    for (first, again), (drop_a, drop_again, drop_other) in spawn(2, _random_drop_worker):
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        torch.testing.assert_close(drop_again, drop_a, rtol=0, atol=0)
+        assert not torch.equal(drop_other, drop_a), "the run's seed must choose the dropped slots"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moedit.models.pretrained import checkpoint_path, digits_dataset
+from .pretrained import checkpoint_path, digits_dataset
 
 FEATURE_DIMS = 128
 

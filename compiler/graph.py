@@ -1,0 +1,179 @@
+"""The vocabulary of moedit's graphs: node kinds, node meta, the `run` input, and `Emitter`,
+which every pass uses to insert nodes.
+
+Every node moedit inserts carries `node.meta["moedit"] = {"kind": Kind, "layer": i,
+"staleness": s}`; the tracer tags MoE and attention leaves the same way. Passes find a
+layer's nodes by (layer, kind) through `LayerNodes`, never by argument positions or names.
+
+[Note: the run input]
+Everything a run owns (process groups, staleness caches, the step counter, the seed, the
+blocked-time clock) reaches the graph as one explicit input, the last placeholder `run`:
+every stateful op takes it as its first argument, e.g.
+
+    l3_dispatch_start = moedit_runtime_ops_exchange_start(run, l3_rows, ..., axis = 'ep', ...)
+
+so a program holds no state of its own, two runtimes can run one compiled program side by
+side, and `print(gm.code)` shows every exchange and cache access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import operator
+
+import torch.fx as fx
+
+META = "moedit"
+RUN = "run"  # name of the placeholder every moedit program takes last
+
+
+class Kind(str, enum.Enum):
+    """What a node is. Values double as the names explain() and the pass log print."""
+
+    # tagged by the tracer
+    MOE = "moe"
+    ATTENTION = "attention"
+    RUN = "run"
+    # a layer's values that later passes read
+    TOKENS = "tokens"
+    EXPERT_IDS = "expert_ids"
+    WEIGHTS = "weights"
+    ROWS = "rows"
+    ORDER = "order"
+    SEND_COUNTS = "send_counts"
+    SEND_SPLITS = "send_splits"
+    RECV_SPLITS = "recv_splits"
+    # a layer's steps
+    ROUTE = "route"
+    DROP_SLOTS = "drop_slots"
+    PERMUTE = "permute"
+    COUNTS_START = "counts_start"
+    COUNTS_WAIT = "counts_wait"
+    DISPATCH_START = "dispatch_start"
+    DISPATCH_WAIT = "dispatch_wait"
+    EXPERTS = "experts"
+    COMBINE_START = "combine_start"
+    COMBINE_WAIT = "combine_wait"
+    UNPERMUTE = "unpermute"
+    SLOT_CACHE = "slot_cache"
+    SHARED = "shared"
+    MERGE = "merge"
+    CACHE_READ = "cache_read"
+    CACHE_WRITE = "cache_write"
+    OUTPUT = "output"
+    PENDING = "pending"  # an exchange read back from the record that carried it across steps
+    GLUE = "glue"  # bookkeeping with no role of its own (other record fields, bundling)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STARTS = frozenset({Kind.COUNTS_START, Kind.DISPATCH_START, Kind.COMBINE_START})  # each returns a Pending
+# Kinds that only name a value: explain() lists the steps, not these.
+VALUES = frozenset({Kind.TOKENS, Kind.EXPERT_IDS, Kind.WEIGHTS, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS,
+                    Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.OUTPUT, Kind.PENDING, Kind.GLUE})
+
+
+def meta(node: fx.Node) -> dict:
+    return node.meta.get(META, {})
+
+
+def kind_of(node: fx.Node) -> Kind | None:
+    return meta(node).get("kind")
+
+
+def run_input(gm: fx.GraphModule) -> fx.Node:
+    """The program's `run` placeholder (see [Note: the run input])."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if kind_of(node) is Kind.RUN:
+            return node
+    raise RuntimeError("graph has no `run` input; trace models with moedit.tracer.trace")
+
+
+class LayerNodes:
+    """The nodes of one MoE layer, by kind: `nodes[Kind.WEIGHTS]`. Kinds that occur more than
+    once in the layer (after a stale pass, a slot also runs another layer's experts) are
+    read with `all(kind)`."""
+
+    def __init__(self, gm: fx.GraphModule, layer: int):
+        self.layer = layer
+        self.nodes = [n for n in gm.graph.nodes if meta(n).get("layer") == layer]
+
+    def all(self, kind: Kind) -> list[fx.Node]:
+        return [n for n in self.nodes if kind_of(n) is kind]
+
+    def __getitem__(self, kind: Kind) -> fx.Node:
+        found = self.all(kind)
+        if len(found) != 1:
+            raise RuntimeError(f"layer {self.layer} has {len(found)} {kind} nodes where one was expected")
+        return found[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inserted:
+    """One node a pass inserted, as the pass log records it."""
+
+    node: str
+    layer: int
+    kind: str
+    bytes_per_token: int = 0  # bytes this node sends per routed token slot (communication only)
+    staleness: int = 0  # steps between the activations it reads and the step that consumes it
+
+
+class Emitter:
+    """Creates one layer's nodes at the graph's insertion point, named `l<layer>_<kind>`,
+    tagged with `meta["moedit"]`, and records each one that is a step (not a plain value)
+    in `inserted`. Stateful ops get the program's `run` input as first argument."""
+
+    def __init__(self, gm: fx.GraphModule, layer: int, staleness: int = 0):
+        self.graph, self.layer, self.staleness = gm.graph, layer, staleness
+        self.run = run_input(gm)
+        self.inserted: list[Inserted] = []
+
+    def _node(self, kind: Kind, op: str, target, args, kwargs, bytes_per_token: int, staleness: int | None,
+              name: str | None = None):
+        # "l3_dispatch_start": no trailing number, so fx numbers repeats "l3_dispatch_start_1"
+        name = f"l{self.layer}_{name or (target.__name__ if kind is Kind.GLUE else kind.value)}"
+        node = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
+        stale = self.staleness if staleness is None else staleness
+        node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
+        if kind not in VALUES:
+            self.inserted.append(Inserted(node=node.name, layer=self.layer, kind=kind.value,
+                                          bytes_per_token=bytes_per_token, staleness=stale))
+        return node
+
+    def call(self, kind: Kind, fn, *args, bytes_per_token: int = 0, staleness: int | None = None, **kwargs):
+        """A call_function node; ops marked `stateful` receive `run` first."""
+        if getattr(fn, "stateful", False):
+            args = (self.run, *args)
+        return self._node(kind, "call_function", fn, args, kwargs, bytes_per_token, staleness)
+
+    def module(self, kind: Kind, target: str, *args, stateful: bool = False, staleness: int | None = None):
+        """A call_module node for submodule `target`; `stateful` modules receive `run` first."""
+        args = (self.run, *args) if stateful else args
+        return self._node(kind, "call_module", target, args, None, 0, staleness)
+
+    def method(self, kind: Kind, name: str, *args):
+        return self._node(kind, "call_method", name, args, None, 0, None)
+
+    def unpack(self, node: fx.Node, *kinds: Kind) -> list[fx.Node]:
+        """The items of a tuple-valued node, one node per kind."""
+        return [self._node(kind, "call_function", operator.getitem, (node, i), None, 0, None)
+                for i, kind in enumerate(kinds)]
+
+    def field(self, record: fx.Node, name: str) -> fx.Node:
+        """A field of an `InFlight` record: the exchange ("pending"), "order" or the counts."""
+        kind = Kind.PENDING if name == "pending" else Kind.GLUE
+        return self._node(kind, "call_function", getattr, (record, name), None, 0, None, name=name)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph (meta copied one level deep);
+    submodules are shared, not copied."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    for old, new in zip(gm.graph.nodes, graph.nodes):
+        new.meta = {k: (dict(v) if isinstance(v, dict) else v) for k, v in old.meta.items()}
+    return fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)

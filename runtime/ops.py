@@ -1,0 +1,100 @@
+"""The ops a moedit program calls for communication and for state that crosses steps.
+
+Each op marked `stateful` takes the program's `run` input first (see [Note: the run
+input] in moedit/graph.py) and is registered with `torch.fx.node.has_side_effect`, so
+dead-code elimination keeps it even when its result is unused.
+
+    exchange_start(run, rows, send_splits, recv_splits, ...) -> Pending   all-to-all, variable splits
+    counts_start(run, send_counts, ...)                        -> Pending   all-to-all of [P, L] counts
+    wait(run, pending)                                         -> Tensor    see [Note: async handles]
+    cache_write(run, value, key=...) / cache_read(run, key=...)             values kept across steps
+    slot_outputs(run, returned, order, weights, key=...)       -> [T, H]    unpermute for conditional comm
+    in_flight(pending, order, send_counts, recv_counts)        -> InFlight  an exchange with its bookkeeping
+    ready(tensor)                                              -> Pending   a finished exchange
+
+Why plain functions rather than `torch.library` custom ops: they take the run and return
+work handles, neither of which is a tensor; torch's own functional collectives instead
+bake a process-group name into the graph, which would tie a program to one run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.fx.node import has_side_effect
+
+from .cache import InFlight
+from .comm import Exchange, Pending
+from .expert_ops import unpermute
+from .state import RunState
+
+
+def stateful(fn):
+    """Mark `fn` as an op that takes `run` first and must never be removed from a graph."""
+    fn.stateful = True
+    return has_side_effect(fn)
+
+
+@stateful
+def exchange_start(run: RunState, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
+                   name: str, layer: int, axis: str, stale: bool = False) -> Pending:
+    """Start an all-to-all: rows [sum(send_splits), ...] are cut by `send_splits` (one count
+    per destination rank) and rows arrive by `recv_splits`."""
+    exchange = Exchange(name, layer, axis, stale)
+    output = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+    work = dist.all_to_all_single(output, rows.contiguous(), recv_splits, send_splits,
+                                  group=run.group(exchange), async_op=True)
+    return Pending(output, work, exchange)
+
+
+@stateful
+def counts_start(run: RunState, send_counts: torch.Tensor, *, layer: int, axis: str, stale: bool = False) -> Pending:
+    """Start the all-to-all of per-(rank, local expert) token counts, [P, L] -> [P, L]: the
+    receiver needs them before it can size the dispatch buffers."""
+    exchange = Exchange("counts", layer, axis, stale)
+    recv_counts = torch.empty_like(send_counts)
+    work = dist.all_to_all_single(recv_counts, send_counts, group=run.group(exchange), async_op=True)
+    return Pending(recv_counts, work, exchange)
+
+
+@stateful
+def wait(run: RunState, pending: Pending) -> torch.Tensor:
+    """Block until an exchange started earlier has landed, then return its buffer."""
+    return run.wait(pending)
+
+
+@stateful
+def cache_write(run: RunState, value, *, key: str) -> None:
+    run.cache.write(key, value)
+
+
+@stateful
+def cache_read(run: RunState, *, key: str):
+    return run.cache.read(key)
+
+
+@stateful
+def slot_outputs(run: RunState, returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, *,
+                 key: str) -> torch.Tensor:
+    """Conditional communication's unpermute: the weighted sum of each token's K slot outputs,
+    taking the slots that were not sent from the outputs cached when all K were last sent,
+    and caching all K whenever they were. ([T*K,H] rows in, [T,H] out, as `unpermute`.)"""
+    num_tokens, top_k = weights.shape
+    if order.numel() == num_tokens * top_k:  # every slot was sent: refresh the cache
+        slots = returned.new_empty((num_tokens * top_k, returned.shape[-1]))
+        routed = unpermute(returned, order, weights, slots=slots)
+        run.cache.write(key, slots)
+        return routed
+    return unpermute(returned, order, weights, slots=run.cache.read(key).clone())
+
+
+def in_flight(pending: Pending, order, send_counts, recv_counts) -> InFlight:
+    return InFlight(pending, order, send_counts, recv_counts)
+
+
+def ready(tensor: torch.Tensor) -> Pending:
+    """A finished exchange: the synchronous program fills the stale layers' caches with these."""
+    return Pending(tensor, None)
+
+
+STATEFUL = (exchange_start, counts_start, wait, cache_write, cache_read, slot_outputs)

@@ -1,0 +1,57 @@
+"""What one run owns: the `run` input of every program (see [Note: the run input] in
+moedit/graph.py).
+
+A `RunState` belongs to one `Runtime`: its communicators, its staleness cache, its step
+counter and seed, and the clock of time spent blocked on exchanges. Nothing of it is
+stored in the compiled programs or in class attributes, so runtimes of one compiled model,
+one after the other or side by side, never see each other's state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from moedit.steps import StepKind
+
+from .cache import StepCache
+from .comm import CollectiveError, Exchange, Pending
+from .mesh import Mesh
+
+
+class RunState:
+    def __init__(self, mesh: Mesh, cache: StepCache, rank: int, timeout_s: float):
+        self.mesh = mesh
+        self.cache = cache
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.step = 0  # the diffusion step being run, counted from 0 in each sample
+        self.kind: StepKind | None = None  # the kind of that step
+        self.seed = 0  # the sample's seed (random slot dropping draws from it)
+        self.blocked_s = 0.0  # seconds spent waiting for exchanges, since the runtime started
+        self.failed = False  # an exchange failed: the groups may be unusable
+
+    def group(self, exchange: Exchange) -> dist.ProcessGroup:
+        return self.mesh.group(exchange.axis, exchange.stale)
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        """Block until `pending` has landed; count the time as blocked. A failed or timed-out
+        exchange raises `CollectiveError` naming the exchange, the step and the timeout."""
+        if pending.work is None:
+            return pending.output
+        start = time.perf_counter()
+        try:
+            pending.work.wait()
+        except RuntimeError as err:
+            self.failed = True
+            raise CollectiveError(
+                f"rank {self.rank}: exchange {pending.exchange} failed at diffusion step {self.step} "
+                f"({self.kind} program) after {time.perf_counter() - start:.1f} s of waiting "
+                f"(runtime.timeout_s = {self.timeout_s:g}): a peer rank stalled or died; look for its "
+                f"error first. Backend said: {err}") from err
+        finally:
+            self.blocked_s += time.perf_counter() - start
+        pending.work = None
+        return pending.output
