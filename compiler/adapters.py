@@ -44,9 +44,6 @@ class MoEAdapter:
     def top_k(self, moe: nn.Module) -> int:
         raise NotImplementedError
 
-    def num_experts(self, moe: nn.Module) -> int:
-        return len(self.experts(moe))
-
 
 _ADAPTERS: dict[type, MoEAdapter] = {}
 _LEAVES: set[type] = set()

@@ -94,13 +94,19 @@ class CompiledModel:
         return self.steps.kinds
 
     def _build(self, rank: int) -> dict[StepKind, fx.GraphModule]:
-        programs = {}
+        programs, logs = {}, []
         for kind in self.kinds:
             ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers, step=kind,
                               synchronous_layers=self.synchronous_layers)
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
-            self.pass_log += program_log
-        verify_programs({kind.name: gm for kind, gm in programs.items()})
+            logs += program_log
+        verify_programs(programs)
+        if rank != 0:
+            reference = self.programs(0)
+            for kind in self.kinds:
+                verify_collective_order({0: collective_order(reference[kind]), rank: collective_order(programs[kind])},
+                                        kind.name)
+        self.pass_log += logs
         return programs
 
     def programs(self, rank: int) -> dict[StepKind, fx.GraphModule]:
@@ -109,13 +115,7 @@ class CompiledModel:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
         if rank not in self._per_rank:
-            built = self._build(rank)
-            if rank != 0:
-                reference = self.programs(0)
-                for kind in self.kinds:
-                    verify_collective_order({0: collective_order(reference[kind]),
-                                             rank: collective_order(built[kind])}, kind.name)
-            self._per_rank[rank] = built
+            self._per_rank[rank] = self._build(rank)
         return self._per_rank[rank]
 
     def graph(self, rank: int, kind: StepKind | str = "sync") -> fx.GraphModule:
@@ -156,6 +156,10 @@ class CompiledModel:
         """Global ids of the experts `rank` holds (the same in every layer)."""
         return local_experts(self.layers[0].num_experts, self.world_size, rank)
 
-    def to_runtime(self, device=None):
-        """Join (or start) the process group and return this rank's `Runtime`."""
-        return Runtime.start(self, device=device)
+    def to_runtime(self, device=None, profile: bool = False) -> Runtime:
+        """Join (or start) the process group and return this rank's `Runtime`. With `profile`,
+        it records a timeline of every compute region and exchange (`Runtime.timeline()`).
+
+        Runtimes of one compiled model share its programs and the model's weights, and
+        nothing else: they must run on one device (starting one moves the weights there)."""
+        return Runtime.start(self, device=device, profile=profile)

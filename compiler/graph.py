@@ -3,7 +3,7 @@ which every pass uses to insert nodes.
 
 Every node moedit inserts carries `node.meta["moedit"] = {"kind": Kind, "layer": i,
 "staleness": s}`; the tracer tags MoE and attention leaves the same way. Passes find a
-layer's nodes by (layer, kind) through `LayerNodes`, never by argument positions or names.
+layer's nodes by (layer, kind) through `LayerNodes`, never by argument positions or node names.
 
 [Note: the run input]
 Everything a run owns (process groups, staleness caches, the step counter, the seed, the
@@ -92,9 +92,9 @@ def run_input(gm: fx.GraphModule) -> fx.Node:
 
 
 class LayerNodes:
-    """The nodes of one MoE layer, by kind: `nodes[Kind.WEIGHTS]`. Kinds that occur more than
-    once in the layer (after a stale pass, a slot also runs another layer's experts) are
-    read with `all(kind)`."""
+    """The nodes of one MoE layer, by kind: `nodes[Kind.WEIGHTS]` (exactly one, or an error;
+    after a stale pass a slot also holds another layer's exchange, so take the snapshot
+    before rewriting). `all(kind)` lists every node of a kind."""
 
     def __init__(self, gm: fx.GraphModule, layer: int):
         self.layer = layer
@@ -165,7 +165,7 @@ class Emitter:
     def field(self, record: fx.Node, name: str) -> fx.Node:
         """A field of an `InFlight` record: the exchange ("pending"), "order" or the counts."""
         kind = Kind.PENDING if name == "pending" else Kind.GLUE
-        return self._node(kind, "call_function", getattr, (record, name), None, 0, None, name=name)
+        return self._node(kind, "call_function", getattr, (record, name), None, 0, None, name=f"carried_{name}")
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:

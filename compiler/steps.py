@@ -38,8 +38,6 @@ class StepKind(NamedTuple):
         return self.name
 
 
-SYNC = StepKind(synchronous=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
@@ -60,7 +58,8 @@ class StepPlan:
 
     @property
     def kinds(self) -> tuple[StepKind, ...]:
-        """Every kind a step can be, synchronous first: one program is built for each."""
+        """Every kind a step can be (sync, async, sync_drop, async_drop, as the plan needs them);
+        one program is built for each. The first step of a sample never drops slots."""
         sync = (True, False) if self.stale else (True,)
         drop = (False, True) if self.refresh_every is not None else (False,)
         return tuple(StepKind(s, d) for d in drop for s in sync)

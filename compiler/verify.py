@@ -8,8 +8,8 @@
   carries it to a later step; every `wait` reads a start or the `pending` field of such a
   record - so no exchanged buffer is read before its exchange finished.
 
-`verify_programs(programs)`: across one rank's programs, every cache key a program reads is
-written by every program, so whichever kind of step came before has left it.
+`verify_programs(programs)`: across one rank's programs, every cache key a program reads was
+left by whichever kind of step can come before it.
 
 `verify_collective_order(orders)`: across ranks, each communicator sees the same exchanges
 in the same order in every program (collectives on one group complete in issue order).
@@ -22,6 +22,7 @@ import torch.fx as fx
 from moedit.runtime import ops
 
 from .graph import STARTS, Kind, kind_of, meta, run_input
+from .steps import StepKind
 
 _STARTS = (ops.exchange_start, ops.counts_start)
 
@@ -55,13 +56,18 @@ def _cache_keys(gm: fx.GraphModule, op) -> set[str]:
     return {n.kwargs["key"] for n in gm.graph.nodes if n.op == "call_function" and n.target is op}
 
 
-def verify_programs(programs: dict) -> None:
-    """Every cache key read by any of one rank's programs is written by every program."""
-    reads = {name: _cache_keys(gm, ops.cache_read) for name, gm in programs.items()}
-    writes = {name: _cache_keys(gm, ops.cache_write) for name, gm in programs.items()}
-    for reader, keys in reads.items():
-        for writer, written in writes.items():
-            missing = keys - written
+def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
+    """Across one rank's programs (one per step kind), everything a program reads from the
+    step cache was left by whichever step can come before it:
+
+    * `cache_read` keys are written by every program (any kind of step can precede a stale one);
+    * the slot caches a dropping program reads are written by every program that sends every
+      slot (the last full step before it; a sample's first step never drops)."""
+    for reader, gm in programs.items():
+        for writer, written in programs.items():
+            missing = _cache_keys(gm, ops.cache_read) - _cache_keys(written, ops.cache_write)
+            if reader.drop and not writer.drop:
+                missing |= _cache_keys(gm, ops.slot_outputs) - _cache_keys(written, ops.slot_outputs)
             if missing:
                 raise RuntimeError(f"program {reader} reads cache keys {sorted(missing)} that program {writer} "
                                    "never writes; a step of that kind would leave them stale or empty")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moedit.graph import Emitter, Inserted, Kind, LayerNodes, kind_of
+from moedit.graph import META, Emitter, Inserted, Kind, LayerNodes, kind_of
 from moedit.pipeline import MoELayer, PassContext
 from moedit.runtime import ops
 from moedit.runtime.expert_ops import splits, unpermute
@@ -109,6 +109,8 @@ class StaleSlot:
         combine = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
                             name="combine", layer=owner.layer.index, axis=AXIS, stale=True,
                             bytes_per_token=owner.layer.row_bytes)
+        for node in (received, outputs, combine):  # in this layer's slot, but for `owner`'s tokens
+            node.meta[META]["owner"] = owner.layer.index
         return emit.call(Kind.GLUE, ops.in_flight, combine, order, send_counts, recv_counts)
 
     def consume_combine(self, record: fx.Node) -> None:

@@ -6,8 +6,9 @@ counts). Passes insert `cache_write` and `cache_read` ops (moedit/runtime/ops.py
 run has one `StepCache` that every program reads through its `run` input, so a key
 written by the synchronous program at step t is read by the stale program at step t+1.
 
-Byte accounting counts every tensor held (in-flight buffers included) and fails with a
-clear error when the plan's limit would be exceeded.
+Byte accounting counts every tensor the cache holds (the receive buffers of exchanges in
+flight included; their send buffers belong to the collective) and fails with a clear error
+when the plan's limit is exceeded.
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ class StepCache:
 
     def write(self, key: str, value: InFlight | torch.Tensor) -> None:
         self.entries[key] = value
-        used = self.nbytes()
-        self.peak_bytes = max(self.peak_bytes, used)
-        if self.limit_bytes is not None and used > self.limit_bytes:
-            raise MemoryError(f"staleness caches hold {used / 2**20:.2f} MiB, over the plan's limit of "
-                              f"{self.limit_bytes / 2**20:.2f} MiB (staleness.cache_limit_mb); raise the limit, "
-                              "keep more layers synchronous (selective_sync) or use a smaller batch")
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+
+    def over_limit(self, per_rank_bytes: list[int]) -> str | None:
+        """Given every rank's peak bytes, the error to raise on every rank, or None. (Routing
+        differs between ranks, so they agree on the verdict rather than each judging alone.)"""
+        if self.limit_bytes is None or max(per_rank_bytes) <= self.limit_bytes:
+            return None
+        held = ", ".join(f"rank {r}: {b / 2**20:.2f} MiB" for r, b in enumerate(per_rank_bytes))
+        return (f"staleness caches hold more than the plan's limit of {self.limit_bytes / 2**20:.2f} MiB "
+                f"(staleness.cache_limit_mb) at their peak ({held}); raise the limit, keep more layers "
+                "synchronous (selective_sync) or use a smaller batch")
 
     def read(self, key: str) -> InFlight | torch.Tensor:
         if key not in self.entries:

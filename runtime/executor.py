@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 
 from moedit.plan import PlanError
 from moedit.steps import StepKind
+from moedit.verify import collective_order, verify_collective_order
 
 from .cache import StepCache
 from .comm import Exchange, Pending, device_for, init_process_group, pick_backend
 from .mesh import Mesh
 from .sampling import initial_noise, rectified_flow_sample
 from .state import RunState
+from .timeline import Span, Timeline, instrument
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class Runtime:
         self.blocked_times: list[float] = []  # of which blocked on exchanges
 
     @classmethod
-    def start(cls, compiled, device=None) -> "Runtime":
+    def start(cls, compiled, device=None, profile: bool = False) -> "Runtime":
         plan = compiled.plan
         backend = pick_backend(plan.runtime.backend)
         init_process_group(backend, plan.runtime.timeout_s, compiled.world_size)
@@ -62,14 +64,18 @@ class Runtime:
                             f"{world}; launch with --nproc_per_node={compiled.world_size} or set "
                             f"expert_parallel.degree: {world}")
         device = torch.device(device) if device is not None else device_for(backend)
-        programs = compiled.programs(rank)  # builds them and checks their collective order first
-        for gm in programs.values():
-            gm.to(device)
+        programs = compiled.programs(rank)  # builds them and checks their collective order against rank 0's
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
         mesh = Mesh(plan.mesh_axes, backend, plan.runtime.timeout_s, device.type, stale=plan.staleness.mode != "sync")
+        _check_collective_order_across_processes(programs, mesh.group(BATCH_AXIS))
+        if profile:
+            programs = {kind: instrument(gm) for kind, gm in programs.items()}
+        for gm in programs.values():
+            gm.to(device)
         limit = plan.staleness.cache_limit_mb
         state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), rank, plan.runtime.timeout_s)
+        state.timeline = Timeline(rank) if profile else None
         return cls(compiled, programs, state, rank, world, device)
 
     # -- step control ---------------------------------------------------------------
@@ -92,8 +98,19 @@ class Runtime:
         self.state.kind = kind
         self.step_log.append(kind)
         out = self.programs[kind](*inputs, run=self.state)
+        if self.state.timeline is not None:
+            self.state.timeline.end_step()
+        if self.state.cache.limit_bytes is not None:
+            self._check_cache_limit()
         self.state.step += 1
         return out
+
+    def _check_cache_limit(self) -> None:
+        """Stop every rank together once any rank's caches have outgrown the plan's limit."""
+        peak = torch.tensor([self.state.cache.peak_bytes], dtype=torch.int64, device=self.device)
+        problem = self.state.cache.over_limit([int(p) for p in self._all_gather("check of the cache sizes", peak)])
+        if problem is not None:
+            raise MemoryError(problem)
 
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
@@ -104,7 +121,7 @@ class Runtime:
         exchange = Exchange(name, None, BATCH_AXIS)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         work = dist.all_gather(parts, tensor, group=self.state.group(exchange), async_op=True)
-        self.state.wait(Pending(parts[0], work, exchange))
+        self.state.wait(self.state.issued(Pending(parts[0], work, exchange)))
         return parts
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
@@ -176,6 +193,15 @@ class Runtime:
             raise FloatingPointError(f"non-finite latents after diffusion step {step} on rank(s) {ranks}; "
                                      "check the checkpoint and the input dtype")
 
+    def timeline(self) -> list[list[Span]]:
+        """Every rank's recorded spans, in rank order (on every rank; profiling runtimes only).
+        Write them with `moedit.runtime.timeline.chrome_trace` or `draw`."""
+        if self.state.timeline is None:
+            raise RuntimeError("this runtime does not profile; start it with compiled.to_runtime(profile=True)")
+        spans: list = [None] * self.world_size
+        dist.all_gather_object(spans, self.state.timeline.snapshot(), group=self.state.mesh.group(BATCH_AXIS))
+        return spans
+
     def close(self) -> None:
         """Finish the exchanges still in flight and leave this runtime's process groups. A
         default group moedit created stays until the process exits, so another runtime can
@@ -189,3 +215,16 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_collective_order_across_processes(programs: dict, group) -> None:
+    """Each process built its programs itself (and checked them against its own build of
+    rank 0's); here the ranks compare what they will actually issue, before the first
+    exchange, so a divergence (a calibration that came out differently on one rank, say)
+    is an error on every rank instead of a hang."""
+    orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, orders, group=group)
+    for rank, other in enumerate(gathered):
+        for kind in orders:
+            verify_collective_order({0: gathered[0][kind], rank: other[kind]}, kind)

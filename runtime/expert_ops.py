@@ -15,6 +15,8 @@ Layout: expert e lives on rank e % P as local expert e // P (DICE's layout).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -65,7 +67,8 @@ class DropSlots(nn.Module):
     Slots are sorted by score (top-k order), so "low" drops the last `count`, "high" the
     first `count`, "random" any `count` per token, and "threshold" every slot whose
     router weight is below `threshold` (never the top slot). "random" draws from the run's
-    seed, step, this layer and the rank, so a seed gives the same images every time.
+    seed, step, this layer and the rank, so a seed gives the same images every time (at a
+    given world size: each rank draws for its own tokens).
     """
 
     def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, layer: int = 0):
@@ -83,8 +86,8 @@ class DropSlots(nn.Module):
         elif self.policy == "high":
             keep[:, : self.count] = False
         elif self.policy == "random":
-            # Tuples of ints hash the same in every process (only str hashing is salted).
-            generator = torch.Generator().manual_seed(hash((run.seed, run.step, self.layer, run.rank)) % 2**63)
+            key = f"{run.seed},{run.step},{self.layer},{run.rank}".encode()
+            generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=7).digest()))
             scores = torch.rand(num_tokens, top_k, generator=generator).to(expert_ids.device)
             keep.scatter_(1, scores.topk(self.count, dim=1).indices, False)
         else:

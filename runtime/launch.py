@@ -27,6 +27,7 @@ from moedit.models.images import save_grid
 from moedit.models.pretrained import SAMPLING
 
 from .comm import CollectiveError
+from .timeline import chrome_trace, draw
 
 log = logging.getLogger("moedit.run")
 
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=20, help="images, labels cycling through the classes")
     parser.add_argument("--labels", type=int, nargs="+", help="explicit class labels (overrides --num-images)")
+    parser.add_argument("--timeline", action="store_true", help="record every compute region and exchange; write "
+                        "timeline.json (Chrome trace: open in Perfetto) and timeline.png under --out")
     return parser.parse_args(argv)
 
 
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         plan = moedit.Plan.from_file(args.plan)
         model = load_model(args.model, args.checkpoint, **parse_overrides(args.set))
         compiled = moedit.compile(model, plan)
-        runtime = compiled.to_runtime()
+        runtime = compiled.to_runtime(profile=args.timeline)
     except (moedit.PlanError, moedit.TraceError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"moedit.run: error: {err}", file=sys.stderr)
         return 2
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         images = runtime.sample(labels, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
         total = time.perf_counter() - start
+        spans = runtime.timeline() if args.timeline else None
         if runtime.rank == 0:
             os.makedirs(args.out, exist_ok=True)
             save_grid(images, os.path.join(args.out, "samples.png"), columns=10, scale=4)
@@ -95,6 +99,10 @@ def main(argv=None) -> int:
                 "programs": [kind.name for kind in runtime.step_log],
                 "cache_peak_bytes": runtime.state.cache.peak_bytes,
             }
+            if spans is not None:
+                chrome_trace(spans, os.path.join(args.out, "timeline.json"))
+                draw(spans, os.path.join(args.out, "timeline.png"), steps=range(1, min(3, args.steps)),
+                     title=f"{os.path.basename(args.plan)}, {runtime.world_size} ranks")
             torch.save(images, os.path.join(args.out, "images.pt"))
             with open(os.path.join(args.out, "timings.json"), "w") as f:
                 json.dump(timings, f, indent=1)

@@ -42,12 +42,18 @@ class Mesh:
             raise ValueError(f"mesh axes {axes} multiply to {math.prod(axes.values())}, not the world size {world}")
         self.axes = dict(axes)
         names, shape = tuple(axes), tuple(axes.values())
-        override = {name: _backend_config(backend, timeout_s) for name in names}
 
         def build() -> DeviceMesh:
+            # Fresh options for every mesh: given an options object that had already made a
+            # group, torch 2.13 handed back the default group instead of a new one.
+            override = {name: _backend_config(backend, timeout_s) for name in names}
             return init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
 
         self._meshes = {False: build(), True: build() if stale else None}
+        groups = [self.group(axis, stale) for stale in (False, True) if self._meshes[stale] for axis in names]
+        if len({id(g) for g in groups}) != len(groups) or dist.group.WORLD in groups:
+            raise RuntimeError("the device mesh did not create a process group of its own for every axis and "
+                               "communicator; closing it would destroy groups that others use")
 
     def group(self, axis: str, stale: bool = False) -> dist.ProcessGroup:
         mesh = self._meshes[stale]

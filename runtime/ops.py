@@ -29,9 +29,13 @@ from .expert_ops import unpermute
 from .state import RunState
 
 
+STATEFUL: set = set()  # every op marked with @stateful
+
+
 def stateful(fn):
     """Mark `fn` as an op that takes `run` first and must never be removed from a graph."""
     fn.stateful = True
+    STATEFUL.add(fn)
     return has_side_effect(fn)
 
 
@@ -44,7 +48,7 @@ def exchange_start(run: RunState, rows: torch.Tensor, send_splits: list[int], re
     output = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
     work = dist.all_to_all_single(output, rows.contiguous(), recv_splits, send_splits,
                                   group=run.group(exchange), async_op=True)
-    return Pending(output, work, exchange)
+    return run.issued(Pending(output, work, exchange))
 
 
 @stateful
@@ -54,7 +58,7 @@ def counts_start(run: RunState, send_counts: torch.Tensor, *, layer: int, axis: 
     exchange = Exchange("counts", layer, axis, stale)
     recv_counts = torch.empty_like(send_counts)
     work = dist.all_to_all_single(recv_counts, send_counts, group=run.group(exchange), async_op=True)
-    return Pending(recv_counts, work, exchange)
+    return run.issued(Pending(recv_counts, work, exchange))
 
 
 @stateful
@@ -96,5 +100,3 @@ def ready(tensor: torch.Tensor) -> Pending:
     """A finished exchange: the synchronous program fills the stale layers' caches with these."""
     return Pending(tensor, None)
 
-
-STATEFUL = (exchange_start, counts_start, wait, cache_write, cache_read, slot_outputs)

@@ -10,6 +10,7 @@ one after the other or side by side, never see each other's state.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from moedit.steps import StepKind
 from .cache import StepCache
 from .comm import CollectiveError, Exchange, Pending
 from .mesh import Mesh
+
+if TYPE_CHECKING:
+    from .timeline import Timeline
 
 
 class RunState:
@@ -32,6 +36,13 @@ class RunState:
         self.seed = 0  # the sample's seed (random slot dropping draws from it)
         self.blocked_s = 0.0  # seconds spent waiting for exchanges, since the runtime started
         self.failed = False  # an exchange failed: the groups may be unusable
+        self.timeline: Timeline | None = None  # set when the runtime profiles
+
+    def issued(self, pending: Pending) -> Pending:
+        """Note an exchange just started (on the timeline, when profiling)."""
+        if self.timeline is not None:
+            self.timeline.issued(pending.exchange, pending.work, self.step)
+        return pending
 
     def group(self, exchange: Exchange) -> dist.ProcessGroup:
         return self.mesh.group(exchange.axis, exchange.stale)

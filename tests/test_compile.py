@@ -14,7 +14,7 @@ from moedit.models import dit_moe
 from moedit.graph import copy_module
 from moedit.pipeline import PassContext, PassError, PassResult, layers_of, run_passes
 from moedit.runtime import ops
-from moedit.steps import SYNC
+from moedit.steps import StepKind
 from moedit.tracer import trace
 
 
@@ -112,7 +112,7 @@ def _drop_wait(gm, ctx):
 
 def test_verifier_names_the_pass_that_broke_async_pairing():
     compiled = moedit.compile(dit_moe("tiny"), _ep(2))
-    ctx = PassContext(plan=compiled.plan, world_size=2, rank=0, layers=compiled.layers, step=SYNC)
+    ctx = PassContext(plan=compiled.plan, world_size=2, rank=0, layers=compiled.layers, step=StepKind(synchronous=True))
     with pytest.raises(PassError, match="after pass '_drop_wait'.*must have exactly one user, a wait"):
         run_passes(copy_module(compiled.graph(0)), ctx, [_drop_wait])
 
@@ -123,7 +123,8 @@ def test_verifier_rejects_unannotated_communication():
         if node.target is ops.exchange_start:
             del node.meta["moedit"]["layer"]
             break
-    ctx = PassContext(plan=moedit.Plan(), world_size=2, rank=0, layers=layers_of(trace(dit_moe("tiny"))), step=SYNC)
+    ctx = PassContext(plan=moedit.Plan(), world_size=2, rank=0, layers=layers_of(trace(dit_moe("tiny"))),
+                      step=StepKind(synchronous=True))
     with pytest.raises(PassError, match="has no moedit layer meta"):
         run_passes(gm, ctx, [lambda gm, ctx: PassResult(gm, False, [])])
 

@@ -15,14 +15,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
 ENTRY_POINTS = {"compiler/cli.py", "compiler/run.py", "runtime/launch.py"}
-CORE = {"moedit", "moedit.plan", "moedit.steps", "moedit.graph"}  # what the runtime may read of the compiler
+# What the runtime may read of the compiler: the plan, step kinds, the graph's vocabulary and
+# the verifier (it checks the ranks' collective order before the first exchange).
+CORE = {"moedit", "moedit.plan", "moedit.steps", "moedit.graph", "moedit.verify"}
 
 RULES = {  # folder -> (allowed predicate over an imported module name, what the rule says)
     "compiler": (lambda m: not m.startswith("moedit.models"), "the core does not import the reference models"),
     "passes": (lambda m: not m.startswith("moedit.models") and m not in ("moedit.compiled", "moedit.cli"),
                "passes see the core and the runtime's ops, not models or the compile driver"),
     "runtime": (lambda m: m.startswith("moedit.runtime") or m in CORE,
-                "the runtime knows no pass and no model; of the compiler only the plan, step kinds and graph"),
+                "the runtime knows no pass and no model; of the compiler only the plan, step kinds, graph, verifier"),
     "models": (lambda m: m in ("moedit", "moedit.adapters") or m.startswith("moedit.models"),
                "models reach moedit only through the adapter API"),
 }

@@ -1,5 +1,6 @@
 """Synchronous expert parallelism on spawned gloo ranks equals the single-device model."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -7,11 +8,15 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import moedit
 from _models import STARVED, routing_counts, tiny_model
+from moedit.pipeline import PassResult, layers_of
+from moedit.runtime import ops
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
+from moedit.tracer import trace
 
 LABELS = [1, 2, 3, 4, 5]  # 5 images: shards of 3+2 on 2 ranks, 2+1+1+1 on 4
 STEPS, CFG = 3, 1.5
@@ -117,15 +122,23 @@ def test_every_rank_exits_within_the_timeout_when_a_peer_stops_answering(tmp_pat
 
 def _sequential_worker(rank, world):
     images = []
-    for _ in range(2):  # the first runtime creates the default group and closes; the second starts in it
-        with moedit.compile(tiny_model(), _plan(world)).to_runtime() as runtime:
+    for mode in ("sync", "interweaved", "sync", "interweaved"):
+        # the first runtime may create the default group; closing one must leave it for the next
+        plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": mode})
+        with moedit.compile(tiny_model(), plan).to_runtime() as runtime:
+            groups = [runtime.state.mesh.group("ep", stale) for stale in ((False, True) if mode != "sync" else (False,))]
+            assert dist.group.WORLD not in groups and len(set(map(id, groups))) == len(groups)
             images.append(runtime.sample(LABELS, STEPS, CFG, seed=7))
+        assert dist.is_initialized()
     return images
 
 
-def test_two_runtimes_one_after_the_other(spawn):
-    for first, second in spawn(2, _sequential_worker, init_group=False, timeout_s=90):
-        torch.testing.assert_close(first, second, rtol=0, atol=0)
+@pytest.mark.parametrize("group_from", ["moedit", "caller"])
+def test_two_runtimes_one_after_the_other(spawn, group_from):
+    for sync, stale, sync_again, stale_again in spawn(2, _sequential_worker, init_group=group_from == "caller",
+                                                        timeout_s=90):
+        torch.testing.assert_close(sync_again, sync, rtol=0, atol=0)
+        torch.testing.assert_close(stale_again, stale, rtol=0, atol=0)
 
 
 def _steps(n):
@@ -159,6 +172,32 @@ def test_two_runtimes_of_one_compiled_model_side_by_side(spawn):
     for alone, together in spawn(2, _side_by_side_worker):
         for step, (x, y) in enumerate(zip(alone, together)):
             torch.testing.assert_close(y, x, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
+
+
+def _swap_in_process_1(gm, ctx):
+    """A faulty pass that differs between processes (not between ranks built in one process)."""
+    if os.environ["RANK"] == "1":
+        first, second = [n for n in gm.graph.nodes if n.target is ops.exchange_start][:2]
+        first.update_kwarg("name", "combine")
+        second.update_kwarg("name", "dispatch")
+    return PassResult(gm, os.environ["RANK"] == "1", [])
+
+
+def _divergent_worker(rank, world):
+    model = tiny_model()
+    traced = trace(model)
+    compiled = moedit.CompiledModel(model, _plan(world), traced, layers_of(traced),
+                                    pipeline=moedit.compiled.PIPELINE + [_swap_in_process_1])
+    try:
+        compiled.to_runtime()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def test_collective_order_that_differs_between_processes_fails_on_every_rank_before_any_exchange(spawn):
+    for message in spawn(2, _divergent_worker):
+        assert message is not None and "in a different order in the sync program" in message
 
 
 # A third-party MoE layer with a different structure, described by an adapter.

@@ -159,9 +159,11 @@ def _cache_limit_worker(rank, world):
     return None
 
 
-def test_cache_limit_is_enforced_with_a_clear_error(spawn):
-    for message in spawn(2, _cache_limit_worker):
-        assert message is not None and "over the plan's limit of 0.01 MiB (staleness.cache_limit_mb)" in message
+def test_cache_limit_is_enforced_on_every_rank_with_a_clear_error(spawn):
+    messages = spawn(2, _cache_limit_worker)
+    assert messages[0] is not None and messages[0] == messages[1], "the ranks must agree on the verdict"
+    assert "more than the plan's limit of 0.01 MiB (staleness.cache_limit_mb)" in messages[0]
+    assert "rank 0: " in messages[0] and "rank 1: " in messages[0]
 
 
 def _sample_worker(rank, world, plans, seeds):

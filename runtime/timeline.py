@@ -1,0 +1,196 @@
+"""Where a step's time goes: an optional record of every compute region and exchange.
+
+With profiling on (`compiled.to_runtime(profile=True)`), a rank records, per diffusion step:
+
+    compute lane     contiguous spans, one per region of the program it ran: "blocks.3.attn",
+                     "blocks.3 dense", "L3 experts", "L3 wait dispatch", ... (`instrument`
+                     inserts a `mark` before the first node of each region)
+    one lane per     each exchange from issue to landing ("L3 dispatch"); landing is taken
+    communicator     from the work's future, since an async collective's completion is
+                     invisible to the compute lane and to torch's profiler
+
+Every span also runs under `torch.profiler.record_function`, so a torch profiler trace of
+the same run shows moedit's regions beside torch's own events. `chrome_trace` merges every
+rank's spans into one Chrome-trace JSON (a process per rank, a thread per lane; open it in
+Perfetto or chrome://tracing) and `draw` renders all ranks' lanes as a PNG. With profiling
+off nothing here runs: programs are not instrumented and ops skip the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+
+import torch
+import torch.fx as fx
+
+from moedit.graph import META, VALUES, Kind, copy_module, kind_of, meta, run_input
+
+from . import ops
+from .comm import Exchange
+
+COMPUTE = "compute"
+
+
+@dataclasses.dataclass
+class Span:
+    lane: str  # COMPUTE or a communicator, e.g. "ep" / "ep stale"
+    name: str
+    start: float  # seconds, time.perf_counter() (one clock for every process on a machine)
+    end: float
+    step: int
+
+
+def lane_of(exchange: Exchange) -> str:
+    return f"{exchange.axis} stale" if exchange.stale else exchange.axis
+
+
+def exchange_name(exchange: Exchange) -> str:
+    return exchange.name if exchange.layer is None else f"L{exchange.layer} {exchange.name}"
+
+
+class Timeline:
+    """One rank's spans. `mark` is called from the program; exchanges land on other threads."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.spans: list[Span] = []
+        self._open: tuple[str, float, int, object] | None = None  # name, start, step, record_function
+        self._lock = threading.Lock()
+
+    def mark(self, name: str, step: int) -> None:
+        """End the open compute span and open one called `name`."""
+        now = time.perf_counter()
+        self._close(now)
+        scope = torch.profiler.record_function(name)
+        scope.__enter__()
+        self._open = (name, now, step, scope)
+
+    def end_step(self) -> None:
+        self._close(time.perf_counter())
+
+    def _close(self, now: float) -> None:
+        if self._open is not None:
+            name, start, step, scope = self._open
+            scope.__exit__(None, None, None)
+            self.spans.append(Span(COMPUTE, name, start, now, step))
+            self._open = None
+
+    def issued(self, exchange: Exchange, work, step: int) -> None:
+        """Record `exchange` from now until its work completes."""
+        start = time.perf_counter()
+
+        def landed(_future):
+            with self._lock:
+                self.spans.append(Span(lane_of(exchange), exchange_name(exchange), start, time.perf_counter(), step))
+
+        work.get_future().then(landed)
+
+    def snapshot(self) -> list[Span]:
+        with self._lock:
+            return sorted(self.spans, key=lambda s: s.start)
+
+
+# -- instrumenting a program ------------------------------------------------------
+
+@ops.stateful
+def mark(run, name: str) -> None:
+    """Graph op (profiling only): a new compute region starts here."""
+    run.timeline.mark(name, run.step)
+
+
+def _region(node: fx.Node) -> str | None:
+    """The compute region `node` opens, or None if it stays in the current one."""
+    kind, info = kind_of(node), meta(node)
+    if node.op in ("placeholder", "output") or kind in VALUES or kind is Kind.RUN:
+        return None
+    if kind is Kind.ATTENTION:
+        return node.target
+    if kind is not None and "layer" in info:
+        layer = info.get("owner", info["layer"])  # a slot may run another layer's experts
+        if node.target is ops.wait:
+            return f"L{layer} wait {kind.value.removesuffix('_wait')}"
+        return f"L{layer} {kind.value.removesuffix('_start')}"
+    stack = node.meta.get("nn_module_stack")
+    return f"{next(iter(stack))} dense" if stack else "dense"
+
+
+def instrument(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` with a `mark` before the first node of every compute region."""
+    gm = copy_module(gm)
+    run = run_input(gm)
+    current = None
+    for node in list(gm.graph.nodes):
+        region = _region(node)
+        if region is None or region == current:
+            continue
+        current = region
+        with gm.graph.inserting_before(node):
+            gm.graph.call_function(mark, (run, region)).meta[META] = {"kind": Kind.GLUE}
+    gm.recompile()
+    return gm
+
+
+# -- merging ranks: Chrome trace and a picture ----------------------------------------
+
+def chrome_trace(per_rank: list[list[Span]], path: str | os.PathLike) -> None:
+    """Write every rank's spans as Chrome-trace JSON: a process per rank, a thread per lane."""
+    origin = min((s.start for spans in per_rank for s in spans), default=0.0)
+    events = []
+    for rank, spans in enumerate(per_rank):
+        lanes = _lanes(spans)
+        events.append({"ph": "M", "name": "process_name", "pid": rank, "args": {"name": f"rank {rank}"}})
+        for tid, lane in enumerate(lanes):
+            events.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": lane}})
+        for s in spans:
+            events.append({"ph": "X", "name": s.name, "pid": rank, "tid": lanes.index(s.lane),
+                           "ts": 1e6 * (s.start - origin), "dur": 1e6 * (s.end - s.start), "args": {"step": s.step}})
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+
+
+def _lanes(spans: list[Span]) -> list[str]:
+    return [COMPUTE] + sorted({s.lane for s in spans} - {COMPUTE})
+
+
+_COLOURS = {"wait": "#d62728", "attn": "#1f77b4", "dense": "#aec7e8", "experts": "#2ca02c", "shared": "#98df8a",
+            "dispatch": "#9467bd", "combine": "#ff7f0e", "counts": "#8c564b", "other": "#c7c7c7"}
+
+
+def _colour(span: Span) -> str:
+    for key in ("wait", "attn", "dense", "experts", "shared", "dispatch", "combine", "counts"):
+        if key in span.name:
+            return _COLOURS[key]
+    return _COLOURS["other"]
+
+
+def draw(per_rank: list[list[Span]], path: str | os.PathLike, steps: range | None = None, title: str = "") -> None:
+    """A PNG of every rank's lanes (compute, then one per communicator) over `steps`
+    (default: every step but the first); waits are red, exchanges purple/orange/brown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    chosen = [[s for s in spans if steps is None and s.step > 0 or steps is not None and s.step in steps]
+              for spans in per_rank]
+    origin = min((s.start for spans in chosen for s in spans), default=0.0)
+    rows = [(rank, lane) for rank, spans in enumerate(chosen) for lane in _lanes(spans)]
+    fig, ax = plt.subplots(figsize=(16, 0.45 * len(rows) + 1.4))
+    for y, (rank, lane) in enumerate(rows):
+        spans = [s for s in chosen[rank] if s.lane == lane]
+        ax.broken_barh([(1e3 * (s.start - origin), 1e3 * (s.end - s.start)) for s in spans], (y - 0.4, 0.8),
+                       facecolors=[_colour(s) for s in spans], linewidth=0)
+    ax.set_yticks(range(len(rows)), [f"rank {rank} {lane}" for rank, lane in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in _COLOURS.items()], ncol=len(_COLOURS), fontsize=8,
+              loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 5 else -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
