@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,23 +29,72 @@ def load_plan(path: str, world: int | None = None) -> dict:
 
 
 def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, images: int = 16,
-             cfg_scale: float = 1.5, seed: int = 0, extra_args: tuple = (), verbose: bool = False) -> dict:
+             cfg_scale: float = 1.5, seed: int = 0, extra_args: tuple = (), verbose: bool = False,
+             link=None, timeline: str | None = None, name: str = "plan") -> dict:
     """Sample under `plan` on `world` CPU ranks (each with cpu_count // world threads).
+    With `link` (a ShapedLink), half the ranks run in each of its two namespaces, so every
+    exchange between the halves crosses the shaped link. With `timeline` (a folder), the
+    run records a timeline and its Chrome trace and PNG are copied there.
     Returns timings.json plus the images as "images"."""
     threads = max(1, (os.cpu_count() or 1) // world)
     with tempfile.TemporaryDirectory() as tmp:
-        plan_file = os.path.join(tmp, "plan.yaml")
+        plan_file = os.path.join(tmp, re.sub(r"[^\w.=@,-]+", "_", name) + ".yaml")  # its name titles the timeline
         with open(plan_file, "w") as f:
             yaml.safe_dump(plan, f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "moedit.run", "--model", model, "--plan", plan_file, "--out", tmp, "--steps", str(steps),
-               "--num-images", str(images), "--cfg-scale", str(cfg_scale), "--seed", str(seed), *extra_args]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=not verbose,
-                              text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stderr or '')[-4000:]}")
+        args = ["-m", "moedit.run", "--model", model, "--plan", plan_file, "--out", tmp, "--steps", str(steps),
+                "--num-images", str(images), "--cfg-scale", str(cfg_scale), "--seed", str(seed), *extra_args]
+        if timeline:
+            args.append("--timeline")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        launcher = [sys.executable, "-m", "torch.distributed.run"]
+        if link is None:
+            commands = [(launcher + ["--standalone", f"--nproc_per_node={world}", *args], env)]
+        else:
+            if world % 2:
+                raise ValueError(f"the shaped link splits the ranks over two namespaces; {world} ranks do not split")
+            port = str(free_port())
+            commands = [(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", f"--nproc_per_node={world // 2}",
+                                                  f"--master_addr={link.addresses[0]}", f"--master_port={port}",
+                                                  *args]), {**env, **link.env(i)}) for i in range(2)]
+        procs = [subprocess.Popen(cmd, env=cmd_env, stdout=None if verbose else subprocess.PIPE,
+                                  stderr=None if verbose else subprocess.PIPE, text=True) for cmd, cmd_env in commands]
+        outputs = [proc.communicate() for proc in procs]
+        for proc, (cmd, _), (_, err) in zip(procs, commands, outputs):
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{(err or '')[-4000:]}")
         with open(os.path.join(tmp, "timings.json")) as f:
             result = json.load(f)
         result["images"] = torch.load(os.path.join(tmp, "images.pt"))
+        if timeline:
+            os.makedirs(timeline, exist_ok=True)
+            for name in ("timeline.json", "timeline.png"):
+                shutil.copy(os.path.join(tmp, name), os.path.join(timeline, name))
     result["threads_per_rank"] = threads
     return result
+
+
+def link_throughput(link, size_bytes: int) -> dict:
+    """Sustained throughput and small-message latency of 2-rank all-to-alls of `size_bytes`
+    (to the other rank) over `link` (a ShapedLink) or, with None, loopback."""
+    probe = [os.path.join(os.path.dirname(__file__), "_link_probe.py"), str(size_bytes)]
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    if link is None:
+        procs = [subprocess.Popen(launcher + ["--standalone", "--nproc_per_node=2", *probe], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)]
+    else:
+        port = str(free_port())
+        procs = [subprocess.Popen(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+                                                         f"--master_addr={link.addresses[0]}",
+                                                         f"--master_port={port}", *probe]),
+                                  env={**os.environ, **link.env(i)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True) for i in range(2)]
+    out = procs[0].communicate()[0]
+    for proc in procs[1:]:
+        proc.wait()
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

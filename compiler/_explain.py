@@ -37,7 +37,9 @@ def explain(compiled, batch_size: int, steps: int) -> str:
                     per_layer[row["layer"]].append(row)
     changed = dict.fromkeys(e["pass"] for e in compiled.pass_log if e["changed"])
     lines = [
-        f"moedit plan: expert_parallel.degree={plan.expert_parallel.degree}, staleness={plan.staleness.mode}, "
+        f"moedit plan: expert_parallel.degree={plan.expert_parallel.degree}"
+        + (f" in {plan.expert_parallel.chunks} chunks" if plan.expert_parallel.chunks != 1 else "")
+        + f", staleness={plan.staleness.mode}, "
         f"world size {world}, programs {', '.join(k.name for k in compiled.kinds)}",
         "passes that changed the graph: " + ", ".join(changed),
         f"step kinds of a {steps}-step sample ({compiled.steps.rules()}):",
@@ -67,12 +69,17 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         sent = cache = "-"
         if slots is not None:
             slot_bytes = layer.top_k * layer.hidden_size * layer.element_size
-            sent_bytes = sum(r["bytes_per_token"] for r in rows) * slots * layer.top_k * (world - 1) / world
-            cache_bytes = sum(r["kind"] in _CACHING for r in rows) * slots / world * slot_bytes
+            sent_bytes = sum(r["bytes_per_token"] * r["share"] for r in rows) * slots * layer.top_k * (world - 1) / world
+            cache_bytes = sum(r["share"] for r in rows if r["kind"] in _CACHING) * slots / world * slot_bytes
             total_sent, total_cache = total_sent + sent_bytes, total_cache + cache_bytes
             sent, cache = _mb(sent_bytes), _mb(cache_bytes)
         lines.append(f"{layer.index:<6}{layer.path:<16}{'async' if stale else 'sync':<7}{stale:<6}"
                      f"{kinds:<90}{sent:>12}{cache:>12}")
+    if compiled.chunk_basis is not None:
+        basis = compiled.chunk_basis
+        lines.append(f"expert_parallel.chunks auto: {basis['chunks']} (measured per layer: dispatch "
+                     f"{1e3 * basis['dispatch_s']:.2f} ms, combine {1e3 * basis['combine_s']:.2f} ms, experts "
+                     f"{1e3 * basis['experts_s']:.2f} ms, latency {1e3 * basis['latency_s']:.2f} ms)")
     if compiled.sensitivity is not None:
         lines.append("selective_sync auto, staleness sensitivity per layer (rel. L2 of a calibration sample): "
                      + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(compiled.sensitivity)))

@@ -21,8 +21,9 @@ from torch import nn
 
 from moedit.passes.conditional_comm import conditional_comm
 from moedit.passes.displace import displace
-from moedit.passes.expert_parallel import expert_parallel, local_experts
+from moedit.passes.expert_parallel import expert_parallel, local_experts, resolve_chunks
 from moedit.passes.interweave import interweave
+from moedit.passes.schedule import schedule
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
 from moedit.runtime.executor import Runtime
 
@@ -31,11 +32,11 @@ from .graph import copy_module
 from .pipeline import PassContext, PassFn, layers_of, run_passes
 from .plan import Plan, PlanError
 from .steps import StepKind, StepPlan
-from .tracer import trace
+from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
 
 
-PIPELINE: list[PassFn] = [expert_parallel, displace, interweave, conditional_comm]
+PIPELINE: list[PassFn] = [expert_parallel, displace, interweave, conditional_comm, schedule]
 
 
 def _validate(plan: Plan, layers) -> None:
@@ -63,10 +64,14 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     elif not isinstance(plan, Plan):
         plan = Plan.from_file(plan)
     traced = trace(model)
+    if plan.schedule.policy == "overlap":
+        record_sizes(traced, model)
     layers = layers_of(traced)
     _validate(plan, layers)
     plan, sensitivity = resolve_auto(model, layers, plan)
+    plan, chunk_basis = resolve_chunks(plan)
     compiled = CompiledModel(model, plan, traced, layers, sensitivity)
+    compiled.chunk_basis = chunk_basis
     compiled.graph(0)
     return compiled
 
@@ -84,6 +89,7 @@ class CompiledModel:
         self.synchronous_layers = synchronous_layers(plan, len(layers))
         self.pass_log: list[dict] = []  # one entry per (rank, program, pass), in build order
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
+        self.chunk_basis: dict | None = None  # what expert_parallel.chunks "auto" chose from
         self.pipeline = list(pipeline)
         self._traced = traced
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
@@ -97,7 +103,7 @@ class CompiledModel:
         programs, logs = {}, []
         for kind in self.kinds:
             ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers, step=kind,
-                              synchronous_layers=self.synchronous_layers)
+                              synchronous_layers=self.synchronous_layers, chunks=self.plan.expert_parallel.chunks)
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             logs += program_log
         verify_programs(programs)

@@ -119,6 +119,7 @@ class Inserted:
     kind: str
     bytes_per_token: int = 0  # bytes this node sends per routed token slot (communication only)
     staleness: int = 0  # steps between the activations it reads and the step that consumes it
+    share: float = 1.0  # the share of the layer's tokens it handles (1/N for one of N chunks)
 
 
 class Emitter:
@@ -130,6 +131,8 @@ class Emitter:
         self.graph, self.layer, self.staleness = gm.graph, layer, staleness
         self.run = run_input(gm)
         self.inserted: list[Inserted] = []
+        self.chunk: int | None = None  # set while emitting one chunk of a chunked layer ...
+        self.chunks = 1  # ... of this many
 
     def _node(self, kind: Kind, op: str, target, args, kwargs, bytes_per_token: int, staleness: int | None,
               name: str | None = None):
@@ -138,9 +141,12 @@ class Emitter:
         node = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
         stale = self.staleness if staleness is None else staleness
         node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
+        if self.chunk is not None:
+            node.meta[META]["chunk"] = self.chunk
         if kind not in VALUES:
             self.inserted.append(Inserted(node=node.name, layer=self.layer, kind=kind.value,
-                                          bytes_per_token=bytes_per_token, staleness=stale))
+                                          bytes_per_token=bytes_per_token, staleness=stale,
+                                          share=1.0 if self.chunk is None else 1 / self.chunks))
         return node
 
     def call(self, kind: Kind, fn, *args, bytes_per_token: int = 0, staleness: int | None = None, **kwargs):

@@ -61,7 +61,8 @@ class PassContext:
     rank: int
     layers: tuple[MoELayer, ...]
     step: StepKind  # the kind of diffusion step this program runs
-    synchronous_layers: frozenset[int] = frozenset()  # layers the plan never runs stale (selective sync)
+    synchronous_layers: frozenset[int] = frozenset()  # layers the plan never runs stale (all under mode sync)
+    chunks: int = 1  # how many pipelined chunks the synchronous layers' tokens travel in
 
     @property
     def stale_layers(self) -> tuple[MoELayer, ...]:

@@ -26,6 +26,16 @@ class _Section(BaseModel):
 
 class ExpertParallel(_Section):
     degree: int = Field(1, ge=1, description="Ranks the routed experts are sharded over; expert e lives on rank e % degree.")
+    chunks: int | Literal["auto"] = Field(
+        1, description="Split each synchronous layer's tokens into this many chunks, pipelined so that one chunk's "
+                       "dispatch and combine overlap another's experts (exact). auto: chosen from the measured costs "
+                       "in schedule.profile.")
+
+    @model_validator(mode="after")
+    def _positive_chunks(self):
+        if self.chunks != "auto" and self.chunks < 1:
+            raise ValueError(f"chunks must be a positive number or 'auto', got {self.chunks}")
+        return self
 
 
 class Staleness(_Section):
@@ -78,7 +88,13 @@ class Offload(_Section):
 
 class Schedule(_Section):
     policy: Literal["program", "overlap"] = Field(
-        "program", description="program: keep the traced order. overlap: reorder to hide communication.")
+        "program", description="program: keep the traced order. overlap: reorder each program so exchanges start "
+                               "early and are waited on late (results stay bit-identical).")
+    profile: str | None = Field(None, description="overlap: a timeline (timeline.json from `moedit.run --timeline`, "
+                                "best of a synchronous plan) whose measured times cost the nodes; None: "
+                                "default estimates by node kind.")
+    memory_slack: float = Field(0.25, ge=0, description="overlap: the model's live activations may exceed their "
+                                "peak under the traced order by this fraction.")
 
 
 class Runtime(_Section):
@@ -114,8 +130,10 @@ class Plan(BaseModel):
         if self.staleness.mode == "sync" and self.selective_sync.strategy != "none":
             raise ValueError("selective_sync: has no effect when staleness.mode is 'sync' (every layer is "
                              "synchronous); remove it or choose a stale mode")
-        for name in ("shortcut", "sequence_parallel",
-                     "cfg_parallel", "pipefusion", "offload", "schedule", "kernels"):
+        if self.schedule.profile is not None and not os.path.isfile(self.schedule.profile):
+            raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
+                             "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")
+        for name in ("shortcut", "sequence_parallel", "cfg_parallel", "pipefusion", "offload", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:
                 raise ValueError(f"{name}: not implemented yet in this version of moedit; "

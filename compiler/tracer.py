@@ -8,8 +8,10 @@ run input] in graph.py).
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .adapters import adapter_for, is_registered_leaf
 from .graph import META, RUN, Kind, kind_of
@@ -86,3 +88,29 @@ def _add_run_input(gm: fx.GraphModule) -> None:
 def moe_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The MoE call nodes of a traced graph, in layer order."""
     return [n for n in gm.graph.nodes if kind_of(n) is Kind.MOE]
+
+
+class _Sizes(fx.Interpreter):
+    """Runs a traced graph on fake tensors and records each node's output bytes; MoE leaves,
+    whose routing is data-dependent, stand in as shape-preserving."""
+
+    def run_node(self, node: fx.Node):
+        if kind_of(node) is Kind.MOE:
+            out = torch.empty_like(self.env[node.args[0]])
+        else:
+            out = super().run_node(node)
+        node.meta[META]["bytes"] = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        return out
+
+
+def record_sizes(gm: fx.GraphModule, model: nn.Module) -> bool:
+    """Record in `node.meta["moedit"]["bytes"]` the size of every node's output for one sample,
+    if the model says how to build its inputs (`model.example_inputs(batch)`). The scheduler
+    keeps its memory budget with them. Returns whether sizes were recorded."""
+    if not hasattr(model, "example_inputs"):
+        return False
+    for node in gm.graph.nodes:
+        node.meta.setdefault(META, {})
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _Sizes(gm).run(*model.example_inputs(1), None)
+    return True

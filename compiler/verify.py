@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from moedit.runtime import ops
+from moedit.runtime.comm import MAIN
 
 from .graph import STARTS, Kind, kind_of, meta, run_input
 from .steps import StepKind
@@ -73,14 +74,14 @@ def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
                                    "never writes; a step of that kind would leave them stale or empty")
 
 
-def collective_order(gm: fx.GraphModule) -> dict[tuple[str, bool], list[str]]:
-    """Per communicator (axis, stale): the exchanges the program issues, in issue order."""
-    order: dict[tuple[str, bool], list[str]] = {}
+def collective_order(gm: fx.GraphModule) -> dict[tuple[str, str], list[str]]:
+    """Per communicator (axis, channel): the exchanges the program issues, in issue order."""
+    order: dict[tuple[str, str], list[str]] = {}
     for node in gm.graph.nodes:
         if node.target in _STARTS:
             kw = node.kwargs
             name = kw.get("name", "counts")
-            order.setdefault((kw["axis"], kw.get("stale", False)), []).append(f"layer {kw['layer']} {name}")
+            order.setdefault((kw["axis"], kw.get("channel", MAIN)), []).append(f"layer {kw['layer']} {name}")
     return order
 
 
@@ -98,9 +99,9 @@ def verify_collective_order(orders: dict[int, dict[tuple[str, bool], list[str]]]
 
 def _divergence(comm, program: str, rank_a: int, a: list[str], rank_b: int, b: list[str]) -> str:
     first = next(i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i])
-    axis, stale = comm
-    lines = [f"ranks {rank_a} and {rank_b} issue exchanges on mesh axis {axis!r}"
-             f"{' (stale communicator)' if stale else ''} in a different order in the {program} program; "
+    axis, channel = comm
+    where = f"mesh axis {axis!r}" + ("" if channel == MAIN else f" ({channel} communicator)")
+    lines = [f"ranks {rank_a} and {rank_b} issue exchanges on {where} in a different order in the {program} program; "
              "collectives on one group complete in issue order, so they would deadlock or mix up data:",
              f"  {'#':>3}  {f'rank {rank_a}':<28}{f'rank {rank_b}':<28}"]
     for i in range(min(max(len(a), len(b)), first + 3)):

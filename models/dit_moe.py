@@ -315,6 +315,12 @@ class DiTMoE(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def example_inputs(self, batch: int = 1):
+        """Inputs of the right shapes (moedit reads activation sizes from them, on fake tensors)."""
+        cfg, device = self.config, self.pos_embed.device
+        return (torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device),
+                torch.zeros(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+
     def unpatchify(self, x):
         """[B, N, p*p*C] -> [B, C, S, S]; sizes come from the config so fx can trace it."""
         p, c = self.config.patch_size, self.config.out_channels

@@ -7,9 +7,10 @@ crosses a step boundary is an `InFlight` record in the run's `StepCache`: the ex
 both ways. The synchronous program fills the same keys, so any stale step can follow a
 synchronous one (warm-up, cool-down, every k-th step).
 
-A stale layer's slot, in program order (the counts exchange is started right after
+A displaced layer's slot, in program order (the counts exchange is started right after
 routing and waited on only after the previous step's experts have run, so it has
-landed by then and no slot blocks on a fresh exchange):
+landed by then and no slot blocks on a fresh exchange; interweave starts the dispatch
+first, see its docstring):
 
     1. route, permute            this step's tokens, as in the synchronous layer
     2. counts start              async all-to-all of this step's counts
@@ -17,8 +18,8 @@ landed by then and no slot blocks on a fresh exchange):
     4. own combine               wait, unpermute with this step's router weights
     5. counts wait, dispatch     start this step's dispatch; it is consumed later
 
-Stale exchanges run on the "ep" axis's stale communicator (see [Note: a communicator for
-stale exchanges] in moedit/runtime/mesh.py).
+Stale exchanges run on the "ep" axis's "stale" communicator and their counts on its
+"counts" communicator (see [Note: channels] in moedit/runtime/mesh.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from moedit.runtime import ops
 from moedit.runtime.expert_ops import splits, unpermute
 
 from .expert_parallel import AXIS
+
+STALE, COUNTS = "stale", "counts"  # channels, see [Note: channels]
 
 # The synchronous exchange a stale layer replaces.
 _EXCHANGE = (Kind.COUNTS_START, Kind.COUNTS_WAIT, Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.DISPATCH_START,
@@ -94,7 +97,7 @@ class StaleSlot:
 
     def start_counts(self) -> fx.Node:
         return self.emit.call(Kind.COUNTS_START, ops.counts_start, self.view.nodes[Kind.SEND_COUNTS],
-                              layer=self.view.layer.index, axis=AXIS, stale=True, staleness=0)
+                              layer=self.view.layer.index, axis=AXIS, channel=COUNTS, staleness=0)
 
     def run_experts(self, record: fx.Node, owner: StaleLayer) -> fx.Node:
         """Wait for `owner`'s dispatched rows in `record`, run `owner`'s local experts, start
@@ -107,7 +110,7 @@ class StaleSlot:
         send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         combine = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
-                            name="combine", layer=owner.layer.index, axis=AXIS, stale=True,
+                            name="combine", layer=owner.layer.index, axis=AXIS, channel=STALE,
                             bytes_per_token=owner.layer.row_bytes)
         for node in (received, outputs, combine):  # in this layer's slot, but for `owner`'s tokens
             node.meta[META]["owner"] = owner.layer.index
@@ -128,7 +131,7 @@ class StaleSlot:
         send_splits = emit.call(Kind.SEND_SPLITS, splits, nodes[Kind.SEND_COUNTS])
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         pending = emit.call(Kind.DISPATCH_START, ops.exchange_start, nodes[Kind.ROWS], send_splits, recv_splits,
-                            name="dispatch", layer=view.layer.index, axis=AXIS, stale=True,
+                            name="dispatch", layer=view.layer.index, axis=AXIS, channel=STALE,
                             bytes_per_token=view.layer.row_bytes)
         return emit.call(Kind.GLUE, ops.in_flight, pending, nodes[Kind.ORDER], nodes[Kind.SEND_COUNTS], recv_counts)
 

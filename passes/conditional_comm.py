@@ -12,6 +12,9 @@ layer's missing slots come from the last full exchange it consumed.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from moedit.graph import Emitter, Kind, LayerNodes, meta
@@ -28,19 +31,38 @@ def conditional_comm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for layer in ctx.layers:
         nodes = LayerNodes(gm, layer.index)
         emit = Emitter(gm, layer.index)
-        unpermute = nodes[Kind.UNPERMUTE]  # this layer's own consumption: slot cache in, slot cache out
-        with gm.graph.inserting_before(unpermute):
-            new = emit.call(Kind.SLOT_CACHE, ops.slot_outputs, *unpermute.args, key=f"layer{layer.index}_slots",
-                            staleness=meta(unpermute)["staleness"])
-        unpermute.replace_all_uses_with(new)
-        gm.graph.erase_node(unpermute)
+        emit.chunks = len(nodes.all(Kind.UNPERMUTE))
+        for unpermute in nodes.all(Kind.UNPERMUTE):  # this layer's own consumption: slot cache in and out
+            chunk = meta(unpermute).get("chunk")
+            key = f"layer{layer.index}_slots" + ("" if chunk is None else f"_chunk{chunk}")
+            with gm.graph.inserting_before(unpermute):
+                emit.chunk = chunk
+                new = emit.call(Kind.SLOT_CACHE, ops.slot_outputs, *unpermute.args, key=key,
+                                staleness=meta(unpermute)["staleness"])
+            unpermute.replace_all_uses_with(new)
+            gm.graph.erase_node(unpermute)
+        emit.chunk = None
         if ctx.step.drop:
-            target = f"{layer.path}.ep_drop"
-            gm.get_submodule(layer.path).add_module(
-                "ep_drop", DropSlots(plan.drop, plan.slots, plan.threshold, layer=layer.index))
-            with gm.graph.inserting_before(nodes[Kind.PERMUTE]):
-                keep = emit.module(Kind.DROP_SLOTS, target, nodes[Kind.EXPERT_IDS], nodes[Kind.WEIGHTS],
-                                   stateful=True)
-            nodes[Kind.PERMUTE].update_kwarg("keep", keep)
+            _drop_slots(gm, ctx, layer, nodes, emit)
         inserted += emit.inserted
     return PassResult(gm, bool(inserted), inserted)
+
+
+def _drop_slots(gm: fx.GraphModule, ctx: PassContext, layer, nodes: LayerNodes, emit: Emitter) -> None:
+    """Decide the kept slots right after routing; each permute (one per chunk) takes its share."""
+    plan = ctx.plan.conditional_comm
+    gm.get_submodule(layer.path).add_module(
+        "ep_drop", DropSlots(plan.drop, plan.slots, plan.threshold, layer=layer.index))
+    permutes = nodes.all(Kind.PERMUTE)
+    with gm.graph.inserting_before(nodes[Kind.WEIGHTS].next):
+        keep = emit.module(Kind.DROP_SLOTS, f"{layer.path}.ep_drop", nodes[Kind.EXPERT_IDS], nodes[Kind.WEIGHTS],
+                           stateful=True)
+        if len(permutes) > 1:
+            pieces = emit.call(Kind.GLUE, torch.tensor_split, keep, len(permutes))
+    for permute in permutes:
+        chunk = meta(permute).get("chunk")
+        if chunk is None:
+            permute.update_kwarg("keep", keep)
+        else:
+            with gm.graph.inserting_before(permute):
+                permute.update_kwarg("keep", emit.call(Kind.GLUE, operator.getitem, pieces, chunk))

@@ -13,6 +13,10 @@ layout). Each MoE leaf becomes, in numbered steps:
     8. unpermute  outputs back in token order, weighted by the router and summed,
                   and merged with the shared expert's output by the adapter
 
+With `expert_parallel.chunks: N`, layers that are synchronous at every step split their
+tokens into N chunks and pipeline steps 2-8 over them (`_Exchange.in_chunks`), the
+overlap Tutel and Comet use: still exact.
+
 Every node is tagged with its `Kind`, so later passes find a layer's values (weights,
 rows, order, counts) and steps by kind (`LayerNodes`). The per-rank module holds only
 this rank's experts: the layer is replaced by a shallow copy whose other experts are
@@ -22,14 +26,20 @@ to local experts.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 from torch import nn
 
 from moedit.graph import META, Emitter, Inserted, Kind
 from moedit.pipeline import MoELayer, PassContext, PassResult, strip_modules
+from moedit.plan import Plan, PlanError
 from moedit.runtime import ops
 from moedit.runtime.expert_ops import LocalExperts, Merge, RemovedExpert, Router, permute, splits, unpermute
 from moedit.tracer import moe_nodes
+
+from .schedule import measured_costs
 
 AXIS = "ep"
 
@@ -63,43 +73,142 @@ def _submodule_path(root: nn.Module, root_path: str, target: nn.Module) -> str:
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContext) -> list[Inserted]:
-    P, L = ctx.world_size, layer.num_experts // ctx.world_size
+    P = ctx.world_size
     moe = _localize(gm, layer, ctx)
     ids = local_experts(layer.num_experts, P, ctx.rank)
     experts = layer.adapter.experts(moe)
     moe.add_module("ep_router", Router(layer.adapter, moe))
     moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids))
     moe.add_module("ep_merge", Merge(layer.adapter, moe))
-    path = f"{layer.path}.".__add__
-    where = {"layer": layer.index, "axis": AXIS}
-    emit = Emitter(gm, layer.index)
+    exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.")
+    emit = exchange.emit
+    shared_module = layer.adapter.shared_expert(moe)
+    shared_path = None if shared_module is None else _submodule_path(moe, layer.path, shared_module)
+    chunks = ctx.chunks if layer.index in ctx.synchronous_layers else 1
     with gm.graph.inserting_before(node):
         tokens = emit.method(Kind.TOKENS, "flatten", node.args[0], 0, -2)
-        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, path("ep_router"), tokens),
+        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, exchange.path("ep_router"), tokens),
                                           Kind.EXPERT_IDS, Kind.WEIGHTS)
-        perm = emit.call(Kind.PERMUTE, permute, tokens, expert_ids, P, L)
-        rows, order, send_counts = emit.unpack(perm, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS)
-        counts = emit.call(Kind.COUNTS_START, ops.counts_start, send_counts, **where)
-        recv_counts = emit.call(Kind.COUNTS_WAIT, ops.wait, counts)
-        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
-        recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
-        pending = emit.call(Kind.DISPATCH_START, ops.exchange_start, rows, send_splits, recv_splits,
-                            name="dispatch", **where, bytes_per_token=layer.row_bytes)
-        shared = None  # the shared expert runs while the dispatch is in flight
-        shared_module = layer.adapter.shared_expert(moe)
-        if shared_module is not None:
-            shared = emit.module(Kind.SHARED, _submodule_path(moe, layer.path, shared_module), tokens)
-        received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
-        outputs = emit.module(Kind.EXPERTS, path("ep_experts"), received, recv_counts)
-        pending = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
-                            name="combine", **where, bytes_per_token=layer.row_bytes)
-        returned = emit.call(Kind.COMBINE_WAIT, ops.wait, pending)
-        routed = emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights)
-        merged = emit.module(Kind.MERGE, path("ep_merge"), *([routed] if shared is None else [routed, shared]))
+        shared = []  # the shared expert runs while the dispatch is in flight
+
+        def run_shared():
+            if shared_path is not None:
+                shared.append(emit.module(Kind.SHARED, shared_path, tokens))
+
+        if chunks == 1:
+            routed = exchange.whole(tokens, expert_ids, weights, run_shared)
+        else:
+            routed = exchange.in_chunks(tokens, expert_ids, weights, chunks, run_shared)
+        merged = emit.module(Kind.MERGE, exchange.path("ep_merge"), routed, *shared)
         out = emit.method(Kind.OUTPUT, "reshape_as", merged, node.args[0])
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return emit.inserted
+
+
+class _Exchange:
+    """Emits a layer's routed path from permute to unpermute: whole, or in pipelined chunks."""
+
+    def __init__(self, emit: Emitter, layer: MoELayer, world_size: int, prefix: str):
+        self.emit, self.layer = emit, layer
+        self.P, self.L = world_size, layer.num_experts // world_size
+        self.path = prefix.__add__
+        self.where = {"layer": layer.index, "axis": AXIS}
+
+    def _permute(self, tokens, expert_ids):
+        perm = self.emit.call(Kind.PERMUTE, permute, tokens, expert_ids, self.P, self.L)
+        return self.emit.unpack(perm, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS)
+
+    def _start(self, name: str, rows, send_splits, recv_splits) -> fx.Node:
+        kind = Kind.DISPATCH_START if name == "dispatch" else Kind.COMBINE_START
+        return self.emit.call(kind, ops.exchange_start, rows, send_splits, recv_splits, name=name, **self.where,
+                              bytes_per_token=self.layer.row_bytes)
+
+    def whole(self, tokens, expert_ids, weights, during_dispatch) -> fx.Node:
+        emit = self.emit
+        rows, order, send_counts = self._permute(tokens, expert_ids)
+        recv_counts = emit.call(Kind.COUNTS_WAIT, ops.wait,
+                                emit.call(Kind.COUNTS_START, ops.counts_start, send_counts, **self.where))
+        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+        recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
+        pending = self._start("dispatch", rows, send_splits, recv_splits)
+        during_dispatch()
+        received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
+        outputs = emit.module(Kind.EXPERTS, self.path("ep_experts"), received, recv_counts)
+        returned = emit.call(Kind.COMBINE_WAIT, ops.wait, self._start("combine", outputs, recv_splits, send_splits))
+        return emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights)
+
+    def in_chunks(self, tokens, expert_ids, weights, n: int, during_dispatch) -> fx.Node:
+        """The tokens in `n` chunks: one counts exchange for all of them, every dispatch
+        started, then per chunk as its rows land: experts, combine started; then the
+        combines consumed in order. Chunk k+1's dispatch overlaps chunk k's experts, and
+        chunk k's combine chunk k+1's experts. Each token's outputs are what the whole layer
+        computes (up to float rounding: the experts see smaller batches)."""
+        emit = self.emit
+        emit.chunks = n
+        pieces = [emit.call(Kind.GLUE, torch.tensor_split, value, n) for value in (tokens, expert_ids, weights)]
+        chunks = []
+        for i in range(n):
+            emit.chunk = i
+            token_i, ids_i, weights_i = (emit.call(Kind.GLUE, operator.getitem, piece, i) for piece in pieces)
+            chunks.append((*self._permute(token_i, ids_i), weights_i))
+        emit.chunk = None
+        counts = emit.call(Kind.GLUE, torch.stack, [send_counts for _, _, send_counts, _ in chunks], 1)  # [P, n, L]
+        all_recv = emit.call(Kind.COUNTS_WAIT, ops.wait,
+                             emit.call(Kind.COUNTS_START, ops.counts_start, counts, **self.where))
+        flying = []
+        for i, (rows, order, send_counts, weights_i) in enumerate(chunks):
+            emit.chunk = i
+            recv_counts = emit.call(Kind.GLUE, operator.getitem, all_recv, (slice(None), i))
+            send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+            recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
+            flying.append((self._start("dispatch", rows, send_splits, recv_splits), recv_counts, send_splits,
+                           recv_splits))
+        emit.chunk = None
+        during_dispatch()
+        returning = []
+        for i, (pending, recv_counts, send_splits, recv_splits) in enumerate(flying):
+            emit.chunk = i
+            received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
+            outputs = emit.module(Kind.EXPERTS, self.path("ep_experts"), received, recv_counts)
+            returning.append(self._start("combine", outputs, recv_splits, send_splits))
+        routed = []
+        for i, (pending, (_, order, _, weights_i)) in enumerate(zip(returning, chunks)):
+            emit.chunk = i
+            returned = emit.call(Kind.COMBINE_WAIT, ops.wait, pending)
+            routed.append(emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights_i))
+        emit.chunk = None
+        return emit.call(Kind.GLUE, torch.cat, routed)
+
+
+def resolve_chunks(plan: Plan) -> tuple[Plan, dict | None]:
+    """For `chunks: auto`: the plan with a chunk count in its place, chosen from the measured
+    costs in `schedule.profile`, and what the choice rested on (else the plan, None).
+
+    Per layer, with D and C the dispatch's and the combine's time in flight, E the experts'
+    time and a the latency a further exchange adds (the counts' time in flight), N chunks
+    take about max(D + C + 2(N-1)a, E + (D + C)/N): the link busy the whole time, or the
+    experts plus one chunk's exchanges. One chunk takes D + C + E."""
+    if plan.expert_parallel.chunks != "auto":
+        return plan, None
+    if plan.schedule.profile is None:
+        raise PlanError("expert_parallel.chunks: 'auto' chooses from measured costs; set schedule.profile to a "
+                        "timeline.json written by `moedit.run --timeline` (of a synchronous plan), or give a number")
+    measured = measured_costs(plan.schedule.profile)
+    flight, compute = measured["exchange_by_name"], measured["compute"]
+    experts = [t for label, t in compute.items() if label.endswith(" experts")]
+    D, C, a = (flight.get(name, 0.0) for name in ("dispatch", "combine", "counts"))
+    E = sum(experts) / len(experts) if experts else 0.0
+
+    def predicted(n: int) -> float:
+        return D + C + E if n == 1 else max(D + C + 2 * (n - 1) * a, E + (D + C) / n)
+
+    chunks = min(range(1, 9), key=lambda n: (predicted(n), n))
+    data = plan.to_dict()
+    data["expert_parallel"]["chunks"] = chunks
+    basis = {"dispatch_s": D, "combine_s": C, "experts_s": E, "latency_s": a, "chunks": chunks,
+             "predicted_s": {n: predicted(n) for n in range(1, 9)}}
+    return Plan(**data), basis
 
 
 def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+MAIN = "main"  # the channel of exchanges consumed within the step that issues them
+
 
 class Exchange(NamedTuple):
     """What an exchange is, for error messages and the timeline."""
@@ -29,11 +31,12 @@ class Exchange(NamedTuple):
     name: str  # "dispatch", "combine", "counts", or one of the runtime's own gathers
     layer: int | None  # the MoE layer it belongs to, if any
     axis: str  # the mesh axis whose group carries it
-    stale: bool = False  # on the axis's communicator for stale traffic
+    channel: str = MAIN  # which of the axis's communicators carries it (see moedit/runtime/mesh.py)
 
     def __str__(self) -> str:
         where = f" of MoE layer {self.layer}" if self.layer is not None else ""
-        return f"{self.name}{where} on mesh axis {self.axis!r}{' (stale communicator)' if self.stale else ''}"
+        channel = "" if self.channel == MAIN else f" ({self.channel} communicator)"
+        return f"{self.name}{where} on mesh axis {self.axis!r}{channel}"
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from moedit.steps import StepKind
 from moedit.verify import collective_order, verify_collective_order
 
 from .cache import StepCache
-from .comm import Exchange, Pending, device_for, init_process_group, pick_backend
+from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_backend
 from .mesh import Mesh
 from .sampling import initial_noise, rectified_flow_sample
 from .state import RunState
@@ -52,6 +52,7 @@ class Runtime:
         self.step_log: list[StepKind] = []  # the kind each step of the current sample ran
         self.step_times: list[float] = []  # seconds per diffusion step of the last sample()
         self.blocked_times: list[float] = []  # of which blocked on exchanges
+        self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
 
     @classmethod
     def start(cls, compiled, device=None, profile: bool = False) -> "Runtime":
@@ -67,8 +68,10 @@ class Runtime:
         programs = compiled.programs(rank)  # builds them and checks their collective order against rank 0's
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
-        mesh = Mesh(plan.mesh_axes, backend, plan.runtime.timeout_s, device.type, stale=plan.staleness.mode != "sync")
-        _check_collective_order_across_processes(programs, mesh.group(BATCH_AXIS))
+        orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
+        channels = {MAIN} | {channel for order in orders.values() for _, channel in order}
+        mesh = Mesh(plan.mesh_axes, channels, backend, plan.runtime.timeout_s, device.type)
+        _check_collective_order_across_processes(orders, mesh.group(BATCH_AXIS, MAIN))
         if profile:
             programs = {kind: instrument(gm) for kind, gm in programs.items()}
         for gm in programs.values():
@@ -162,18 +165,19 @@ class Runtime:
         z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         z_local, y_local = self._shard(z, labels)
         self.reset(steps, seed)
-        self.step_times, self.blocked_times = [], []
+        self.step_times, self.blocked_times, self.sent_bytes = [], [], []
         bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
-        last, blocked = time.perf_counter(), self.state.blocked_s
+        last, blocked, sent = time.perf_counter(), self.state.blocked_s, self.state.sent_bytes
 
         def on_step(i, latents):
-            nonlocal last, blocked
+            nonlocal last, blocked, sent
             if self.compiled.plan.runtime.check_finite:
                 self._check_finite(latents, i)
             now = time.perf_counter()
             self.step_times.append(now - last)
             self.blocked_times.append(self.state.blocked_s - blocked)
-            last, blocked = now, self.state.blocked_s
+            self.sent_bytes.append(self.state.sent_bytes - sent)
+            last, blocked, sent = now, self.state.blocked_s, self.state.sent_bytes
             bar.update()
 
         try:
@@ -199,7 +203,7 @@ class Runtime:
         if self.state.timeline is None:
             raise RuntimeError("this runtime does not profile; start it with compiled.to_runtime(profile=True)")
         spans: list = [None] * self.world_size
-        dist.all_gather_object(spans, self.state.timeline.snapshot(), group=self.state.mesh.group(BATCH_AXIS))
+        dist.all_gather_object(spans, self.state.timeline.snapshot(), group=self.state.mesh.group(BATCH_AXIS, MAIN))
         return spans
 
     def close(self) -> None:
@@ -217,12 +221,11 @@ class Runtime:
         self.close()
 
 
-def _check_collective_order_across_processes(programs: dict, group) -> None:
+def _check_collective_order_across_processes(orders: dict, group) -> None:
     """Each process built its programs itself (and checked them against its own build of
-    rank 0's); here the ranks compare what they will actually issue, before the first
-    exchange, so a divergence (a calibration that came out differently on one rank, say)
-    is an error on every rank instead of a hang."""
-    orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
+    rank 0's); here the ranks compare what they will actually issue (`orders`: per program,
+    `collective_order`), before the first exchange, so a divergence (a calibration that
+    came out differently on one rank, say) is an error on every rank instead of a hang."""
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, orders, group=group)
     for rank, other in enumerate(gathered):

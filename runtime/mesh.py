@@ -1,16 +1,24 @@
-"""The device mesh: process groups for the plan's named axes.
+"""The device mesh: process groups for the plan's named axes, several per axis.
 
 World size is the product of the axes the plan uses ("ep" so far; the xDiT axes "cfg",
-"ulysses", "ring", "pipefusion" and "patch" join it). Each axis gets two communicators over
-the same ranks: one for exchanges consumed within the step, and one for stale exchanges
-(see [Note: a communicator for stale exchanges]). Both are torch `DeviceMesh`es whose
-groups carry the plan's timeout, so every collective fails after it instead of hanging.
+"ulysses", "ring", "pipefusion" and "patch" join it). Each axis gets one communicator per
+*channel* the programs use, all over the same ranks: "main" for exchanges consumed within
+the step, "stale" for the stale layers' dispatches and combines, "counts" for their token
+counts (see [Note: channels]). Each channel is a torch `DeviceMesh` whose groups
+carry the plan's timeout, so every collective fails after it instead of hanging.
 
-[Note: a communicator for stale exchanges]
+[Note: channels]
 Collectives on one process group complete in the order they were issued. A stale
 exchange stays in flight for most of a step, so a synchronous layer's exchange issued
 behind it on the same group would wait for it, and the overlap would only move the
-waiting elsewhere. Stale exchanges therefore run on a second group over the same ranks.
+waiting elsewhere: stale exchanges run on a group of their own. Within stale traffic, a
+stale layer waits for its token counts inside its own slot, and on the stale group they
+would queue behind every dispatch and combine still in flight: the counts get a group too.
+Dispatches and combines were also tried on separate groups, so that one could not hold
+up the other; over the shaped 400 Mbit/s link (benchmarks/overlap.py) that was slower
+(displaced 93 ms a step against 81-90): two transfers sharing the link both land late,
+where one after the other the first lands early. The ranks agree on the order of the
+exchanges within each group (`collective_order`).
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ def _backend_config(backend: str, timeout_s: float):
 
 
 class Mesh:
-    """This rank's communicators: `group(axis)` and `group(axis, stale=True)`."""
+    """This rank's communicators: `group(axis, channel)`."""
 
-    def __init__(self, axes: dict[str, int], backend: str, timeout_s: float, device_type: str, stale: bool):
+    def __init__(self, axes: dict[str, int], channels, backend: str, timeout_s: float, device_type: str):
         world = dist.get_world_size()
         if math.prod(axes.values()) != world:
             raise ValueError(f"mesh axes {axes} multiply to {math.prod(axes.values())}, not the world size {world}")
@@ -49,25 +57,26 @@ class Mesh:
             override = {name: _backend_config(backend, timeout_s) for name in names}
             return init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
 
-        self._meshes = {False: build(), True: build() if stale else None}
-        groups = [self.group(axis, stale) for stale in (False, True) if self._meshes[stale] for axis in names]
+        self._meshes: dict[str, DeviceMesh] = {channel: build() for channel in sorted(set(channels))}
+        groups = [mesh.get_group(axis) for mesh in self._meshes.values() for axis in names]
         if len({id(g) for g in groups}) != len(groups) or dist.group.WORLD in groups:
             raise RuntimeError("the device mesh did not create a process group of its own for every axis and "
-                               "communicator; closing it would destroy groups that others use")
+                               "channel; closing it would destroy groups that others use")
 
-    def group(self, axis: str, stale: bool = False) -> dist.ProcessGroup:
-        mesh = self._meshes[stale]
-        if mesh is None or axis not in self.axes:
-            raise RuntimeError(f"no {'stale ' if stale else ''}communicator for mesh axis {axis!r} "
-                               f"(axes: {sorted(self.axes)})")
-        return mesh.get_group(axis)
+    @property
+    def channels(self) -> list[str]:
+        return list(self._meshes)
+
+    def group(self, axis: str, channel: str) -> dist.ProcessGroup:
+        if channel not in self._meshes or axis not in self.axes:
+            raise RuntimeError(f"no communicator for mesh axis {axis!r}, channel {channel!r} (axes: "
+                               f"{sorted(self.axes)}, channels: {self.channels})")
+        return self._meshes[channel].get_group(axis)
 
     def close(self) -> None:
         """Destroy this mesh's groups (not the default group)."""
-        if not dist.is_initialized():
-            return
-        for mesh in self._meshes.values():
-            if mesh is not None:
+        if dist.is_initialized():
+            for mesh in self._meshes.values():
                 for axis in self.axes:
                     dist.destroy_process_group(mesh.get_group(axis))
-        self._meshes = {False: None, True: None}
+        self._meshes = {}

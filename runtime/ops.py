@@ -19,12 +19,14 @@ bake a process-group name into the graph, which would tie a program to one run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.fx.node import has_side_effect
 
 from .cache import InFlight
-from .comm import Exchange, Pending
+from .comm import MAIN, Exchange, Pending
 from .expert_ops import unpermute
 from .state import RunState
 
@@ -41,21 +43,22 @@ def stateful(fn):
 
 @stateful
 def exchange_start(run: RunState, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
-                   name: str, layer: int, axis: str, stale: bool = False) -> Pending:
+                   name: str, layer: int, axis: str, channel: str = MAIN) -> Pending:
     """Start an all-to-all: rows [sum(send_splits), ...] are cut by `send_splits` (one count
     per destination rank) and rows arrive by `recv_splits`."""
-    exchange = Exchange(name, layer, axis, stale)
+    exchange = Exchange(name, layer, axis, channel)
     output = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-    work = dist.all_to_all_single(output, rows.contiguous(), recv_splits, send_splits,
-                                  group=run.group(exchange), async_op=True)
+    group = run.group(exchange)
+    work = dist.all_to_all_single(output, rows.contiguous(), recv_splits, send_splits, group=group, async_op=True)
+    run.sent_bytes += (sum(send_splits) - send_splits[group.rank()]) * math.prod(rows.shape[1:]) * rows.element_size()
     return run.issued(Pending(output, work, exchange))
 
 
 @stateful
-def counts_start(run: RunState, send_counts: torch.Tensor, *, layer: int, axis: str, stale: bool = False) -> Pending:
+def counts_start(run: RunState, send_counts: torch.Tensor, *, layer: int, axis: str, channel: str = MAIN) -> Pending:
     """Start the all-to-all of per-(rank, local expert) token counts, [P, L] -> [P, L]: the
     receiver needs them before it can size the dispatch buffers."""
-    exchange = Exchange("counts", layer, axis, stale)
+    exchange = Exchange("counts", layer, axis, channel)
     recv_counts = torch.empty_like(send_counts)
     work = dist.all_to_all_single(recv_counts, send_counts, group=run.group(exchange), async_op=True)
     return run.issued(Pending(recv_counts, work, exchange))

@@ -35,6 +35,7 @@ class RunState:
         self.kind: StepKind | None = None  # the kind of that step
         self.seed = 0  # the sample's seed (random slot dropping draws from it)
         self.blocked_s = 0.0  # seconds spent waiting for exchanges, since the runtime started
+        self.sent_bytes = 0  # bytes this rank's exchanges sent to other ranks, since the runtime started
         self.failed = False  # an exchange failed: the groups may be unusable
         self.timeline: Timeline | None = None  # set when the runtime profiles
 
@@ -45,7 +46,7 @@ class RunState:
         return pending
 
     def group(self, exchange: Exchange) -> dist.ProcessGroup:
-        return self.mesh.group(exchange.axis, exchange.stale)
+        return self.mesh.group(exchange.axis, exchange.channel)
 
     def wait(self, pending: Pending) -> torch.Tensor:
         """Block until `pending` has landed; count the time as blocked. A failed or timed-out

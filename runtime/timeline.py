@@ -5,9 +5,9 @@ With profiling on (`compiled.to_runtime(profile=True)`), a rank records, per dif
     compute lane     contiguous spans, one per region of the program it ran: "blocks.3.attn",
                      "blocks.3 dense", "L3 experts", "L3 wait dispatch", ... (`instrument`
                      inserts a `mark` before the first node of each region)
-    one lane per     each exchange from issue to landing ("L3 dispatch"); landing is taken
-    communicator     from the work's future, since an async collective's completion is
-                     invisible to the compute lane and to torch's profiler
+    one lane per     each exchange from issue to landing ("L3 dispatch"), landing as first
+    communicator     seen complete by the rank (at the next region boundary or wait): an
+                     async collective's completion is invisible to torch's profiler
 
 Every span also runs under `torch.profiler.record_function`, so a torch profiler trace of
 the same run shows moedit's regions beside torch's own events. `chrome_trace` merges every
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 import time
 
 import torch
@@ -30,7 +29,7 @@ import torch.fx as fx
 from moedit.graph import META, VALUES, Kind, copy_module, kind_of, meta, run_input
 
 from . import ops
-from .comm import Exchange
+from .comm import MAIN, Exchange
 
 COMPUTE = "compute"
 
@@ -45,7 +44,7 @@ class Span:
 
 
 def lane_of(exchange: Exchange) -> str:
-    return f"{exchange.axis} stale" if exchange.stale else exchange.axis
+    return exchange.axis if exchange.channel == MAIN else f"{exchange.axis} {exchange.channel}"
 
 
 def exchange_name(exchange: Exchange) -> str:
@@ -53,24 +52,31 @@ def exchange_name(exchange: Exchange) -> str:
 
 
 class Timeline:
-    """One rank's spans. `mark` is called from the program; exchanges land on other threads."""
+    """One rank's spans, recorded on the thread that runs the programs.
+
+    An exchange's landing is noticed at the first `mark` (or wait) after it completed: a
+    callback on the work's future would run Python on the communication thread, and the
+    GIL it takes there slowed the compute being measured by half."""
 
     def __init__(self, rank: int):
         self.rank = rank
         self.spans: list[Span] = []
         self._open: tuple[str, float, int, object] | None = None  # name, start, step, record_function
-        self._lock = threading.Lock()
+        self._flying: list[tuple[Exchange, object, float, int]] = []  # exchange, work, issued, step
 
     def mark(self, name: str, step: int) -> None:
         """End the open compute span and open one called `name`."""
         now = time.perf_counter()
         self._close(now)
+        self._landings(now)
         scope = torch.profiler.record_function(name)
         scope.__enter__()
         self._open = (name, now, step, scope)
 
     def end_step(self) -> None:
-        self._close(time.perf_counter())
+        now = time.perf_counter()
+        self._close(now)
+        self._landings(now)
 
     def _close(self, now: float) -> None:
         if self._open is not None:
@@ -80,18 +86,21 @@ class Timeline:
             self._open = None
 
     def issued(self, exchange: Exchange, work, step: int) -> None:
-        """Record `exchange` from now until its work completes."""
-        start = time.perf_counter()
+        """Record `exchange` from now until its work is seen complete."""
+        self._flying.append((exchange, work, time.perf_counter(), step))
 
-        def landed(_future):
-            with self._lock:
-                self.spans.append(Span(lane_of(exchange), exchange_name(exchange), start, time.perf_counter(), step))
-
-        work.get_future().then(landed)
+    def _landings(self, now: float) -> None:
+        flying = []
+        for exchange, work, start, step in self._flying:
+            if work.is_completed():
+                self.spans.append(Span(lane_of(exchange), exchange_name(exchange), start, now, step))
+            else:
+                flying.append((exchange, work, start, step))
+        self._flying = flying
 
     def snapshot(self) -> list[Span]:
-        with self._lock:
-            return sorted(self.spans, key=lambda s: s.start)
+        self._landings(time.perf_counter())
+        return sorted(self.spans, key=lambda s: s.start)
 
 
 # -- instrumenting a program ------------------------------------------------------
@@ -102,8 +111,9 @@ def mark(run, name: str) -> None:
     run.timeline.mark(name, run.step)
 
 
-def _region(node: fx.Node) -> str | None:
-    """The compute region `node` opens, or None if it stays in the current one."""
+def region(node: fx.Node) -> str | None:
+    """The compute region `node` belongs to ("blocks.3.attn", "blocks.3 dense", "L3 experts",
+    "L3 wait dispatch", ...), or None for bookkeeping that belongs to whatever region it is in."""
     kind, info = kind_of(node), meta(node)
     if node.op in ("placeholder", "output") or kind in VALUES or kind is Kind.RUN:
         return None
@@ -124,12 +134,12 @@ def instrument(gm: fx.GraphModule) -> fx.GraphModule:
     run = run_input(gm)
     current = None
     for node in list(gm.graph.nodes):
-        region = _region(node)
-        if region is None or region == current:
+        label = region(node)
+        if label is None or label == current:
             continue
-        current = region
+        current = label
         with gm.graph.inserting_before(node):
-            gm.graph.call_function(mark, (run, region)).meta[META] = {"kind": Kind.GLUE}
+            gm.graph.call_function(mark, (run, label)).meta[META] = {"kind": Kind.GLUE}
     gm.recompile()
     return gm
 

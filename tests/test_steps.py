@@ -61,4 +61,4 @@ def test_programs_are_built_per_step_kind():
     assert not logged["sync", "interweave"], "a pass that did nothing must say so"
     sync_drop = compiled.graph(0, "sync_drop").code
     assert "cache_read" not in sync_drop, "a synchronous step must not read the staleness caches"
-    assert "stale = True" not in sync_drop
+    assert "channel = 'stale'" not in sync_drop
