@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 
 import torch
 import yaml
+
+from moedit.calibrate import probe
+from moedit.runtime.netns import free_port
 
 
 def machine() -> str:
@@ -76,25 +79,29 @@ def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, 
 def link_throughput(link, size_bytes: int) -> dict:
     """Sustained throughput and small-message latency of 2-rank all-to-alls of `size_bytes`
     (to the other rank) over `link` (a ShapedLink) or, with None, loopback."""
-    probe = [os.path.join(os.path.dirname(__file__), "_link_probe.py"), str(size_bytes)]
-    launcher = [sys.executable, "-m", "torch.distributed.run"]
-    if link is None:
-        procs = [subprocess.Popen(launcher + ["--standalone", "--nproc_per_node=2", *probe], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)]
-    else:
-        port = str(free_port())
-        procs = [subprocess.Popen(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
-                                                         f"--master_addr={link.addresses[0]}",
-                                                         f"--master_port={port}", *probe]),
-                                  env={**os.environ, **link.env(i)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True) for i in range(2)]
-    out = procs[0].communicate()[0]
-    for proc in procs[1:]:
-        proc.wait()
-    return json.loads(out.strip().splitlines()[-1])
+    return probe(2, size_bytes, link=link)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def show(spread: dict, fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(spread['median'])} [{fmt.format(spread['min'])}-{fmt.format(spread['max'])}]"
+
+
+def plan_of(spec: str, world: int, profile: str | None = None) -> dict:
+    """"dice" is examples/plans/dice.yaml; "dice@schedule.policy=overlap,expert_parallel.chunks=2" also
+    sets those fields; a value "PROFILE" stands for the timeline of the profiling run (--profile)."""
+    name, _, settings = spec.partition("@")
+    plan = load_plan(os.path.join("examples", "plans", f"{name}.yaml"), world)
+    for item in filter(None, settings.split(",")):
+        path, _, value = item.partition("=")
+        *sections, key = path.split(".")
+        target = plan
+        for section in sections:
+            target = target.setdefault(section, {})
+        if value == "PROFILE" and profile is None:
+            raise SystemExit(f"{spec}: PROFILE needs --profile")
+        target[key] = profile if value == "PROFILE" else yaml.safe_load(value)
+    return plan

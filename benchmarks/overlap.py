@@ -8,7 +8,7 @@ A plan is a file name in examples/plans/, optionally with settings:
 timeline of a run of the first plan made first, with --profile).
 
 `--link shaped` runs the two ranks in two network namespaces joined by a veth pair shaped
-with tbf (400 Mbit/s by default; see benchmarks/_netns.py): a real network between real
+with tbf (400 Mbit/s by default; see moedit/runtime/netns.py): a real network between real
 processes. It needs root; without it the benchmark says so and exits with status 2.
 
 The plans run in `--rounds` rounds, alternating within each round, all with the same seed.
@@ -39,37 +39,10 @@ import re
 import statistics
 import sys
 
-import yaml
-
-from _launch import link_throughput, load_plan, machine, run_plan
-from _netns import LinkError, ShapedLink
+from _launch import link_throughput, machine, plan_of, run_plan, show, spread
+from moedit.runtime.netns import LinkError, ShapedLink
 
 PLANS = ["sync_ep", "displaced", "interweaved", "dice"]
-
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
-
-
-def _show(spread: dict, fmt: str = "{:.1f}") -> str:
-    return f"{fmt.format(spread['median'])} [{fmt.format(spread['min'])}-{fmt.format(spread['max'])}]"
-
-
-def plan_of(spec: str, world: int, profile: str | None = None) -> dict:
-    """"dice" is examples/plans/dice.yaml; "dice@schedule.policy=overlap,expert_parallel.chunks=2" also
-    sets those fields; a value "PROFILE" stands for the timeline of the profiling run (--profile)."""
-    name, _, settings = spec.partition("@")
-    plan = load_plan(os.path.join("examples", "plans", f"{name}.yaml"), world)
-    for item in filter(None, settings.split(",")):
-        path, _, value = item.partition("=")
-        *sections, key = path.split(".")
-        target = plan
-        for section in sections:
-            target = target.setdefault(section, {})
-        if value == "PROFILE" and profile is None:
-            raise SystemExit(f"{spec}: PROFILE needs --profile")
-        target[key] = profile if value == "PROFILE" else yaml.safe_load(value)
-    return plan
 
 
 def measure(args, link, rate: float, profile: str | None) -> list[dict]:
@@ -90,14 +63,14 @@ def measure(args, link, rate: float, profile: str | None) -> list[dict]:
     for name in args.plans:
         steps = [1e3 * r["step"] for r in runs[name]]
         blocked = [1e3 * r["blocked"] for r in runs[name]]
-        row = {"plan": name, "step_ms": _spread(steps), "blocked_ms": _spread(blocked),
-               "sent_mb": _spread([r["sent"] / 1e6 for r in runs[name]]),
-               "a2a_share": _spread([b / s for b, s in zip(blocked, steps)]),
-               "speedup": _spread([b["step"] / r["step"] for b, r in zip(base, runs[name])])}
+        row = {"plan": name, "step_ms": spread(steps), "blocked_ms": spread(blocked),
+               "sent_mb": spread([r["sent"] / 1e6 for r in runs[name]]),
+               "a2a_share": spread([b / s for b, s in zip(blocked, steps)]),
+               "speedup": spread([b["step"] / r["step"] for b, r in zip(base, runs[name])])}
         rows.append(row)
     limits = [b["step"] / max(b["step"] - b["blocked"], b["blocked"], b["sent"] / rate) for b in base]
-    rows[0]["limit"] = _spread(limits)
-    rows[0]["link_floor_ms"] = _spread([1e3 * b["sent"] / rate for b in base])
+    rows[0]["limit"] = spread(limits)
+    rows[0]["link_floor_ms"] = spread([1e3 * b["sent"] / rate for b in base])
     for row in rows:
         row["of_limit"] = row["speedup"]["median"] / rows[0]["limit"]["median"]
     return rows
@@ -151,12 +124,12 @@ def main() -> int:
     print(f"{'plan':<22}{'step ms':>20}{'blocked ms':>20}{'sent MB':>9}{'a2a share':>11}{'speed-up':>20}"
           f"{'of limit':>10}")
     for row in rows:
-        print(f"{row['plan']:<22}{_show(row['step_ms']):>20}{_show(row['blocked_ms']):>20}"
+        print(f"{row['plan']:<22}{show(row['step_ms']):>20}{show(row['blocked_ms']):>20}"
               f"{row['sent_mb']['median']:>9.2f}{row['a2a_share']['median']:>11.0%}"
-              f"{_show(row['speedup'], '{:.2f}'):>20}{row['of_limit']:>10.0%}")
+              f"{show(row['speedup'], '{:.2f}'):>20}{row['of_limit']:>10.0%}")
     base = rows[0]
-    print(f"limit of {base['plan']}: {_show(base['limit'], '{:.2f}')}x (its step / max(compute, communication); "
-          f"its bytes alone take {_show(base['link_floor_ms'])} ms a step at the link's sustained "
+    print(f"limit of {base['plan']}: {show(base['limit'], '{:.2f}')}x (its step / max(compute, communication); "
+          f"its bytes alone take {show(base['link_floor_ms'])} ms a step at the link's sustained "
           f"{probe['bytes_per_s'] / 1e6:.1f} MB/s)")
     out = args.out or f"benchmarks/results/overlap_{args.link}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -1,6 +1,8 @@
 """The `moedit` command: look at what a plan does to a model without starting processes.
 
     moedit inspect --model S/2-8E2A --plan examples/plans/sync_ep.yaml --world-size 4
+    moedit calibrate [--link shaped]
+    moedit plan --model XL/2-8E2A --hardware l40-pcie-8 --ranks 8 [--max-staleness 1] [--json]
 """
 
 from __future__ import annotations
@@ -24,6 +26,44 @@ def _inspect(args) -> None:
         print(f"\nper-rank graphs and pass log written to {args.dump}")
 
 
+def _plan(args) -> None:
+    import json
+
+    import torch
+    import yaml
+
+    from moedit.costs import Hardware
+    from moedit.planner import describe, search
+
+    hardware = Hardware.load(args.hardware)
+    dtype = getattr(torch, args.dtype or ("float32" if args.hardware in ("cpu-local", "shaped-link") else "bfloat16"))
+    model = load_model(args.model, device="meta").to(dtype)  # shapes only
+    batch = args.images * (2 if args.cfg else 1)
+    if not args.json:
+        print(f"moedit plan: {args.model} ({dtype}), {args.ranks} ranks on {hardware.name}, {args.images} images"
+              f"{' with CFG' if args.cfg else ''}, {args.steps} steps; searching...", flush=True)
+    found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness)
+    best = found[0]
+    with open(args.out, "w") as f:
+        f.write(f"# moedit plan --model {args.model} --hardware {args.hardware} --ranks {args.ranks}: predicted "
+                f"{best.predicted_step_s * 1e3:.2f} ms a step, staleness {best.staleness}\n")
+        yaml.safe_dump(best.plan, f, sort_keys=False)
+    if args.json:
+        print(json.dumps([c.to_json() for c in found], indent=1))
+        return
+    sync = next(c for c in found if c.plan == {"expert_parallel": {"degree": args.ranks}})
+    print(f"synchronous EP: {sync.predicted_step_s * 1e3:.2f} ms a step, all-to-all {sync.comm_share_sync:.0%} of it "
+          f"(the profile's figures and their sources: `moedit plan --hardware {args.hardware}` reads "
+          f"{hardware.name}.yaml)\n")
+    print(f"{'plan':<58}{'step ms':>9}{'vs sync':>9}{'exposed ms':>12}{'stale':>7}{'peak GB':>9}")
+    shown = found[: args.top] + ([sync] if sync not in found[: args.top] else [])
+    for c in shown:
+        speedup = sync.predicted_step_s / c.predicted_step_s
+        print(f"{describe(c.plan):<58}{c.predicted_step_s * 1e3:>9.2f}{speedup:>8.2f}x"
+              f"{c.exposed_comm_s * 1e3:>12.2f}{c.staleness:>7}{c.peak_bytes / 1e9:>9.2f}")
+    print(f"\nbest plan written to {args.out}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moedit", description="moedit: parallel inference for MoE-DiT models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,10 +74,34 @@ def main(argv=None) -> int:
     inspect.add_argument("--batch-size", type=int, default=8, help="global batch for the bytes-per-step column")
     inspect.add_argument("--steps", type=int, default=25, help="diffusion steps for the step-kind table")
     inspect.add_argument("--dump", help="also write per-rank graph code and the pass log to this folder")
+    calibrate = commands.add_parser("calibrate", help="measure this machine for the cost model (cpu-local profile)")
+    calibrate.add_argument("--link", choices=["loopback", "shaped"], default="loopback",
+                           help="shaped: also measure a tbf-shaped veth link between two namespaces (root)")
+    plan = commands.add_parser("plan", help="predict every candidate plan's step time on a hardware profile and "
+                               "write the fastest as a plan file")
+    plan.add_argument("--model", default="XL/2-8E2A", help="reference config or shipped model name")
+    plan.add_argument("--hardware", default="l40-pcie-8", help="profile name (see moedit/hardware/) or YAML file")
+    plan.add_argument("--ranks", type=int, default=8)
+    plan.add_argument("--max-staleness", type=int, help="leave out plans whose outputs can be more steps old")
+    plan.add_argument("--images", type=int, default=32, help="images per batch (global)")
+    plan.add_argument("--no-cfg", dest="cfg", action="store_false", help="no classifier-free guidance")
+    plan.add_argument("--steps", type=int, default=50, help="diffusion steps per sample")
+    plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on published "
+                      "GPU profiles, float32 on cpu-local")
+    plan.add_argument("--top", type=int, default=6, help="how many plans to print")
+    plan.add_argument("--out", default="best_plan.yaml", help="where to write the best plan")
+    plan.add_argument("--json", action="store_true", help="print every candidate as JSON")
     args = parser.parse_args(argv)
     try:
-        _inspect(args)
-    except (moedit.PlanError, moedit.TraceError, ValueError, TypeError) as err:
+        if args.command == "inspect":
+            _inspect(args)
+        elif args.command == "plan":
+            _plan(args)
+        elif args.command == "calibrate":
+            from moedit.calibrate import calibrate as run_calibration
+
+            run_calibration(args.link)
+    except (moedit.PlanError, moedit.TraceError, ValueError, TypeError, RuntimeError) as err:
         print(f"moedit: error: {err}", file=sys.stderr)
         return 2
     return 0

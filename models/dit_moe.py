@@ -132,7 +132,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # float32, then the weights' dtype
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -317,9 +318,11 @@ class DiTMoE(nn.Module):
 
     def example_inputs(self, batch: int = 1):
         """Inputs of the right shapes (moedit reads activation sizes from them, on fake tensors)."""
-        cfg, device = self.config, self.pos_embed.device
-        return (torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device),
-                torch.zeros(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+        cfg, weight = self.config, self.x_embedder.proj.weight
+        return (torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=weight.device,
+                            dtype=weight.dtype),
+                torch.zeros(batch, device=weight.device, dtype=weight.dtype),
+                torch.zeros(batch, dtype=torch.long, device=weight.device))
 
     def unpatchify(self, x):
         """[B, N, p*p*C] -> [B, C, S, S]; sizes come from the config so fx can trace it."""

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 
 PREFIX = "moedit-bench"
 SUBNET = "10.231.77"  # addresses of the two namespaces; they exist only inside this machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LinkError(RuntimeError):

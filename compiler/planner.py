@@ -1,0 +1,119 @@
+"""The planner: which plan to run, from the simulator's predictions on a hardware profile.
+
+    moedit plan --model XL/2-8E2A --hardware l40-pcie-8 --ranks 8 [--max-staleness 1] [--json]
+
+It compiles each candidate plan for the model (on the meta device: shapes only), replays
+rank 0's programs (the ranks are symmetric under uniform routing, so the others mirror
+it), simulates a sample on the profile and ranks the candidates by predicted step time.
+Candidates span the axes moedit has: synchronous EP with and without chunked overlap,
+displaced and interweaved staleness, the share and position of the layers kept
+synchronous, conditional communication, and the schedule policy. Synchronous EP is always
+among the results. Staleness is how many steps old the oldest expert output a step uses
+can be: 0 synchronous, 1 interweaved, 2 displaced, and conditional communication reuses a
+dropped slot's output from up to `interval - 1` steps back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from .compiled import compile as compile_model
+from .costs import Hardware
+from .plan import Plan
+from .simulate import replay, simulate
+
+STALENESS = {"sync": 0, "interweaved": 1, "displaced": 2}
+
+
+@dataclasses.dataclass
+class Candidate:
+    plan: dict  # what moedit.Plan(**plan) accepts
+    predicted_step_s: float
+    exposed_comm_s: float
+    comm_share_sync: float  # the all-to-all share of synchronous EP's step on this hardware
+    staleness: int
+    peak_bytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def staleness_of(plan: dict) -> int:
+    mode = STALENESS[plan.get("staleness", {}).get("mode", "sync")]
+    interval = plan.get("conditional_comm", {}).get("interval")
+    return max(mode, interval - 1 if interval else 0)
+
+
+def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None) -> list[dict]:
+    """Plan dicts over the axes moedit has for a model of `layers` MoE layers, within
+    `max_staleness`; synchronous EP first."""
+    selective = [None, {"strategy": "deep"}, {"strategy": "staggered"}]
+    if layers >= 4:  # the deepest quarter, and all but the shallowest quarter
+        selective += [{"strategy": list(range(layers - layers // 4, layers))},
+                      {"strategy": list(range(layers // 4, layers))}]
+    ep = {"degree": ranks}
+    plans = [{"expert_parallel": ep}]
+    plans += [{"expert_parallel": {**ep, "chunks": n}, "schedule": {"policy": policy}}
+              for n, policy in itertools.product((2, 4), ("program", "overlap"))]
+    plans.append({"expert_parallel": ep, "schedule": {"policy": "overlap"}})
+    plans += [{"expert_parallel": ep, "conditional_comm": {"interval": 2, "drop": "low"}}]
+    for mode in ("interweaved", "displaced"):
+        for sync_layers, interval in itertools.product(selective, (None, 2)):
+            plan = {"expert_parallel": ep, "staleness": {"mode": mode, "warmup_steps": 1}}
+            if sync_layers:
+                plan["selective_sync"] = sync_layers
+            if interval:
+                plan["conditional_comm"] = {"interval": interval, "drop": "low"}
+            plans.append(plan)
+    plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
+    return [p for p in plans if _valid(p)]
+
+
+def _valid(plan: dict) -> bool:
+    try:
+        Plan(**plan)
+    except ValueError:
+        return False
+    return True
+
+
+def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
+           max_staleness: int | None = None, progress=None) -> list[Candidate]:
+    """Every candidate plan's prediction, fastest first (synchronous EP always included)."""
+    results = []
+    sync_share = None
+    for plan in candidate_plans(ranks, len(_layers(model)), max_staleness):
+        compiled = compile_model(model, Plan(**plan))
+        prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
+        if sync_share is None:  # the first candidate is synchronous EP
+            sync_share = prediction.exposed_comm_s / prediction.mean_step_s
+        results.append(Candidate(plan, prediction.mean_step_s, prediction.exposed_comm_s, sync_share,
+                                 staleness_of(plan), prediction.peak_bytes))
+        if progress:
+            progress(results[-1])
+    return sorted(results, key=lambda c: c.predicted_step_s)
+
+
+def _layers(model) -> list:
+    from .tracer import moe_nodes, trace
+
+    return moe_nodes(trace(model))
+
+
+def describe(plan: dict) -> str:
+    """A plan dict in one line, e.g. 'interweaved, deep half sync, drop low every 2nd step'."""
+    parts = [plan.get("staleness", {}).get("mode", "sync")]
+    strategy = plan.get("selective_sync", {}).get("strategy")
+    if isinstance(strategy, list):
+        parts.append(f"layers {strategy[0]}-{strategy[-1]} sync")
+    elif strategy:
+        parts.append(f"{strategy} half sync")
+    if plan.get("conditional_comm"):
+        parts.append(f"drop {plan['conditional_comm']['drop']} every {plan['conditional_comm']['interval']}nd step")
+    chunks = plan["expert_parallel"].get("chunks", 1)
+    if chunks != 1:
+        parts.append(f"chunks {chunks}")
+    if plan.get("schedule", {}).get("policy") == "overlap":
+        parts.append("overlap schedule")
+    return ", ".join(parts)

@@ -1,0 +1,507 @@
+"""The simulator: predict a plan's step time, exposed communication and peak memory on a
+hardware profile, for any world size, by replaying every rank's programs.
+
+Two stages, so that one replay serves every hardware profile:
+
+1. `replay(compiled, batch)`: run each rank's program for every step kind on fake tensors
+   (nothing is computed) and record what it does, in program order, as events:
+
+       Compute(region, ops)     ops: [n, 2] FLOPs and bytes of the torch ops it ran
+       Start(exchange, sent)    sent[q]: bytes to rank q
+       Wait(exchange, local)    local: started earlier in the same program; else carried
+                                over from an earlier step (stale layers)
+
+   Routing is data-dependent, so the router's choices are replaced by a uniform one (token
+   i's slots go to experts i*K, i*K+1, ... modulo E): every expert gets the same number of
+   rows, as a trained router's load balancing aims for. The rest is the program as compiled
+   and scheduled, with its own shapes.
+
+2. `simulate(replayed, hardware, steps)`: a discrete-event run of all ranks over a sample's
+   steps (each step runs its kind's events, as the executor would): a rank's compute lane
+   runs its events one after another; an exchange starts once every rank has issued it and
+   the previous exchange on its communicator has finished, and moves its bytes over the
+   axis's links one exchange at a time (first come, first served; token buckets keep their
+   level over time); a wait blocks its rank until the exchange has landed. A carried wait
+   waits for the latest exchange of that name started in an earlier step (after a
+   synchronous step there is none, and it costs nothing, as in the runtime).
+
+The result carries per-rank `Span`s in the runtime's timeline format, so
+`moedit.runtime.timeline.draw` renders predicted and measured timelines alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import statistics
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_flatten
+
+from moedit.costs import Hardware, OpCounter
+from moedit.passes.schedule import peak_bytes_of
+from moedit.runtime import expert_ops, ops
+from moedit.runtime.cache import StepCache
+from moedit.runtime.comm import MAIN, Exchange, Pending
+from moedit.runtime.executor import BATCH_AXIS
+from moedit.runtime.timeline import COMPUTE, Span, exchange_name, lane_of, region
+from moedit.steps import StepKind
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+# -- 1. replay -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Compute:
+    region: str
+    ops: np.ndarray
+    dtype: str
+
+
+@dataclasses.dataclass
+class Start:
+    exchange: Exchange
+    sent: list[float]  # bytes to each rank
+
+
+@dataclasses.dataclass
+class Wait:
+    exchange: Exchange
+    region: str
+    start: int | None  # index of the Start event in the same program, or None: carried
+
+
+@dataclasses.dataclass
+class Replayed:
+    """Every rank's events per step kind, with what memory it holds."""
+
+    world: int
+    steps: object  # the compiled model's StepPlan
+    events: list[dict[StepKind, list]]  # [rank][kind]
+    weight_bytes: list[int]
+    activation_bytes: list[int]  # peak of live activations over the rank's programs
+    cache_bytes: list[int]  # staleness caches
+    tokens_per_rank: int
+
+
+class _Work:
+    """Stands in for a collective's work handle in a replay."""
+
+    def __init__(self, program: object, index: int):
+        self.program, self.index = program, index
+
+
+class _SimRun:
+    """The `run` input of a replayed program: a real step cache; exchanges are recorded."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.cache = StepCache()
+        self.step, self.seed, self.kind, self.sent_bytes, self.timeline = 1, 0, None, 0, None
+        self.events: list = []
+        self.program: object = None  # identifies the replay under way (local or carried waits)
+        self.region = "dense"  # the region being replayed, for the waits it records
+        self.flush = lambda: None  # the replay's: close the open Compute event before a Wait
+
+    def issued(self, pending):
+        return pending
+
+    def wait(self, pending: Pending):
+        if pending.work is None:
+            return pending.output
+        self.flush()
+        local = pending.work.program is self.program
+        self.events.append(Wait(pending.exchange, self.region, pending.work.index if local else None))
+        return pending.output
+
+
+class _Replay(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, run: _SimRun, fake: FakeTensorMode, counter: OpCounter):
+        super().__init__(gm)
+        self.run_state, self.fake, self.counter = run, fake, counter
+        run.flush = self.flush
+        self.sizes: dict[fx.Node, int] = {}
+        self._region = None
+
+    def run_node(self, node: fx.Node):
+        self._region = region(node) or self._region or "dense"
+        self.run_state.region = self._region
+        out = super().run_node(node)
+        self.flush()
+        self.sizes[node] = sum(_nbytes(t) for t in tree_flatten(out)[0])
+        return out
+
+    def flush(self) -> None:
+        """The ops counted so far become (part of) a Compute event of the current region."""
+        done, events = self.counter.take(), self.run_state.events
+        if not len(done):
+            return
+        last = events[-1] if events else None
+        if isinstance(last, Compute) and last.region == self._region:
+            last.ops = np.concatenate([last.ops, done])
+        else:
+            events.append(Compute(self._region, done, _dtype(self.counter.dtype)))
+
+    def _run(self, fn, args, kwargs):
+        if any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0]):
+            with self.fake, self.counter:
+                return fn(*args, **kwargs)
+        with self.counter:
+            return fn(*args, **kwargs)
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, expert_ops.Router):
+            ids, weights = self._run(module, args, kwargs)
+            tokens, top_k = ids.shape
+            experts = len(module.adapter.experts(module._moe))
+            uniform = (torch.arange(tokens * top_k) % experts).reshape(tokens, top_k)
+            return uniform, weights
+        if isinstance(module, expert_ops.DropSlots):
+            run, ids, _ = args
+            if module.policy == "threshold":  # scores are not known: assume every slot passes
+                return torch.ones(ids.shape, dtype=torch.bool)
+            with self.counter:
+                return module(run, ids, torch.zeros(ids.shape))
+        if isinstance(module, expert_ops.LocalExperts):
+            received, recv_counts = args
+            sizes = recv_counts.reshape(-1, len(module._experts)).sum(0).tolist()
+            with self.fake, self.counter:
+                for expert, rows in zip(module._experts, sizes):
+                    expert(received.new_empty((rows, received.shape[-1])))
+                out = torch.empty_like(received)
+            rows = received.shape[0]
+            self.counter.add(16 * rows, rows, "sort", count=2)  # which expert each row is for
+            self.counter.add(4 * _nbytes(received), received.numel(), "index", count=2)  # group by expert and back
+            return out
+        return self._run(module, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        run = self.run_state
+        if target is expert_ops.permute:
+            tokens, expert_ids, *rest = args
+            _, order, send_counts = expert_ops.permute(torch.zeros(expert_ids.shape[0], 1), expert_ids, *rest,
+                                                      **kwargs)
+            with self.fake:
+                rows = tokens.new_empty((order.numel(), tokens.shape[-1]))
+            self.counter.add(6 * 8 * order.numel(), order.numel(), "sort", count=3)  # key, argsort, bincount
+            self.counter.add(2 * _nbytes(rows), rows.numel(), "index")  # gather the rows
+            return rows, order, send_counts
+        if target is ops.counts_start:
+            send_counts = args[1]
+            recv = send_counts[run.rank:run.rank + 1].expand_as(send_counts).clone()  # all ranks route alike
+            per_rank = send_counts[0].numel() * send_counts.element_size()
+            return self._start(Exchange("counts", kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN)),
+                               recv, [per_rank] * run.world)
+        if target is ops.exchange_start:
+            _, rows, send_splits, recv_splits = args
+            with self.fake:
+                out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+            row = math.prod(rows.shape[1:]) * rows.element_size()
+            self.counter.add(2 * _nbytes(rows))  # the copy into the send buffer
+            return self._start(Exchange(kwargs["name"], kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN)),
+                               out, [row * n for n in send_splits])
+        return self._run(target, args, kwargs)
+
+    def _start(self, exchange: Exchange, output, sent: list[float]) -> Pending:
+        run = self.run_state
+        self.flush()
+        sent = list(sent)
+        sent[run.rank] = 0.0
+        run.events.append(Start(exchange, sent))
+        return Pending(output, _Work(run.program, len(run.events) - 1), exchange)
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
+    """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0)
+    on fake inputs for a global batch of `batch` sequences (with CFG: twice the images)."""
+    world = compiled.world_size
+    shards = [len(s) for s in torch.arange(batch).tensor_split(world)]
+    if min(shards) == 0:
+        raise SimulationError(f"a global batch of {batch} leaves a rank of {world} with nothing to do")
+    model = compiled.model
+    if not hasattr(model, "example_inputs"):
+        raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
+                              "the shapes of the model's inputs")
+    ranks = list(range(world)) if ranks is None else ranks
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    counter = OpCounter()
+    events, weights, activations, caches = [], [], [], []
+    dtype = next(model.parameters()).dtype
+    for rank in ranks:
+        with fake:
+            inputs = [t.to(dtype) if t.is_floating_point() else t for t in model.example_inputs(shards[rank])]
+        run = _SimRun(rank, world)
+        programs = compiled.programs(rank)
+        order = [StepKind(True)] + [k for k in compiled.kinds if not k.synchronous]
+        order += [k for k in compiled.kinds if k not in order]
+        per_kind, peak = {}, 0
+        for kind in order:
+            for attempt in range(2 if kind in per_kind or not kind.synchronous else 1):
+                run.events, run.program, run.kind = [], object(), kind
+                interpreter = _Replay(programs[kind], run, fake, counter)
+                with torch.no_grad():
+                    interpreter.run(*inputs, run)
+            per_kind[kind] = run.events
+            peak = max(peak, peak_bytes_of(list(programs[kind].graph.nodes), interpreter.sizes))
+        events.append(per_kind)
+        weights.append(sum(p.numel() * p.element_size() for p in _parameters(programs)))
+        activations.append(peak)
+        caches.append(run.cache.nbytes())
+    if len(ranks) < world:  # mirror rank 0 (uniform routing: every rank does the same)
+        events += [_mirror(events[0], r, world) for r in range(len(ranks), world)]
+        for values in (weights, activations, caches):
+            values += [values[0]] * (world - len(ranks))
+    return Replayed(world, compiled.steps, events, weights, activations, caches, shards[0])
+
+
+def _parameters(programs: dict) -> list:
+    """The weights a rank holds: its programs' own, and its experts' (held as views, see
+    [Note: layer views], so not registered as submodules)."""
+    seen = {}
+    for gm in programs.values():
+        for module in [gm, *(e for m in gm.modules() for e in getattr(m, "_experts", []))]:
+            seen.update((id(p), p) for p in module.parameters())
+    return list(seen.values())
+
+
+def _mirror(per_kind: dict, rank: int, world: int) -> dict:
+    """Rank 0's events as rank `rank` would record them (bytes to rank q -> to rank q + rank)."""
+    out = {}
+    for kind, events in per_kind.items():
+        out[kind] = [dataclasses.replace(e, sent=[e.sent[(q - rank) % world] for q in range(world)])
+                     if isinstance(e, Start) else e for e in events]
+    return out
+
+
+# -- 2. simulate -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Prediction:
+    hardware: str
+    world: int
+    step_s: list[float]  # per step, the slowest rank's
+    blocked_s: list[float]  # per step, rank 0's time waiting for exchanges
+    sent_bytes: list[float]  # per step, rank 0's bytes to other ranks
+    peak_bytes: int  # the largest rank's weights + live activations + caches
+    spans: list[list[Span]]
+
+    @property
+    def mean_step_s(self) -> float:
+        """Mean step time with the first step left out, as the benchmarks measure it."""
+        steps = self.step_s[1:] or self.step_s
+        return statistics.fmean(steps)
+
+    @property
+    def exposed_comm_s(self) -> float:
+        steps = self.blocked_s[1:] or self.blocked_s
+        return statistics.fmean(steps)
+
+
+class _Bucket:
+    """A token bucket's level over time (tc tbf): the bytes it lets through at line rate."""
+
+    def __init__(self, link):
+        self.link, self.tokens, self.at = link, link.bucket_bytes, 0.0
+
+    def transfer(self, size: float, now: float) -> float:
+        link = self.link
+        if link.bucket_bytes <= 0:
+            return size / link.bytes_per_s
+        self.tokens = min(link.bucket_bytes, self.tokens + (now - self.at) * link.bytes_per_s)
+        fast = min(size, self.tokens)
+        seconds = fast / (link.burst_bytes_per_s or 1e12) + (size - fast) / link.bytes_per_s
+        self.tokens -= fast
+        self.at = now + seconds
+        if size > fast:
+            self.tokens = 0.0
+        return seconds
+
+
+class _Fabric:
+    """The links of one mesh axis: exchanges move over them one at a time."""
+
+    def __init__(self, hardware: Hardware, world: int):
+        self.hw, self.world = hardware, world
+        self.node = [hardware.node_of(r, world) for r in range(world)]
+        self.buckets = {n: _Bucket(hardware.inter) for n in set(self.node)} if hardware.inter else {}
+        self.free = 0.0
+
+    def move(self, sent: list[list[float]], ready: float, computed: float = 0.0) -> tuple[float, float]:
+        """(start, landed) of an exchange with sent[r][q] bytes, ready at `ready`, whose ranks
+        computed up to `computed` seconds since they last synchronised."""
+        start = max(ready, self.free) + self.hw.intra.turn_taking.get(self.world, 0.0) * computed
+        hw, node = self.hw, self.node
+        intra = max(sum(b for q, b in enumerate(row) if node[q] == node[r]) for r, row in enumerate(sent))
+        peers = max(sum(1 for q in range(self.world) if node[q] == node[r]) for r in range(self.world)) - 1
+        seconds = intra / hw.intra.bytes_per_s
+        latency = hw.intra.latency(peers, self.world)
+        if len(self.buckets) > 1:
+            out = defaultdict(float)
+            for r, row in enumerate(sent):
+                for q, b in enumerate(row):
+                    if node[q] != node[r]:
+                        out[node[r]] += b
+            seconds = max([seconds] + [self.buckets[n].transfer(b, start) for n, b in out.items()])
+            latency = max(latency, hw.inter.latency(1, self.world))
+        self.free = start + seconds
+        return start, start + latency + seconds
+
+
+@dataclasses.dataclass
+class _Instance:
+    exchange: Exchange
+    step: int
+    issued: dict  # rank -> time
+    sent: dict  # rank -> bytes per destination
+    landed: float | None = None
+    moving: tuple[float, float] = (0.0, 0.0)  # when its bytes moved
+    waited: set = dataclasses.field(default_factory=set)
+    parked: list = dataclasses.field(default_factory=list)  # (rank, since, region)
+
+
+def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_finite: bool = True) -> Prediction:
+    """Run every rank's events over a `steps`-step sample on `hardware` (see the module's
+    docstring). `check_finite` adds the runtime's per-step all-gather of a flag."""
+    world = replayed.world
+    kinds = [replayed.steps.kind_at(s, steps) for s in range(steps)]
+    streams = []
+    for r in range(world):
+        stream = []
+        for step, kind in enumerate(kinds):
+            offset = len(stream)
+            for e in replayed.events[r][kind]:
+                if isinstance(e, Wait) and e.start is not None:
+                    e = dataclasses.replace(e, start=e.start + offset)
+                stream.append((step, e))
+            if check_finite:
+                flag = Exchange("check for non-finite latents", None, BATCH_AXIS)
+                stream.append((step, Start(flag, [0.0 if q == r else 4.0 for q in range(world)])))
+                stream.append((step, Wait(flag, "sampler", len(stream) - 1)))
+            stream.append((step, "end"))
+        streams.append(stream)
+    fabrics = defaultdict(lambda: _Fabric(hardware, world))
+    channel_free: dict = defaultdict(float)
+    instances: dict = {}  # (exchange, occurrence) -> _Instance
+    occurrence = [defaultdict(int) for _ in range(world)]
+    started = [dict() for _ in range(world)]  # stream index -> _Instance
+    latest = [defaultdict(list) for _ in range(world)]  # exchange -> instances started, in order
+    clock, pos = [0.0] * world, [0] * world
+    synced = [0.0] * world  # when each rank last left a wait
+    step_end = [[0.0] * steps for _ in range(world)]
+    blocked = [[0.0] * steps for _ in range(world)]
+    spans: list[list[Span]] = [[] for _ in range(world)]
+    sent_total = [0.0] * steps
+    cost_cache: dict = {}
+    cpu_rate = hardware.intra.cpu_bytes_per_s
+    issue_s = hardware.intra.issue_s
+    heap = [(0.0, r) for r in range(world)]
+
+    def land(inst: _Instance) -> None:
+        ready = max(inst.issued.values())
+        sent = [inst.sent[r] for r in range(world)]
+        lane = (inst.exchange.axis, inst.exchange.channel)
+        computed = max(inst.issued[r] - synced[r] for r in range(world))
+        start, landed = fabrics[inst.exchange.axis].move(sent, max(ready, channel_free[lane]), computed)
+        channel_free[lane] = inst.landed = landed
+        inst.moving = (start, landed)
+        for r in range(world):
+            spans[r].append(Span(lane_of(inst.exchange), exchange_name(inst.exchange), inst.issued[r], landed,
+                                 inst.step))
+        for r, since, where, step in inst.parked:
+            arrive(r, inst, since, where, step)
+        inst.parked.clear()
+
+    def arrive(r: int, inst: _Instance, since: float, where: str, step: int) -> None:
+        """Rank r, at `since`, reaches the wait for `inst`, which has landed: it pays the CPU
+        time the transfer took from its compute (CPU-moved links), then waits for the rest."""
+        if cpu_rate:
+            start, end = inst.moving
+            overlap = max(0.0, min(end, since) - max(start, inst.issued[r]))
+            moved = sum(inst.sent[r]) + sum(inst.sent[q][r] for q in range(world))
+            since += overlap / max(end - start, 1e-12) * moved / cpu_rate
+        end = max(since, inst.landed)
+        synced[r] = end
+        if end > since:
+            spans[r].append(Span(COMPUTE, where, since, end, step))
+            blocked[r][step] += end - since
+        clock[r] = end
+        heapq.heappush(heap, (end, r))
+
+    while heap:
+        now, r = heapq.heappop(heap)
+        stream = streams[r]
+        while pos[r] < len(stream):
+            index = pos[r]
+            step, e = stream[index]
+            pos[r] += 1
+            if e == "end":
+                step_end[r][step] = clock[r]
+                continue
+            if isinstance(e, Compute):
+                key = id(e.ops)
+                if key not in cost_cache:
+                    cost_cache[key] = hardware.seconds(e.ops, e.dtype, world)
+                seconds = cost_cache[key]
+                spans[r].append(Span(COMPUTE, e.region, clock[r], clock[r] + seconds, step))
+                clock[r] += seconds
+                heapq.heappush(heap, (clock[r], r))
+                break
+            if isinstance(e, Start):
+                n = occurrence[r][e.exchange]
+                occurrence[r][e.exchange] += 1
+                inst = instances.setdefault((e.exchange, n), _Instance(e.exchange, step, {}, {}))
+                inst.issued[r], inst.sent[r] = clock[r], e.sent
+                started[r][index] = inst
+                latest[r][e.exchange].append(inst)
+                if r == 0:
+                    sent_total[step] += sum(e.sent)
+                clock[r] += issue_s
+                if len(inst.issued) == world:
+                    land(inst)
+                continue
+            # a wait
+            if e.start is not None:
+                inst = started[r][e.start]
+            else:
+                earlier = [i for i in latest[r][e.exchange] if i.step < step]
+                inst = earlier[-1] if earlier and r not in earlier[-1].waited else None
+            if inst is None:
+                continue
+            inst.waited.add(r)
+            if inst.landed is None:
+                inst.parked.append((r, clock[r], _wait_region(e), step))
+            else:
+                arrive(r, inst, clock[r], _wait_region(e), step)
+            break
+    stuck = [r for r in range(world) if pos[r] < len(streams[r])]
+    if stuck:
+        raise SimulationError(f"ranks {stuck} never finished: an exchange was not issued by every rank "
+                              "(the programs' collective orders differ)")
+    step_s, previous = [], 0.0
+    for step in range(steps):
+        end = max(step_end[r][step] for r in range(world))
+        step_s.append(end - previous)
+        previous = end
+    peak = max(w + a + c for w, a, c in zip(replayed.weight_bytes, replayed.activation_bytes, replayed.cache_bytes))
+    return Prediction(hardware.name, world, step_s, blocked[0], sent_total, peak, spans)
+
+
+def _wait_region(e: Wait) -> str:
+    return e.region if "wait" in e.region else f"wait {exchange_name(e.exchange)}"

@@ -1,0 +1,66 @@
+"""The planner: its candidates are valid plans within the staleness asked for, synchronous
+EP is always among them, the CLI prints and writes them, and its best plan runs."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import moedit
+from moedit.cli import main
+from moedit.costs import Hardware, Link
+from moedit.planner import candidate_plans, search, staleness_of
+
+from _dist import run_ranks
+from _models import tiny_model
+
+
+def _slow_link() -> Hardware:
+    """A GPU-like machine with a slow link: staleness pays."""
+    return Hardware(name="slow link", source="test", flops_per_s={"float32": 1e13}, memory_bytes_per_s=1e12,
+                    op_overhead_s=5e-6, intra=Link(latency_s=1e-5, bytes_per_s=1e7))
+
+
+@pytest.mark.parametrize("limit", [None, 0, 1])
+def test_candidates_are_valid_plans_within_the_staleness_asked_for(limit):
+    plans = candidate_plans(4, layers=8, max_staleness=limit)
+    assert plans[0] == {"expert_parallel": {"degree": 4}}
+    for plan in plans:
+        moedit.Plan(**plan)
+        assert limit is None or staleness_of(plan) <= limit
+    modes = {p.get("staleness", {}).get("mode", "sync") for p in plans}
+    assert modes == {None: {"sync", "interweaved", "displaced"}, 0: {"sync"}, 1: {"sync", "interweaved"}}[limit]
+
+
+def test_search_ranks_plans_by_predicted_step_and_keeps_sync_ep():
+    found = search(tiny_model(), _slow_link(), 2, batch=8, steps=6, max_staleness=1)
+    times = [c.predicted_step_s for c in found]
+    assert times == sorted(times)
+    assert any(c.plan == {"expert_parallel": {"degree": 2}} for c in found)
+    assert all(c.staleness <= 1 for c in found)
+    assert found[0].staleness == 1  # on a slow link the stale plans win
+    assert 0.3 < found[0].comm_share_sync < 1
+
+
+def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "4",
+                 "--steps", "4", "--max-staleness", "0", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert {"plan", "predicted_step_s", "exposed_comm_s", "comm_share_sync", "staleness"} <= set(found[0])
+    assert all(c["staleness"] == 0 for c in found)
+    with open(tmp_path / "best_plan.yaml") as f:
+        assert moedit.Plan(**yaml.safe_load(f)).to_dict()["expert_parallel"]["degree"] == 2
+
+
+def _run_best(rank, world, plan):
+    compiled = moedit.compile(tiny_model(), moedit.Plan(**plan))
+    with compiled.to_runtime() as runtime:
+        return runtime.sample(torch.arange(4) % 10, steps=4)
+
+
+def test_the_best_plan_runs():
+    best = search(tiny_model(), _slow_link(), 2, batch=8, steps=4)[0]
+    images = run_ranks(2, _run_best, best.plan, init_group=False)
+    assert torch.isfinite(images[0]).all() and torch.equal(images[0], images[1])
