@@ -55,8 +55,6 @@ class Link(BaseModel):
     cpu_bytes_per_s: float | None = Field(
         None, description="if the CPU moves the bytes (TCP on a CPU machine): bytes sent plus received per "
         "second of a core's time, which the transfer takes from compute it overlaps; None: DMA, free")
-
-
     turn_taking: dict[int, float] = Field(
         default_factory=dict, description="world size -> extra latency per second the ranks computed since they "
         "last synchronised (CPU ranks that outnumber the cores run in turn, so their arrivals spread)")
@@ -83,7 +81,8 @@ class Hardware(BaseModel):
     inter: Link | None = Field(None, description="between nodes")
     per_element_s: dict[str, float] = Field(
         default_factory=dict, description="for op families that neither FLOPs nor bytes describe (softmax over "
-        "a few experts, top-k and sorting, gathers and scatters): seconds per input element, where measured")
+        "a few experts, top-k and sorting, gathers and scatters): seconds per element of the op's largest "
+        "tensor, where measured")
     compute_slowdown: dict[int, float] = Field(
         default_factory=dict, description="ranks on one machine -> how much slower each computes (shared CPU cores)")
 
@@ -102,7 +101,10 @@ class Hardware(BaseModel):
             raise HardwareError(f"unknown hardware profile {str(name)!r}; known: {', '.join(known_profiles())}, "
                                 "or a path to a YAML profile")
         with open(path) as f:
-            return cls(**yaml.safe_load(f))
+            try:
+                return cls(**(yaml.safe_load(f) or {}))
+            except (ValueError, TypeError) as err:
+                raise HardwareError(f"hardware profile {path} is not valid: {err}") from err
 
     def save(self, path: str | os.PathLike) -> None:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)

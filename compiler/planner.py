@@ -106,7 +106,7 @@ def describe(plan: dict) -> str:
     parts = [plan.get("staleness", {}).get("mode", "sync")]
     strategy = plan.get("selective_sync", {}).get("strategy")
     if isinstance(strategy, list):
-        parts.append(f"layers {strategy[0]}-{strategy[-1]} sync")
+        parts.append(f"layer {strategy[0]} sync" if len(strategy) == 1 else f"layers {strategy[0]}-{strategy[-1]} sync")
     elif strategy:
         parts.append(f"{strategy} half sync")
     if plan.get("conditional_comm"):
