@@ -16,6 +16,17 @@ Registering one for a third-party class takes a few lines:
             return list(moe.experts)
 
     moedit.register_adapter(MyMoE, MyMoEAdapter())
+
+Attention gets the same kind of adapter, for the passes that split one image's tokens
+over ranks (sequence parallelism):
+
+    heads(attn)              -> number of attention heads
+    qkv(attn, x [B,n,H])     -> q, k, v, each [B, heads, n, d], with any q/k normalisation applied
+    out(attn, o [B,heads,n,d]) -> [B,n,H]   (merging the heads and the output projection)
+    scale(attn)              -> softmax scale, or None for 1/sqrt(d)
+
+between which moedit computes softmax(q k^T * scale) v itself, over all n tokens of
+the image, wherever they live.
 """
 
 from __future__ import annotations
@@ -45,7 +56,24 @@ class MoEAdapter:
         raise NotImplementedError
 
 
+class AttentionAdapter:
+    """Describes one self-attention class in canonical form; subclass and override."""
+
+    def heads(self, attn: nn.Module) -> int:
+        raise NotImplementedError
+
+    def qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def out(self, attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scale(self, attn: nn.Module) -> float | None:
+        return None
+
+
 _ADAPTERS: dict[type, MoEAdapter] = {}
+_ATTENTION: dict[type, AttentionAdapter] = {}
 _LEAVES: set[type] = set()
 
 
@@ -56,6 +84,17 @@ def register_adapter(module_type: type, adapter: MoEAdapter) -> None:
     if not isinstance(adapter, MoEAdapter):
         raise TypeError(f"adapter must be a moedit.MoEAdapter instance, got {type(adapter).__name__}")
     _ADAPTERS[module_type] = adapter
+
+
+def register_attention(module_type: type, adapter: AttentionAdapter) -> None:
+    """Make moedit treat every `module_type` instance as self-attention described by `adapter`
+    (it is kept as one node when tracing, and sequence parallelism can split it)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_attention needs an nn.Module subclass, got {module_type!r}")
+    if not isinstance(adapter, AttentionAdapter):
+        raise TypeError(f"adapter must be a moedit.AttentionAdapter instance, got {type(adapter).__name__}")
+    _ATTENTION[module_type] = adapter
+    _LEAVES.add(module_type)
 
 
 def register_leaf(module_type: type) -> None:
@@ -69,6 +108,13 @@ def adapter_for(module: nn.Module) -> MoEAdapter | None:
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+    return None
+
+
+def attention_adapter_for(module: nn.Module) -> AttentionAdapter | None:
+    for cls in type(module).__mro__:
+        if cls in _ATTENTION:
+            return _ATTENTION[cls]
     return None
 
 

@@ -24,6 +24,7 @@ from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts, resolve_chunks
 from moedit.passes.interweave import interweave
 from moedit.passes.schedule import schedule
+from moedit.passes.sequence_parallel import cfg_parallel, sequence_parallel
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
 from moedit.runtime.executor import Runtime
 
@@ -36,7 +37,8 @@ from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
 
 
-PIPELINE: list[PassFn] = [expert_parallel, displace, interweave, conditional_comm, schedule]
+PIPELINE: list[PassFn] = [cfg_parallel, sequence_parallel, expert_parallel, displace, interweave, conditional_comm,
+                          schedule]
 
 
 def _validate(plan: Plan, layers) -> None:
@@ -64,7 +66,7 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     elif not isinstance(plan, Plan):
         plan = Plan.from_file(plan)
     traced = trace(model)
-    if plan.schedule.policy == "overlap":
+    if plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1:
         record_sizes(traced, model)
     layers = layers_of(traced)
     _validate(plan, layers)
@@ -160,7 +162,8 @@ class CompiledModel:
 
     def experts_of(self, rank: int) -> list[int]:
         """Global ids of the experts `rank` holds (the same in every layer)."""
-        return local_experts(self.layers[0].num_experts, self.world_size, rank)
+        mesh = self.plan.mesh
+        return local_experts(self.layers[0].num_experts, mesh.ep, mesh.index("ep", rank))
 
     def to_runtime(self, device=None, profile: bool = False) -> Runtime:
         """Join (or start) the process group and return this rank's `Runtime`. With `profile`,

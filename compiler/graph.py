@@ -62,6 +62,17 @@ class Kind(str, enum.Enum):
     CACHE_READ = "cache_read"
     CACHE_WRITE = "cache_write"
     OUTPUT = "output"
+    # sequence and CFG parallelism (moedit/passes/sequence_parallel.py)
+    SHARD = "shard"  # this rank's piece of a batch or of the tokens
+    GATHER_START = "gather_start"
+    GATHER_WAIT = "gather_wait"
+    QKV = "qkv"
+    ULYSSES_START = "ulysses_start"
+    ULYSSES_WAIT = "ulysses_wait"
+    RING_START = "ring_start"
+    RING_WAIT = "ring_wait"
+    ATTEND = "attend"
+    ATTENTION_OUT = "attention_out"
     PENDING = "pending"  # an exchange read back from the record that carried it across steps
     GLUE = "glue"  # bookkeeping with no role of its own (other record fields, bundling)
 
@@ -69,7 +80,8 @@ class Kind(str, enum.Enum):
         return self.value
 
 
-STARTS = frozenset({Kind.COUNTS_START, Kind.DISPATCH_START, Kind.COMBINE_START})  # each returns a Pending
+STARTS = frozenset({Kind.COUNTS_START, Kind.DISPATCH_START, Kind.COMBINE_START, Kind.GATHER_START,
+                    Kind.ULYSSES_START, Kind.RING_START})  # each returns a Pending
 # Kinds that only name a value: explain() lists the steps, not these.
 VALUES = frozenset({Kind.TOKENS, Kind.EXPERT_IDS, Kind.WEIGHTS, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS,
                     Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.OUTPUT, Kind.PENDING, Kind.GLUE})
@@ -115,7 +127,7 @@ class Inserted:
     """One node a pass inserted, as the pass log records it."""
 
     node: str
-    layer: int
+    layer: int | None  # None: not part of a MoE layer
     kind: str
     bytes_per_token: int = 0  # bytes this node sends per routed token slot (communication only)
     staleness: int = 0  # steps between the activations it reads and the step that consumes it
@@ -127,8 +139,11 @@ class Emitter:
     tagged with `meta["moedit"]`, and records each one that is a step (not a plain value)
     in `inserted`. Stateful ops get the program's `run` input as first argument."""
 
-    def __init__(self, gm: fx.GraphModule, layer: int, staleness: int = 0):
+    def __init__(self, gm: fx.GraphModule, layer: int | None, staleness: int = 0, prefix: str | None = None):
+        """`layer`: the MoE layer the nodes belong to, or None for nodes outside MoE layers, which
+        are then named `<prefix>_<kind>` (e.g. "a3" for attention 3) instead of `l<layer>_<kind>`."""
         self.graph, self.layer, self.staleness = gm.graph, layer, staleness
+        self.prefix = prefix or f"l{layer}"
         self.run = run_input(gm)
         self.inserted: list[Inserted] = []
         self.chunk: int | None = None  # set while emitting one chunk of a chunked layer ...
@@ -137,7 +152,7 @@ class Emitter:
     def _node(self, kind: Kind, op: str, target, args, kwargs, bytes_per_token: int, staleness: int | None,
               name: str | None = None):
         # "l3_dispatch_start": no trailing number, so fx numbers repeats "l3_dispatch_start_1"
-        name = f"l{self.layer}_{name or (target.__name__ if kind is Kind.GLUE else kind.value)}"
+        name = f"{self.prefix}_{name or (target.__name__ if kind is Kind.GLUE else kind.value)}"
         node = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
         stale = self.staleness if staleness is None else staleness
         node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}

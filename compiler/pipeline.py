@@ -65,6 +65,16 @@ class PassContext:
     chunks: int = 1  # how many pipelined chunks the synchronous layers' tokens travel in
 
     @property
+    def ep_size(self) -> int:
+        """Ranks the routed experts are sharded over (this rank's expert-parallel group)."""
+        return self.plan.mesh.ep
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group: it holds experts e with e % ep_size == ep_rank."""
+        return self.plan.mesh.index("ep", self.rank)
+
+    @property
     def stale_layers(self) -> tuple[MoELayer, ...]:
         """The layers the plan runs stale on stale steps (on synchronous steps the stale
         passes only make them fill the caches the next stale step reads)."""

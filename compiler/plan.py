@@ -7,8 +7,8 @@ version reads the same, but any non-default value in them is rejected with
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 from typing import Literal
 
@@ -72,8 +72,15 @@ class Shortcut(_Section):
 
 
 class SequenceParallel(_Section):
-    ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all over heads) degree.")
-    ring: int = Field(1, ge=1, description="Ring-attention degree.")
+    ulysses: int = Field(1, ge=1, description="Ulysses degree: attention trades sequence shards for head shards "
+                         "by all-to-all; must divide the attention head count.")
+    ring: int = Field(1, ge=1, description="Ring degree: K/V blocks travel around the ring point to point while "
+                      "each rank attends to the block it holds.")
+
+    @property
+    def degree(self) -> int:
+        """Ranks one image's tokens are split over."""
+        return self.ulysses * self.ring
 
 
 class PipeFusion(_Section):
@@ -114,7 +121,8 @@ class Plan(BaseModel):
     conditional_comm: ConditionalComm = Field(default_factory=ConditionalComm, description="DICE conditional communication.")
     shortcut: Shortcut = Field(default_factory=Shortcut, description="ScMoE shortcut connection.")
     sequence_parallel: SequenceParallel = Field(default_factory=SequenceParallel, description="xDiT USP.")
-    cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on different ranks.")
+    cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on the two halves of the "
+                               "mesh; one all-gather per step joins them.")
     pipefusion: PipeFusion = Field(default_factory=PipeFusion, description="xDiT PipeFusion.")
     offload: Offload = Field(default_factory=Offload, description="ScMoE expert offloading.")
     schedule: Schedule = Field(default_factory=Schedule, description="Graph-level scheduling policy.")
@@ -133,7 +141,8 @@ class Plan(BaseModel):
         if self.schedule.profile is not None and not os.path.isfile(self.schedule.profile):
             raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
                              "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")
-        for name in ("shortcut", "sequence_parallel", "cfg_parallel", "pipefusion", "offload", "kernels"):
+        self.mesh  # the axes must fit together
+        for name in ("shortcut", "pipefusion", "offload", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:
                 raise ValueError(f"{name}: not implemented yet in this version of moedit; "
@@ -147,15 +156,14 @@ class Plan(BaseModel):
             raise PlanError(_report(err)) from None
 
     @property
-    def mesh_axes(self) -> dict[str, int]:
-        """The named axes of the device mesh and their sizes, outermost first; the world size is
-        their product. Expert parallelism is the only axis so far."""
-        return {"ep": self.expert_parallel.degree}
+    def mesh(self) -> "MeshLayout":
+        """How the ranks are laid out over the plan's axes (see `MeshLayout`)."""
+        return MeshLayout.of(self)
 
     @property
     def world_size(self) -> int:
-        """Ranks the plan runs on: the product of its mesh axes."""
-        return math.prod(self.mesh_axes.values())
+        """Ranks the plan runs on."""
+        return self.mesh.world
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Plan":
@@ -181,6 +189,76 @@ class Plan(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    """The ranks on a grid of named axes, outermost first: `data` (the global batch split),
+    `cfg` (the cond and uncond halves), `ring` and `ulysses` (one image's tokens split);
+    rank = ((data * cfg + c) * ring + r) * ulysses + u. Groups along an axis are the ranks
+    that differ only in it; `sp` is ring x ulysses together (every rank holding a piece of
+    the same images), `world` every rank.
+
+    Expert parallelism does not add an axis: routed experts are sharded over `ep`
+    consecutive ranks. The world is the larger of `ep` and cfg x ring x ulysses, and the
+    smaller must divide it; when `ep` is the larger, the remaining factor splits the batch
+    (data parallel), which is how a plain expert-parallel plan runs."""
+
+    data: int
+    cfg: int
+    ring: int
+    ulysses: int
+    ep: int
+
+    AXES = ("data", "cfg", "ring", "ulysses")
+
+    @classmethod
+    def of(cls, plan: "Plan") -> "MeshLayout":
+        sp, ep = plan.sequence_parallel, plan.expert_parallel.degree
+        cfg = 2 if plan.cfg_parallel else 1
+        dense = cfg * sp.degree
+        if ep % dense == 0:
+            return cls(ep // dense, cfg, sp.ring, sp.ulysses, ep)
+        if dense % ep == 0:
+            return cls(1, cfg, sp.ring, sp.ulysses, ep)
+        raise ValueError(
+            f"expert_parallel.degree ({ep}) and the dense axes, cfg ({cfg}) x ulysses ({sp.ulysses}) x ring "
+            f"({sp.ring}) = {dense}, must divide one another (the world is the larger of the two); set "
+            f"expert_parallel.degree to {dense} (every rank holds a shard of the experts) or to a divisor of it")
+
+    @property
+    def world(self) -> int:
+        return self.data * self.cfg * self.ring * self.ulysses
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in self.AXES}
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group of ranks along `axis` (one of AXES, "sp", "ep", "world"), each in axis order."""
+        if axis == "world":
+            return [list(range(self.world))]
+        if axis == "ep":
+            return [list(range(start, start + self.ep)) for start in range(0, self.world, self.ep)]
+        inner = {"data": self.cfg * self.ring * self.ulysses, "cfg": self.ring * self.ulysses,
+                 "ring": self.ulysses, "ulysses": 1, "sp": 1}
+        if axis not in inner:
+            raise ValueError(f"no mesh axis {axis!r}; axes: {[*self.AXES, 'sp', 'ep', 'world']}")
+        size = self.ring * self.ulysses if axis == "sp" else getattr(self, axis)
+        stride = inner[axis]
+        starts = [r for r in range(self.world) if (r // stride) % size == 0]
+        return [[start + i * stride for i in range(size)] for start in starts]
+
+    def index(self, axis: str, rank: int) -> int:
+        """`rank`'s position in its group along `axis`."""
+        return next(group.index(rank) for group in self.groups(axis) if rank in group)
+
+    def size(self, axis: str) -> int:
+        return len(self.groups(axis)[0])
+
+    def describe(self) -> str:
+        used = [f"{axis} {size}" for axis, size in self.axes.items() if size > 1]
+        return " x ".join(used or ["1 rank"]) + f"; experts over {self.ep} rank(s)"
 
 
 def _report(err: ValidationError) -> str:

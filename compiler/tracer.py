@@ -91,22 +91,25 @@ def moe_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 class _Sizes(fx.Interpreter):
-    """Runs a traced graph on fake tensors and records each node's output bytes; MoE leaves,
-    whose routing is data-dependent, stand in as shape-preserving."""
+    """Runs a traced graph on fake tensors and records each node's output bytes and shape; MoE
+    leaves, whose routing is data-dependent, stand in as shape-preserving."""
 
     def run_node(self, node: fx.Node):
         if kind_of(node) is Kind.MOE:
             out = torch.empty_like(self.env[node.args[0]])
         else:
             out = super().run_node(node)
-        node.meta[META]["bytes"] = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        is_tensor = isinstance(out, torch.Tensor)
+        node.meta[META]["bytes"] = out.numel() * out.element_size() if is_tensor else 0
+        node.meta[META]["shape"] = tuple(out.shape) if is_tensor else None
         return out
 
 
 def record_sizes(gm: fx.GraphModule, model: nn.Module) -> bool:
-    """Record in `node.meta["moedit"]["bytes"]` the size of every node's output for one sample,
-    if the model says how to build its inputs (`model.example_inputs(batch)`). The scheduler
-    keeps its memory budget with them. Returns whether sizes were recorded."""
+    """Record in `node.meta["moedit"]` the size ("bytes") and "shape" of every node's output for
+    one sample, if the model says how to build its inputs (`model.example_inputs(batch)`). The
+    scheduler keeps its memory budget with the sizes; sequence parallelism finds the token
+    axis with the shapes. Returns whether they were recorded."""
     if not hasattr(model, "example_inputs"):
         return False
     for node in gm.graph.nodes:

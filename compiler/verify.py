@@ -25,7 +25,7 @@ from moedit.runtime.comm import MAIN
 from .graph import STARTS, Kind, kind_of, meta, run_input
 from .steps import StepKind
 
-_STARTS = (ops.exchange_start, ops.counts_start)
+_STARTS = ops.EXCHANGE_STARTS
 
 
 def verify_graph(gm: fx.GraphModule) -> None:
@@ -81,7 +81,8 @@ def collective_order(gm: fx.GraphModule) -> dict[tuple[str, str], list[str]]:
         if node.target in _STARTS:
             kw = node.kwargs
             name = kw.get("name", "counts")
-            order.setdefault((kw["axis"], kw.get("channel", MAIN)), []).append(f"layer {kw['layer']} {name}")
+            what = name if kw["layer"] is None else f"layer {kw['layer']} {name}"
+            order.setdefault((kw["axis"], kw.get("channel", MAIN)), []).append(what)
     return order
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedit.adapters import MoEAdapter, register_adapter, register_leaf
+from moedit.adapters import AttentionAdapter, MoEAdapter, register_adapter, register_attention
 
 # depth, hidden, heads; XL and G use the q/k-normed attention of the released code.
 _SIZES = {
@@ -161,11 +161,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x):
+    def project(self, x):
+        """[B,N,H] -> q, k, v [B, heads, N, H/heads]."""
         B, N, H = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, H))
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def output(self, out):
+        """[B, heads, N, H/heads] -> [B,N,H]."""
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x):
+        return self.output(F.scaled_dot_product_attention(*self.project(x)))
 
 
 class QKNormAttention(nn.Module):
@@ -181,11 +187,18 @@ class QKNormAttention(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x):
+    def project(self, x):
+        """[B,N,H] -> q, k, v [B, heads, N, H/heads], q and k normalised."""
         B, N, H = x.shape
         q, k, v = self.Wqkv(x).reshape(B, N, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, H))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def output(self, out):
+        """[B, heads, N, H/heads] -> [B,N,H]."""
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x):
+        return self.output(F.scaled_dot_product_attention(*self.project(x)))
 
 
 class MoeMLP(nn.Module):
@@ -355,9 +368,22 @@ class DiTMoEAdapter(MoEAdapter):
         return moe.num_experts_per_tok
 
 
+class DiTAttentionAdapter(AttentionAdapter):
+    """How moedit sees both attention flavours: their own projection and output methods."""
+
+    def heads(self, attn):
+        return attn.num_heads
+
+    def qkv(self, attn, x):
+        return attn.project(x)
+
+    def out(self, attn, o):
+        return attn.output(o)
+
+
 register_adapter(SparseMoeBlock, DiTMoEAdapter())
-register_leaf(Attention)
-register_leaf(QKNormAttention)
+register_attention(Attention, DiTAttentionAdapter())
+register_attention(QKNormAttention, DiTAttentionAdapter())
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:

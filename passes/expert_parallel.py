@@ -56,8 +56,8 @@ def _localize(gm: fx.GraphModule, layer: MoELayer, ctx: PassContext) -> nn.Modul
     """Swap the layer in `gm` for a copy holding only this rank's experts; return the copy."""
     moe = gm.get_submodule(layer.path)
     experts = layer.adapter.experts(moe)
-    replace = {id(e): RemovedExpert(i, expert_owner(i, ctx.world_size))
-               for i, e in enumerate(experts) if expert_owner(i, ctx.world_size) != ctx.rank}
+    replace = {id(e): RemovedExpert(i, expert_owner(i, ctx.ep_size))
+               for i, e in enumerate(experts) if expert_owner(i, ctx.ep_size) != ctx.ep_rank}
     local = strip_modules(moe, replace)
     parent_path, _, name = layer.path.rpartition(".")
     setattr(gm.get_submodule(parent_path), name, local)
@@ -73,9 +73,9 @@ def _submodule_path(root: nn.Module, root_path: str, target: nn.Module) -> str:
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContext) -> list[Inserted]:
-    P = ctx.world_size
+    P = ctx.ep_size
     moe = _localize(gm, layer, ctx)
-    ids = local_experts(layer.num_experts, P, ctx.rank)
+    ids = local_experts(layer.num_experts, P, ctx.ep_rank)
     experts = layer.adapter.experts(moe)
     moe.add_module("ep_router", Router(layer.adapter, moe))
     moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids))
@@ -212,7 +212,7 @@ def resolve_chunks(plan: Plan) -> tuple[Plan, dict | None]:
 
 
 def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Rewrite every MoE leaf into routed all-to-all expert parallelism over ctx.world_size ranks."""
+    """Rewrite every MoE leaf into routed all-to-all expert parallelism over the expert-parallel group."""
     by_index = {layer.index: layer for layer in ctx.layers}
     inserted: list[Inserted] = []
     for node in moe_nodes(gm):

@@ -43,7 +43,7 @@ from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
 from moedit.runtime.timeline import region
 
-_STARTS = (ops.exchange_start, ops.counts_start)
+_STARTS = ops.EXCHANGE_STARTS
 _CACHE_OPS = (ops.cache_read, ops.cache_write, ops.slot_outputs)
 
 # Default costs when no profile is given, in milliseconds of a small CPU model; only their

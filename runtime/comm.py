@@ -48,6 +48,21 @@ class Pending:
     exchange: Exchange | None = None
 
 
+class WorkGroup:
+    """Several work handles that finish together (a ring step's send and receive), as one."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+
 class CollectiveError(RuntimeError):
     """An exchange did not complete: a peer rank stalled past the timeout, or died."""
 

@@ -6,9 +6,11 @@ program with the run's state as its `run` input. It owns the step counter: `rese
 starts a sample (and says how many steps it has, for cool-down steps), `sample()` does
 that itself.
 
-The global batch is split over the ranks (dense layers run data-parallel, experts run
-expert-parallel across the same ranks); every rank draws the same initial noise for the
-whole batch from the seed and keeps its shard, so results do not depend on the world size.
+The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
+rank); ranks that differ only in the cfg, ring or ulysses axes get the same images and their
+programs split the work inside (moedit/passes/sequence_parallel.py). Every rank draws the
+same initial noise for the whole batch from the seed and keeps its shard, so results do not
+depend on the world size.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .timeline import Span, Timeline, instrument
 
 log = logging.getLogger(__name__)
 
-BATCH_AXIS = "ep"  # the axis the global batch is split over (all ranks, so far)
+BATCH_AXIS = "data"  # the axis the global batch is split over
+WORLD = "world"  # every rank: the runtime's own checks
 
 
 class Runtime:
@@ -62,16 +65,16 @@ class Runtime:
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != compiled.world_size:
             raise PlanError(f"the plan was compiled for {compiled.world_size} ranks but the process group has "
-                            f"{world}; launch with --nproc_per_node={compiled.world_size} or set "
-                            f"expert_parallel.degree: {world}")
+                            f"{world}; launch with --nproc_per_node={compiled.world_size} or change the plan's "
+                            f"axes ({plan.mesh.describe()}) to multiply to {world}")
         device = torch.device(device) if device is not None else device_for(backend)
         programs = compiled.programs(rank)  # builds them and checks their collective order against rank 0's
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
         orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
-        channels = {MAIN} | {channel for order in orders.values() for _, channel in order}
-        mesh = Mesh(plan.mesh_axes, channels, backend, plan.runtime.timeout_s, device.type)
-        _check_collective_order_across_processes(orders, mesh.group(BATCH_AXIS, MAIN))
+        communicators = {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | {key for order in orders.values() for key in order}
+        mesh = Mesh(plan.mesh, communicators, backend, plan.runtime.timeout_s)
+        _check_collective_order_across_processes(orders, mesh.group(WORLD, MAIN))
         if profile:
             programs = {kind: instrument(gm) for kind, gm in programs.items()}
         for gm in programs.values():
@@ -111,29 +114,32 @@ class Runtime:
     def _check_cache_limit(self) -> None:
         """Stop every rank together once any rank's caches have outgrown the plan's limit."""
         peak = torch.tensor([self.state.cache.peak_bytes], dtype=torch.int64, device=self.device)
-        problem = self.state.cache.over_limit([int(p) for p in self._all_gather("check of the cache sizes", peak)])
+        gathered = self._all_gather("check of the cache sizes", peak, WORLD)
+        problem = self.state.cache.over_limit([int(p) for p in gathered])
         if problem is not None:
             raise MemoryError(problem)
 
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
-        return [t.tensor_split(self.world_size)[self.rank].to(self.device) if isinstance(t, torch.Tensor) else t
-                for t in tensors]
+        layout = self.compiled.plan.mesh
+        shards, index = layout.size(BATCH_AXIS), layout.index(BATCH_AXIS, self.rank)
+        return [t.tensor_split(shards)[index].to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
 
-    def _all_gather(self, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        exchange = Exchange(name, None, BATCH_AXIS)
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+    def _all_gather(self, name: str, tensor: torch.Tensor, axis: str = BATCH_AXIS) -> list[torch.Tensor]:
+        exchange = Exchange(name, None, axis)
+        parts = [torch.empty_like(tensor) for _ in range(self.compiled.plan.mesh.size(axis))]
         work = dist.all_gather(parts, tensor, group=self.state.group(exchange), async_op=True)
         self.state.wait(self.state.issued(Pending(parts[0], work, exchange)))
         return parts
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
-        """Concatenate every rank's shard (shards may differ in size by one)."""
-        rows = -(-batch // self.world_size)
+        """Concatenate every data shard (shards may differ in size by one)."""
+        shards = self.compiled.plan.mesh.size(BATCH_AXIS)
+        rows = -(-batch // shards)
         padded = local.new_zeros((rows, *local.shape[1:]))
         padded[: local.shape[0]] = local
         parts = self._all_gather("gather of the output batch", padded)
-        sizes = [len(s) for s in torch.arange(batch).tensor_split(self.world_size)]
+        sizes = [len(s) for s in torch.arange(batch).tensor_split(shards)]
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     # -- public API ---------------------------------------------------------------------
@@ -191,7 +197,7 @@ class Runtime:
     def _check_finite(self, latents: torch.Tensor, step: int) -> None:
         """Stop every rank together if any rank's latents hold NaN or Inf."""
         bad = torch.tensor([0.0 if bool(torch.isfinite(latents).all()) else 1.0], device=self.device)
-        flags = self._all_gather("check for non-finite latents", bad)
+        flags = self._all_gather("check for non-finite latents", bad, WORLD)
         ranks = [r for r, f in enumerate(flags) if f.item()]
         if ranks:
             raise FloatingPointError(f"non-finite latents after diffusion step {step} on rank(s) {ranks}; "
@@ -203,7 +209,7 @@ class Runtime:
         if self.state.timeline is None:
             raise RuntimeError("this runtime does not profile; start it with compiled.to_runtime(profile=True)")
         spans: list = [None] * self.world_size
-        dist.all_gather_object(spans, self.state.timeline.snapshot(), group=self.state.mesh.group(BATCH_AXIS, MAIN))
+        dist.all_gather_object(spans, self.state.timeline.snapshot(), group=self.state.mesh.group(WORLD, MAIN))
         return spans
 
     def close(self) -> None:

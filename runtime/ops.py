@@ -6,6 +6,9 @@ dead-code elimination keeps it even when its result is unused.
 
     exchange_start(run, rows, send_splits, recv_splits, ...) -> Pending   all-to-all, variable splits
     counts_start(run, send_counts, ...)                        -> Pending   all-to-all of [P, L] counts
+    gather_start(run, piece, ...)                              -> Pending   all-gather, [G, *piece.shape]
+    ring_start(run, block, ...)                                -> Pending   send to the next rank, receive
+                                                                            from the previous one
     wait(run, pending)                                         -> Tensor    see [Note: async handles]
     cache_write(run, value, key=...) / cache_read(run, key=...)             values kept across steps
     slot_outputs(run, returned, order, weights, key=...)       -> [T, H]    unpermute for conditional comm
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from torch.fx.node import has_side_effect
 
 from .cache import InFlight
-from .comm import MAIN, Exchange, Pending
+from .comm import MAIN, Exchange, Pending, WorkGroup
 from .expert_ops import unpermute
 from .state import RunState
 
@@ -65,6 +68,35 @@ def counts_start(run: RunState, send_counts: torch.Tensor, *, layer: int, axis: 
 
 
 @stateful
+def gather_start(run: RunState, piece: torch.Tensor, *, name: str, layer: int | None, axis: str,
+                 channel: str = MAIN) -> Pending:
+    """Start an all-gather of every rank's `piece` (all of one shape) into [G, *piece.shape], in group order."""
+    exchange = Exchange(name, layer, axis, channel)
+    group = run.group(exchange)
+    output = piece.new_empty((group.size(), *piece.shape))
+    work = dist.all_gather(list(output.unbind(0)), piece.contiguous(), group=group, async_op=True)
+    run.sent_bytes += (group.size() - 1) * piece.numel() * piece.element_size()
+    return run.issued(Pending(output, work, exchange))
+
+
+@stateful
+def ring_start(run: RunState, block: torch.Tensor, *, name: str, layer: int | None, axis: str,
+               channel: str = MAIN) -> Pending:
+    """One turn of a ring: send `block` to the next rank of the group and receive the
+    previous rank's block of the same shape (both point to point, started together)."""
+    exchange = Exchange(name, layer, axis, channel)
+    group = run.group(exchange)
+    me, size = group.rank(), group.size()
+    output = torch.empty_like(block)
+    works = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, block.contiguous(), dist.get_global_rank(group, (me + 1) % size), group),
+        dist.P2POp(dist.irecv, output, dist.get_global_rank(group, (me - 1) % size), group),
+    ])
+    run.sent_bytes += block.numel() * block.element_size()
+    return run.issued(Pending(output, WorkGroup(works), exchange))
+
+
+@stateful
 def wait(run: RunState, pending: Pending) -> torch.Tensor:
     """Block until an exchange started earlier has landed, then return its buffer."""
     return run.wait(pending)
@@ -93,6 +125,9 @@ def slot_outputs(run: RunState, returned: torch.Tensor, order: torch.Tensor, wei
         run.cache.write(key, slots)
         return routed
     return unpermute(returned, order, weights, slots=run.cache.read(key).clone())
+
+
+EXCHANGE_STARTS = (exchange_start, counts_start, gather_start, ring_start)  # each returns a Pending
 
 
 def in_flight(pending: Pending, order, send_counts, recv_counts) -> InFlight:

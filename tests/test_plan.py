@@ -38,8 +38,6 @@ def test_invalid_fields_are_named(data, field):
 @pytest.mark.parametrize("data", [
     {"shortcut": {"enabled": True}},
     {"pipefusion": {"degree": 2}},
-    {"sequence_parallel": {"ulysses": 2}},
-    {"cfg_parallel": True},
     {"offload": {"enabled": True}},
     {"kernels": "triton"},
 ])

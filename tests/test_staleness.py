@@ -116,6 +116,11 @@ def test_interweaved_output_is_one_step_stale(spawn, world):
     assert _check(spawn, world, "interweaved", {})[0] == {0, 1}
 
 
+def test_interweaved_on_ulysses_tokens_is_one_step_stale(spawn):
+    """Under sequence parallelism every rank routes its piece of each image's tokens; staleness is unchanged."""
+    assert _check(spawn, 2, "interweaved", {"sequence_parallel": {"ulysses": 2}})[0] == {0, 1}
+
+
 def test_warmup_cooldown_and_strided_sync_steps_are_exact(spawn):
     plan = {"staleness": {"warmup_steps": 2, "cooldown_steps": 1, "sync_every": 4}}
     checked, log = _check(spawn, 2, "displaced", plan)

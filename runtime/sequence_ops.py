@@ -1,0 +1,112 @@
+"""The local pieces of sequence-parallel attention (moedit/passes/sequence_parallel.py).
+
+Shape legend: B batch, h heads, d head size, n tokens on this rank, U the Ulysses degree,
+G ranks in a gather. q, k, v travel stacked as one [3,B,h,n,d] tensor ("qkv", k and v as
+"kv" [2,B,h,n,d]).
+
+Ulysses trades a token shard of every head for every token of a head shard:
+
+    heads_to_ranks   [3,B,h,n,d]     -> [U,3,B,h/U,n,d]   row j goes to rank j (all-to-all)
+    ranks_to_tokens  [U,3,B,h/U,n,d] -> [3,B,h/U,U*n,d]   row j came from rank j: its tokens
+    tokens_to_ranks  [B,h/U,U*n,d]   -> [U,B,h/U,n,d]     and back, after attention
+    ranks_to_heads   [U,B,h/U,n,d]   -> [B,h,n,d]
+
+Ring attention keeps q and passes k and v around; each block's partial result carries the
+log-sum-exp of its scores so that blocks merge exactly (`merge_blocks`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Projections(nn.Module):
+    """Graph node for an attention layer's q/k/v projection, through its adapter. [B,n,H] -> [3,B,h,n,d]."""
+
+    def __init__(self, adapter, attn: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_attn", attn)  # a view, see [Note: layer views] in expert_ops.py
+
+    def forward(self, x):
+        return torch.stack(self.adapter.qkv(self._attn, x))
+
+
+class OutputProjection(nn.Module):
+    """Graph node for an attention layer's head merge and output projection. [B,h,n,d] -> [B,n,H]."""
+
+    def __init__(self, adapter, attn: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_attn", attn)  # a view
+
+    def forward(self, out):
+        return self.adapter.out(self._attn, out)
+
+
+def heads_to_ranks(qkv: torch.Tensor, ranks: int) -> torch.Tensor:
+    return qkv.unflatten(-3, (ranks, -1)).movedim(-4, 0).contiguous()
+
+
+def ranks_to_tokens(received: torch.Tensor) -> torch.Tensor:
+    return received.movedim(0, -3).flatten(-3, -2)
+
+
+def tokens_to_ranks(out: torch.Tensor, ranks: int) -> torch.Tensor:
+    return out.unflatten(-2, (ranks, -1)).movedim(-3, 0).contiguous()
+
+
+def ranks_to_heads(received: torch.Tensor) -> torch.Tensor:
+    return received.movedim(0, -4).flatten(-4, -3)
+
+
+def attend(qkv: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the tokens present. [3,B,h,n,d] -> [B,h,n,d]."""
+    q, k, v = qkv.unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def attend_block(q: torch.Tensor, kv: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q to one block of keys: (output [B,h,n,d], log-sum-exp of the scores [B,h,n])."""
+    k, v = kv.unbind(0)
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    lse = scores.float().logsumexp(dim=-1)
+    return (scores.float() - lse.unsqueeze(-1)).exp().to(v.dtype) @ v, lse
+
+
+def merge_blocks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    """Two blocks' partial attention as if computed over both key sets at once."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * (lse_a - lse).exp().unsqueeze(-1).to(out_a.dtype) + out_b * (lse_b - lse).exp().unsqueeze(-1).to(
+        out_b.dtype)
+    return out, lse
+
+
+def shard(tensor: torch.Tensor, dim: int, parts: int, index: int) -> torch.Tensor:
+    """This rank's contiguous piece of `tensor` along `dim` (pieces may differ in size by one)."""
+    return tensor.tensor_split(parts, dim)[index]
+
+
+def pad_rows(tensor: torch.Tensor, whole: torch.Tensor, parts: int) -> torch.Tensor:
+    """A shard of `whole`'s batch padded to the largest shard's rows, so every rank gathers one size."""
+    rows = -(-whole.shape[0] // parts)
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
+
+
+def from_ranks(gathered: torch.Tensor, dim: int) -> torch.Tensor:
+    """[G, ...] gathered pieces -> their concatenation along `dim`."""
+    return gathered.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def unpad_rows(gathered: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """[G, rows, ...] padded shards of `whole`'s batch -> [batch, ...]."""
+    sizes = [len(piece) for piece in torch.arange(whole.shape[0]).tensor_split(gathered.shape[0])]
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
