@@ -69,7 +69,8 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         sent = cache = "-"
         if slots is not None:
             slot_bytes = layer.top_k * layer.hidden_size * layer.element_size
-            sent_bytes = sum(r["bytes_per_token"] * r["share"] for r in rows) * slots * layer.top_k * (world - 1) / world
+            ep = plan.mesh.ep
+            sent_bytes = sum(r["bytes_per_token"] * r["share"] for r in rows) * slots * layer.top_k * (ep - 1) / ep
             cache_bytes = sum(r["share"] for r in rows if r["kind"] in _CACHING) * slots / world * slot_bytes
             total_sent, total_cache = total_sent + sent_bytes, total_cache + cache_bytes
             sent, cache = _mb(sent_bytes), _mb(cache_bytes)
@@ -85,7 +86,34 @@ def explain(compiled, batch_size: int, steps: int) -> str:
                      + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(compiled.sensitivity)))
     if slots is not None:
         lines.append(f"{'total':<125}{_mb(total_sent):>12}{_mb(total_cache):>12}")
-    lines += ["", "expert placement (expert e on rank e % P):"]
+    lines += _dense_axes(compiled, tokens, slots)
+    lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")
     return "\n".join(lines)
+
+
+def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
+    """The xDiT axes: how the mesh splits the work and what attention exchanges."""
+    plan = compiled.plan
+    mesh, sp = plan.mesh, plan.sequence_parallel
+    if mesh.data == mesh.world:
+        return []
+    lines = ["", f"mesh: {mesh.describe()} = {mesh.world} ranks; ranks "
+             + "; ".join(f"{axis} {mesh.groups(axis)}" for axis in (*mesh.AXES, "ep") if mesh.size(axis) > 1)]
+    if plan.cfg_parallel:
+        lines.append("cfg parallel: each half of the mesh runs one half of the batch (conditional or "
+                     "unconditional); one all-gather of the model output per step")
+    if sp.degree > 1:
+        layer = compiled.layers[0]
+        what = " then ".join(w for w, d in (("Ulysses all-to-all of q/k/v and back", sp.ulysses),
+                                             (f"ring of {sp.ring - 1} k/v turn(s)", sp.ring)) if d > 1)
+        piece = f"{tokens // sp.degree} of {tokens}" if tokens else f"1/{sp.degree}"
+        lines.append(f"sequence parallel (ulysses {sp.ulysses} x ring {sp.ring}): every rank holds {piece} tokens "
+                     f"of its images from the first block to the final layer; attention: {what}")
+        if slots is not None:
+            # per token: Ulysses sends (U-1)/U of q, k, v and of the output; every ring turn moves k and v
+            per_token = layer.row_bytes * (4 * (sp.ulysses - 1) / sp.ulysses + 2 * (sp.ring - 1))
+            lines.append(f"  sent per attention layer and step: {_mb(per_token * slots)} (all ranks, the batch "
+                         "above)")
+    return lines

@@ -156,6 +156,8 @@ class Emitter:
         node = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
         stale = self.staleness if staleness is None else staleness
         node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
+        if self.layer is None:
+            node.meta[META]["where"] = self.prefix
         if self.chunk is not None:
             node.meta[META]["chunk"] = self.chunk
         if kind not in VALUES:

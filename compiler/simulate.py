@@ -70,6 +70,7 @@ class Compute:
 class Start:
     exchange: Exchange
     sent: list[float]  # bytes to each rank
+    group: tuple[int, ...] = ()  # the ranks that take part (the mesh group of its axis); () every rank
 
 
 @dataclasses.dataclass
@@ -102,8 +103,8 @@ class _Work:
 class _SimRun:
     """The `run` input of a replayed program: a real step cache; exchanges are recorded."""
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, layout):
+        self.rank, self.world, self.layout = rank, world, layout
         self.cache = StepCache()
         self.step, self.seed, self.kind, self.sent_bytes, self.timeline = 1, 0, None, 0, None
         self.events: list = []
@@ -195,29 +196,41 @@ class _Replay(fx.Interpreter):
             self.counter.add(6 * 8 * order.numel(), order.numel(), "sort", count=3)  # key, argsort, bincount
             self.counter.add(2 * _nbytes(rows), rows.numel(), "index")  # gather the rows
             return rows, order, send_counts
+        if target not in ops.EXCHANGE_STARTS:
+            return self._run(target, args, kwargs)
+        exchange = Exchange(kwargs.get("name", "counts"), kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN))
+        group = run.layout.groups(exchange.axis)
+        group = next(g for g in group if run.rank in g)
+        me, size = group.index(run.rank), len(group)
         if target is ops.counts_start:
             send_counts = args[1]
-            recv = send_counts[run.rank:run.rank + 1].expand_as(send_counts).clone()  # all ranks route alike
-            per_rank = send_counts[0].numel() * send_counts.element_size()
-            return self._start(Exchange("counts", kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN)),
-                               recv, [per_rank] * run.world)
-        if target is ops.exchange_start:
+            recv = send_counts[me:me + 1].expand_as(send_counts).clone()  # all ranks route alike
+            out, sent = recv, [send_counts[0].numel() * send_counts.element_size()] * size
+        elif target is ops.exchange_start:
             _, rows, send_splits, recv_splits = args
             with self.fake:
                 out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
             row = math.prod(rows.shape[1:]) * rows.element_size()
+            sent = [row * n for n in send_splits]
             self.counter.add(2 * _nbytes(rows))  # the copy into the send buffer
-            return self._start(Exchange(kwargs["name"], kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN)),
-                               out, [row * n for n in send_splits])
-        return self._run(target, args, kwargs)
-
-    def _start(self, exchange: Exchange, output, sent: list[float]) -> Pending:
-        run = self.run_state
+        elif target is ops.gather_start:
+            piece = args[1]
+            with self.fake:
+                out = piece.new_empty((size, *piece.shape))
+            sent = [_nbytes(piece)] * size
+            self.counter.add(2 * _nbytes(piece))
+        else:  # ring_start: to the next rank of the ring only
+            block = args[1]
+            with self.fake:
+                out = torch.empty_like(block)
+            sent = [_nbytes(block) if q == (me + 1) % size else 0 for q in range(size)]
+            self.counter.add(2 * _nbytes(block))
         self.flush()
-        sent = list(sent)
-        sent[run.rank] = 0.0
-        run.events.append(Start(exchange, sent))
-        return Pending(output, _Work(run.program, len(run.events) - 1), exchange)
+        to_rank = [0.0] * run.world
+        for q, b in zip(group, sent):
+            to_rank[q] = 0.0 if q == run.rank else b
+        run.events.append(Start(exchange, to_rank, tuple(group)))
+        return Pending(out, _Work(run.program, len(run.events) - 1), exchange)
 
 
 def _nbytes(t) -> int:
@@ -231,23 +244,25 @@ def _dtype(dtype: torch.dtype) -> str:
 def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0)
     on fake inputs for a global batch of `batch` sequences (with CFG: twice the images)."""
-    world = compiled.world_size
-    shards = [len(s) for s in torch.arange(batch).tensor_split(world)]
+    world, layout = compiled.world_size, compiled.plan.mesh
+    shards = [len(s) for s in torch.arange(batch).tensor_split(layout.data)]
     if min(shards) == 0:
-        raise SimulationError(f"a global batch of {batch} leaves a rank of {world} with nothing to do")
+        raise SimulationError(f"a global batch of {batch} leaves a data shard of {layout.data} with nothing to do")
     model = compiled.model
     if not hasattr(model, "example_inputs"):
         raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
                               "the shapes of the model's inputs")
-    ranks = list(range(world)) if ranks is None else ranks
+    if ranks is None or layout.data != world:  # only plain expert parallelism has ranks that mirror rank 0
+        ranks = list(range(world))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     counter = OpCounter()
     events, weights, activations, caches = [], [], [], []
     dtype = next(model.parameters()).dtype
     for rank in ranks:
         with fake:
-            inputs = [t.to(dtype) if t.is_floating_point() else t for t in model.example_inputs(shards[rank])]
-        run = _SimRun(rank, world)
+            inputs = [t.to(dtype) if t.is_floating_point() else t
+                      for t in model.example_inputs(shards[layout.index("data", rank)])]
+        run = _SimRun(rank, world, layout)
         programs = compiled.programs(rank)
         order = [StepKind(True)] + [k for k in compiled.kinds if not k.synchronous]
         order += [k for k in compiled.kinds if k not in order]
@@ -335,10 +350,10 @@ class _Bucket:
 
 
 class _Fabric:
-    """The links of one mesh axis: exchanges move over them one at a time."""
+    """The links of one group of a mesh axis: exchanges move over them one at a time."""
 
-    def __init__(self, hardware: Hardware, world: int):
-        self.hw, self.world = hardware, world
+    def __init__(self, hardware: Hardware, world: int, members: tuple[int, ...]):
+        self.hw, self.world, self.members = hardware, world, members
         self.node = [hardware.node_of(r, world) for r in range(world)]
         self.buckets = {n: _Bucket(hardware.inter) for n in set(self.node)} if hardware.inter else {}
         self.free = 0.0
@@ -349,7 +364,7 @@ class _Fabric:
         start = max(ready, self.free) + self.hw.intra.turn_taking.get(self.world, 0.0) * computed
         hw, node = self.hw, self.node
         intra = max(sum(b for q, b in enumerate(row) if node[q] == node[r]) for r, row in enumerate(sent))
-        peers = max(sum(1 for q in range(self.world) if node[q] == node[r]) for r in range(self.world)) - 1
+        peers = max(sum(1 for q in self.members if node[q] == node[r]) for r in self.members) - 1
         seconds = intra / hw.intra.bytes_per_s
         latency = hw.intra.latency(peers, self.world)
         if len(self.buckets) > 1:
@@ -367,6 +382,7 @@ class _Fabric:
 @dataclasses.dataclass
 class _Instance:
     exchange: Exchange
+    group: tuple[int, ...]  # the ranks that take part
     step: int
     issued: dict  # rank -> time
     sent: dict  # rank -> bytes per destination
@@ -380,6 +396,7 @@ def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_fini
     """Run every rank's events over a `steps`-step sample on `hardware` (see the module's
     docstring). `check_finite` adds the runtime's per-step all-gather of a flag."""
     world = replayed.world
+    everyone = tuple(range(world))
     kinds = [replayed.steps.kind_at(s, steps) for s in range(steps)]
     streams = []
     for r in range(world):
@@ -392,11 +409,11 @@ def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_fini
                 stream.append((step, e))
             if check_finite:
                 flag = Exchange("check for non-finite latents", None, BATCH_AXIS)
-                stream.append((step, Start(flag, [0.0 if q == r else 4.0 for q in range(world)])))
+                stream.append((step, Start(flag, [0.0 if q == r else 4.0 for q in range(world)], everyone)))
                 stream.append((step, Wait(flag, "sampler", len(stream) - 1)))
             stream.append((step, "end"))
         streams.append(stream)
-    fabrics = defaultdict(lambda: _Fabric(hardware, world))
+    fabrics: dict = {}  # (axis, group) -> _Fabric
     channel_free: dict = defaultdict(float)
     instances: dict = {}  # (exchange, occurrence) -> _Instance
     occurrence = [defaultdict(int) for _ in range(world)]
@@ -415,13 +432,16 @@ def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_fini
 
     def land(inst: _Instance) -> None:
         ready = max(inst.issued.values())
-        sent = [inst.sent[r] for r in range(world)]
-        lane = (inst.exchange.axis, inst.exchange.channel)
-        computed = max(inst.issued[r] - synced[r] for r in range(world))
-        start, landed = fabrics[inst.exchange.axis].move(sent, max(ready, channel_free[lane]), computed)
+        sent = [inst.sent.get(r, [0.0] * world) for r in range(world)]
+        lane = (inst.exchange.axis, inst.exchange.channel, inst.group)
+        computed = max(inst.issued[r] - synced[r] for r in inst.group)
+        key = (inst.exchange.axis, inst.group)
+        if key not in fabrics:
+            fabrics[key] = _Fabric(hardware, world, inst.group)
+        start, landed = fabrics[key].move(sent, max(ready, channel_free[lane]), computed)
         channel_free[lane] = inst.landed = landed
         inst.moving = (start, landed)
-        for r in range(world):
+        for r in inst.group:
             spans[r].append(Span(lane_of(inst.exchange), exchange_name(inst.exchange), inst.issued[r], landed,
                                  inst.step))
         for r, since, where, step in inst.parked:
@@ -434,7 +454,7 @@ def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_fini
         if cpu_rate:
             start, end = inst.moving
             overlap = max(0.0, min(end, since) - max(start, inst.issued[r]))
-            moved = sum(inst.sent[r]) + sum(inst.sent[q][r] for q in range(world))
+            moved = sum(inst.sent[r]) + sum(inst.sent[q][r] for q in inst.group)
             since += overlap / max(end - start, 1e-12) * moved / cpu_rate
         end = max(since, inst.landed)
         synced[r] = end
@@ -464,16 +484,17 @@ def simulate(replayed: Replayed, hardware: Hardware, steps: int = 20, check_fini
                 heapq.heappush(heap, (clock[r], r))
                 break
             if isinstance(e, Start):
-                n = occurrence[r][e.exchange]
-                occurrence[r][e.exchange] += 1
-                inst = instances.setdefault((e.exchange, n), _Instance(e.exchange, step, {}, {}))
+                group = e.group or everyone
+                n = occurrence[r][e.exchange, group]
+                occurrence[r][e.exchange, group] += 1
+                inst = instances.setdefault((e.exchange, group, n), _Instance(e.exchange, group, step, {}, {}))
                 inst.issued[r], inst.sent[r] = clock[r], e.sent
                 started[r][index] = inst
                 latest[r][e.exchange].append(inst)
                 if r == 0:
                     sent_total[step] += sum(e.sent)
                 clock[r] += issue_s
-                if len(inst.issued) == world:
+                if len(inst.issued) == len(group):
                     land(inst)
                 continue
             # a wait

@@ -49,8 +49,10 @@ _CACHE_OPS = (ops.cache_read, ops.cache_write, ops.slot_outputs)
 # Default costs when no profile is given, in milliseconds of a small CPU model; only their
 # ratios matter. Compute regions by the kind of their first node; exchanges by name.
 DEFAULT_COMPUTE_MS = {"attention": 3.0, "dense": 1.0, Kind.EXPERTS: 3.0, Kind.SHARED: 1.5, Kind.ROUTE: 0.5,
-                      Kind.PERMUTE: 0.5, Kind.UNPERMUTE: 0.5, Kind.SLOT_CACHE: 0.5, Kind.MERGE: 0.2}
-DEFAULT_EXCHANGE_MS = {"dispatch": 4.0, "combine": 4.0, "counts": 1.0}
+                      Kind.PERMUTE: 0.5, Kind.UNPERMUTE: 0.5, Kind.SLOT_CACHE: 0.5, Kind.MERGE: 0.2,
+                      Kind.QKV: 1.0, Kind.ATTEND: 2.0, Kind.ATTENTION_OUT: 0.5}
+DEFAULT_EXCHANGE_MS = {"dispatch": 4.0, "combine": 4.0, "counts": 1.0,  # by name, else by kind
+                       Kind.ULYSSES_START: 2.0, Kind.RING_START: 2.0, Kind.GATHER_START: 1.0}
 
 
 def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -117,10 +119,11 @@ def costs(nodes: list[fx.Node], profile: str | None) -> tuple[dict, dict]:
     current = None
     for node in nodes:
         if node.target in _STARTS:
-            name = node.kwargs.get("name", "counts")
-            label = f"L{node.kwargs['layer']} {name}"
+            name, layer = node.kwargs.get("name", "counts"), node.kwargs["layer"]
+            label = name if layer is None else f"L{layer} {name}"
+            default = DEFAULT_EXCHANGE_MS[name if name in DEFAULT_EXCHANGE_MS else kind_of(node)]
             flight[node] = (measured["exchange"].get(label, measured["exchange_by_name"].get(name, 0.0))
-                            if measured else DEFAULT_EXCHANGE_MS[name] / 1e3)
+                            if measured else default / 1e3)
         label = region(node)
         if label is None or label == current:
             compute[node] = 0.0

@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from moedit.adapters import attention_adapter_for
-from moedit.graph import META, Emitter, Inserted, Kind, kind_of, meta, run_input
+from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
@@ -190,7 +190,6 @@ def _split_attention(gm: fx.GraphModule, node: fx.Node, index: int, ctx: PassCon
         if sp.ulysses > 1:
             out = _ulysses(emit, out, tokens_to_ranks, ranks_to_heads, sp.ulysses, f"attention {index} output")
         result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
-    result.meta[META]["attention"] = index
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
     return emit.inserted

@@ -121,9 +121,10 @@ def region(node: fx.Node) -> str | None:
         return node.target
     if kind is not None and "layer" in info:
         layer = info.get("owner", info["layer"])  # a slot may run another layer's experts
+        who = f"L{layer}" if layer is not None else info.get("where", "dense")  # "a3": attention 3
         if node.target is ops.wait:
-            return f"L{layer} wait {kind.value.removesuffix('_wait')}"
-        return f"L{layer} {kind.value.removesuffix('_start')}"
+            return f"{who} wait {kind.value.removesuffix('_wait')}"
+        return f"{who} {kind.value.removesuffix('_start')}"
     stack = node.meta.get("nn_module_stack")
     return f"{next(iter(stack))} dense" if stack else "dense"
 

@@ -28,6 +28,8 @@ PLANS = {  # world -> name -> plan
         "ulysses 4": dict(sequence_parallel={"ulysses": 4}, expert_parallel={"degree": 4}),
         "ring 4": dict(sequence_parallel={"ring": 4}, expert_parallel={"degree": 4}),
         "usp 2x2": dict(sequence_parallel={"ulysses": 2, "ring": 2}, expert_parallel={"degree": 4}),
+        "usp 2x2, overlap schedule": dict(sequence_parallel={"ulysses": 2, "ring": 2}, expert_parallel={"degree": 4},
+                                          schedule={"policy": "overlap"}),
         "cfg 2 x ulysses 2": dict(cfg_parallel=True, sequence_parallel={"ulysses": 2}, expert_parallel={"degree": 4}),
         "cfg 2 x ulysses 2, experts on 2": dict(cfg_parallel=True, sequence_parallel={"ulysses": 2},
                                                 expert_parallel={"degree": 2}),
