@@ -24,6 +24,7 @@ over ranks (sequence parallelism):
     qkv(attn, x [B,n,H])     -> q, k, v, each [B, heads, n, d], with any q/k normalisation applied
     out(attn, o [B,heads,n,d]) -> [B,n,H]   (merging the heads and the output projection)
     scale(attn)              -> softmax scale, or None for 1/sqrt(d)
+    check(attn)              -> why this instance cannot be split, or None
 
 between which moedit computes softmax(q k^T * scale) v itself, over all n tokens of
 the image, wherever they live.
@@ -69,6 +70,10 @@ class AttentionAdapter:
         raise NotImplementedError
 
     def scale(self, attn: nn.Module) -> float | None:
+        return None
+
+    def check(self, attn: nn.Module) -> str | None:
+        """Why this instance cannot be split (a configuration the adapter does not cover), or None."""
         return None
 
 

@@ -160,7 +160,14 @@ def _check_degrees(gm: fx.GraphModule, attentions: list[fx.Node], tokens: int, c
                         f"the tokens per image ({tokens}); choose degrees whose product divides {tokens}")
     for node in attentions:
         attn = gm.get_submodule(node.target)
-        heads = attention_adapter_for(attn).heads(attn)
+        adapter = attention_adapter_for(attn)
+        problem = adapter.check(attn)
+        if problem is not None:
+            raise PlanError(f"sequence_parallel: {node.target}: {problem}")
+        if len(node.args) != 1 or node.kwargs:
+            raise PlanError(f"sequence_parallel: {node.target} is called with more than the hidden states "
+                            f"({node.format_node()}); moedit splits self-attention over one token sequence only")
+        heads = adapter.heads(attn)
         if heads % sp.ulysses:
             raise PlanError(f"sequence_parallel.ulysses ({sp.ulysses}) must divide the head count of "
                             f"{node.target} ({heads}); choose a Ulysses degree that divides {heads} and put the "

@@ -1,0 +1,165 @@
+"""xDiT's exact parallelism measured: Ulysses, Ring, USP and CFG parallelism, alone and in
+hybrids with expert parallelism, beside plain expert parallelism, with the simulator's
+prediction for every row.
+
+    python benchmarks/sequence.py [--link loopback|shaped] [--rounds 3] [--parts plans sweep] [--save]
+
+Two parts (expected run time: ~8 min on loopback, ~12 min over the shaped link, 2 CPUs):
+
+* plans: the digits model, 20 images with CFG, 20 steps, at 2 and 4 ranks: step time and
+  time blocked on exchanges per plan, median [min-max] over rounds in which the plans
+  alternate, and the simulator's prediction (profile `cpu-local`, or `shaped-link` with
+  --link shaped, from `moedit calibrate`).
+* sweep: one image with CFG (the latency case sequence parallelism is for: the batch
+  cannot be split) at 64, 256 and 1024 tokens (S/2 blocks with random weights, 4 blocks,
+  5 steps), 1 rank against each 2-rank technique: at which sequence length each pays off.
+
+Prints the tables; with --save writes benchmarks/results/sequence_<link>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+import moedit
+from _launch import machine, plan_of, run_plan, show, spread
+from moedit.costs import Hardware, HardwareError
+from moedit.models import load_model
+from moedit.runtime.netns import LinkError, ShapedLink
+from moedit.simulate import replay, simulate
+
+PLANS = {  # world -> plan specs (examples/plans/<name>.yaml, @ sets fields; the EP degree is the world size)
+    2: ["sync_ep", "ulysses", "ring", "cfg_parallel"],
+    4: ["sync_ep", "ulysses", "ulysses@sequence_parallel.ulysses=4", "ring@sequence_parallel.ring=4", "usp",
+        "cfg_parallel@sequence_parallel.ulysses=2", "cfg_parallel@sequence_parallel.ring=2",
+        "cfg_ulysses_dice"],
+}
+SWEEP_PLANS = ["single", "ulysses", "ring", "cfg_parallel"]
+SWEEP_SIZES = [16, 32, 64]  # latent side: 64, 256, 1024 tokens with patch 2
+SWEEP_MODEL = dict(model="S/2-8E2A", depth=4)
+
+
+def measure(specs: list[str], world_of, rounds: int, link, **run_args) -> dict:
+    """{spec: [(step s, blocked s) per round]}, the plans alternating within each round."""
+    measured = {spec: [] for spec in specs}
+    for round_index in range(rounds):
+        for spec in specs:
+            world = world_of(spec)
+            result = run_plan(plan_of(spec, world), world, link=link if world > 1 else None, name=spec, **run_args)
+            step, blocked = (statistics.mean(result[k][1:]) for k in ("step_s", "blocked_s"))
+            measured[spec].append((step, blocked))
+            print(f"  {world} rank(s), round {round_index + 1}, {spec}: {1e3 * step:.1f} ms/step", flush=True)
+    return measured
+
+
+def predicted(spec: str, world: int, model, hardware: Hardware, samples: int, steps: int):
+    compiled = moedit.compile(model, moedit.Plan(**plan_of(spec, world)))
+    return simulate(replay(compiled, samples), hardware, steps=steps)
+
+
+def row(spec: str, world: int, runs: list, prediction) -> dict:
+    out = {"plan": spec, "world": world, "measured_ms": spread([1e3 * s for s, _ in runs]),
+           "blocked_ms": spread([1e3 * b for _, b in runs]), "predicted_ms": 1e3 * prediction.mean_step_s,
+           "predicted_blocked_ms": 1e3 * prediction.exposed_comm_s}
+    out["error"] = out["predicted_ms"] / out["measured_ms"]["median"] - 1
+    return out
+
+
+def print_rows(rows: list[dict], first: str) -> None:
+    print(f"{first:<44}{'ranks':>6}{'step ms':>22}{'blocked ms':>20}{'predicted':>11}{'error':>8}")
+    for r in rows:
+        label = r["plan"] if "tokens" not in r else f"{r['tokens']} tokens, {r['plan']}"
+        print(f"{label:<44}{r['world']:>6}{show(r['measured_ms']):>22}{show(r['blocked_ms']):>20}"
+              f"{r['predicted_ms']:>11.1f}{r['error']:>+8.0%}")
+
+
+def plans_part(args, hardware, link) -> list[dict]:
+    rows = []
+    digits = load_model("digits")
+    for world, specs in PLANS.items():
+        runs = measure(specs, lambda spec: world, args.rounds, link, steps=20, images=20)
+        for spec in specs:
+            rows.append(row(spec, world, runs[spec], predicted(spec, world, digits, hardware, 40, 20)))
+    return rows
+
+
+def sweep_part(args, hardware, link) -> tuple[list[dict], dict]:
+    rows, pays_off = [], {}
+    for size in SWEEP_SIZES:
+        overrides = {"depth": SWEEP_MODEL["depth"], "input_size": size}
+        extra = tuple(x for key, value in overrides.items() for x in ("--set", f"{key}={value}"))
+        runs = measure(SWEEP_PLANS, lambda spec: 1 if spec == "single" else 2, args.rounds, link, steps=5, images=1,
+                       model=SWEEP_MODEL["model"], extra_args=extra)
+        torch.manual_seed(0)
+        model = load_model(SWEEP_MODEL["model"], **overrides)
+        tokens = (size // 2) ** 2
+        for spec in SWEEP_PLANS:
+            world = 1 if spec == "single" else 2
+            rows.append({"tokens": tokens, **row(spec, world, runs[spec],
+                                                 predicted(spec, world, model, hardware, 2, 5))})
+    single = {r["tokens"]: r["measured_ms"]["median"] for r in rows if r["plan"] == "single"}
+    for spec in SWEEP_PLANS[1:]:
+        faster = [r["tokens"] for r in rows if r["plan"] == spec and r["measured_ms"]["median"] < single[r["tokens"]]]
+        pays_off[spec] = min(faster) if faster else None
+    return rows, pays_off
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--link", choices=["loopback", "shaped"], default="loopback")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=["plans", "sweep"], default=["plans", "sweep"])
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/sequence_<link>.json")
+    args = parser.parse_args()
+    if args.link == "shaped" and ShapedLink.check():
+        print(f"sequence.py: {ShapedLink.check()}", file=sys.stderr)
+        return 2
+    profile = "shaped-link" if args.link == "shaped" else "cpu-local"
+    try:
+        hardware = Hardware.load(profile)
+    except HardwareError as err:
+        print(f"sequence.py: {err}\nrun `moedit calibrate{' --link shaped' if args.link == 'shaped' else ''}` first",
+              file=sys.stderr)
+        return 2
+    link = ShapedLink() if args.link == "shaped" else None
+    results = {"machine": machine(), "profile": profile, "rounds": args.rounds}
+    try:
+        if link is not None:
+            link.__enter__()
+        results["link"] = link.describe() if link is not None else "loopback"
+        if "plans" in args.parts:
+            results["plans"] = plans_part(args, hardware, link)
+        if "sweep" in args.parts:
+            results["sweep"], results["pays_off_tokens"] = sweep_part(args, hardware, link)
+    except LinkError as err:
+        print(f"sequence.py: could not make the shaped link: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if link is not None:
+            link.__exit__(None, None, None)
+    print(f"\n{results['link']}; {machine()}; {args.rounds} alternating rounds; predicted with {profile}")
+    if "plans" in results:
+        print("\ndigits model, 20 images with CFG, 20 steps")
+        print_rows(results["plans"], "plan")
+    if "sweep" in results:
+        print(f"\none image with CFG, {SWEEP_MODEL['model']} blocks x {SWEEP_MODEL['depth']}, random weights, 5 steps")
+        print_rows(results["sweep"], "tokens, plan")
+        print("faster than 1 rank from: " + ", ".join(
+            f"{spec} {tokens if tokens else 'never (up to 1024)'}" for spec, tokens in results["pays_off_tokens"].items()))
+    rows = results.get("plans", []) + results.get("sweep", [])
+    print(f"predictions within 20 %: {sum(abs(r['error']) <= 0.2 for r in rows)} of {len(rows)}")
+    if args.save:
+        out = f"benchmarks/results/sequence_{args.link}.json"
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
