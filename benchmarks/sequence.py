@@ -2,9 +2,10 @@
 hybrids with expert parallelism, beside plain expert parallelism, with the simulator's
 prediction for every row.
 
-    python benchmarks/sequence.py [--link loopback|shaped] [--rounds 3] [--parts plans sweep] [--save]
+    python benchmarks/sequence.py [--link loopback|shaped] [--rounds 3] [--parts plans sweep gpu] [--save]
 
-Two parts (expected run time: ~8 min on loopback, ~12 min over the shaped link, 2 CPUs):
+Three parts (expected run time: ~11 min on loopback, ~13 min over the shaped link, 2 CPUs;
+the gpu part alone ~3 min):
 
 * plans: the digits model, 20 images with CFG, 20 steps, at 2 and 4 ranks: step time and
   time blocked on exchanges per plan, median [min-max] over rounds in which the plans
@@ -13,14 +14,19 @@ Two parts (expected run time: ~8 min on loopback, ~12 min over the shaped link, 
 * sweep: one image with CFG (the latency case sequence parallelism is for: the batch
   cannot be split) at 64, 256 and 1024 tokens (S/2 blocks with random weights, 4 blocks,
   5 steps), 1 rank against each 2-rank technique: at which sequence length each pays off.
+* gpu (predicted only, nothing is run): the same question for XL/2-8E2A in bfloat16 on 8
+  GPUs of the `h100-nvlink-8` and `l40-pcie-8` profiles, one image with CFG at 256, 1024
+  and 4096 tokens, by the simulator (these profiles are datasheet figures, not measured).
 
-Prints the tables; with --save writes benchmarks/results/sequence_<link>.json.
+Prints the tables; with --save writes benchmarks/results/sequence_<link>.json (the parts
+run replace those parts of an earlier file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -42,6 +48,10 @@ PLANS = {  # world -> plan specs (examples/plans/<name>.yaml, @ sets fields; the
 SWEEP_PLANS = ["single", "ulysses", "ring", "cfg_parallel"]
 SWEEP_SIZES = [16, 32, 64]  # latent side: 64, 256, 1024 tokens with patch 2
 SWEEP_MODEL = dict(model="S/2-8E2A", depth=4)
+GPU_PLANS = {1: ["single"], 8: ["ulysses@sequence_parallel.ulysses=8", "ring@sequence_parallel.ring=8",
+                                "usp@sequence_parallel.ulysses=4", "cfg_parallel@sequence_parallel.ulysses=4"]}
+GPU_SIZES = [32, 64, 128]  # 256, 1024, 4096 tokens
+GPU_PROFILES = ["h100-nvlink-8", "l40-pcie-8"]
 
 
 def measure(specs: list[str], world_of, rounds: int, link, **run_args) -> dict:
@@ -71,10 +81,10 @@ def row(spec: str, world: int, runs: list, prediction) -> dict:
 
 
 def print_rows(rows: list[dict], first: str) -> None:
-    print(f"{first:<44}{'ranks':>6}{'step ms':>22}{'blocked ms':>20}{'predicted':>11}{'error':>8}")
+    print(f"{first:<44}{'ranks':>6}{'step ms':>26}{'blocked ms':>22}{'predicted':>11}{'error':>8}")
     for r in rows:
         label = r["plan"] if "tokens" not in r else f"{r['tokens']} tokens, {r['plan']}"
-        print(f"{label:<44}{r['world']:>6}{show(r['measured_ms']):>22}{show(r['blocked_ms']):>20}"
+        print(f"{label:<44}{r['world']:>6}{show(r['measured_ms']):>26}{show(r['blocked_ms']):>22}"
               f"{r['predicted_ms']:>11.1f}{r['error']:>+8.0%}")
 
 
@@ -109,11 +119,34 @@ def sweep_part(args, hardware, link) -> tuple[list[dict], dict]:
     return rows, pays_off
 
 
+def gpu_part() -> tuple[list[dict], dict]:
+    """Predicted step times on GPU profiles; each plan is replayed once and simulated per profile."""
+    rows = []
+    for size in GPU_SIZES:
+        model = load_model("XL/2-8E2A", device="meta", input_size=size).to(torch.bfloat16)
+        for world, specs in GPU_PLANS.items():
+            for spec in specs:
+                replayed = replay(moedit.compile(model, moedit.Plan(**plan_of(spec, world))), 2)
+                for profile in GPU_PROFILES:
+                    p = simulate(replayed, Hardware.load(profile), steps=3)
+                    rows.append({"profile": profile, "tokens": (size // 2) ** 2, "plan": spec, "world": world,
+                                 "predicted_ms": 1e3 * p.mean_step_s, "exposed_ms": 1e3 * p.exposed_comm_s})
+                print(f"  predicted {spec} at {(size // 2) ** 2} tokens", flush=True)
+    single = {(r["profile"], r["tokens"]): r["predicted_ms"] for r in rows if r["plan"] == "single"}
+    pays_off = {}
+    for r in rows:
+        r["speedup"] = single[r["profile"], r["tokens"]] / r["predicted_ms"]
+        if r["plan"] != "single" and r["speedup"] > 1:
+            key = f"{r['profile']} {r['plan']}"
+            pays_off[key] = min(pays_off.get(key, r["tokens"]), r["tokens"])
+    return rows, pays_off
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--link", choices=["loopback", "shaped"], default="loopback")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parts", nargs="+", choices=["plans", "sweep"], default=["plans", "sweep"])
+    parser.add_argument("--parts", nargs="+", choices=["plans", "sweep", "gpu"], default=["plans", "sweep", "gpu"])
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/sequence_<link>.json")
     args = parser.parse_args()
     if args.link == "shaped" and ShapedLink.check():
@@ -136,6 +169,8 @@ def main() -> int:
             results["plans"] = plans_part(args, hardware, link)
         if "sweep" in args.parts:
             results["sweep"], results["pays_off_tokens"] = sweep_part(args, hardware, link)
+        if "gpu" in args.parts:
+            results["gpu"], results["gpu_pays_off_tokens"] = gpu_part()
     except LinkError as err:
         print(f"sequence.py: could not make the shaped link: {err}", file=sys.stderr)
         return 2
@@ -149,12 +184,22 @@ def main() -> int:
     if "sweep" in results:
         print(f"\none image with CFG, {SWEEP_MODEL['model']} blocks x {SWEEP_MODEL['depth']}, random weights, 5 steps")
         print_rows(results["sweep"], "tokens, plan")
-        print("faster than 1 rank from: " + ", ".join(
-            f"{spec} {tokens if tokens else 'never (up to 1024)'}" for spec, tokens in results["pays_off_tokens"].items()))
+        print("faster than 1 rank from: " + ", ".join(f"{spec} {tokens if tokens else 'never (up to 1024)'}"
+                                                      for spec, tokens in results["pays_off_tokens"].items()))
+    if "gpu" in results:
+        print("\npredicted, XL/2-8E2A bf16, one image with CFG, 1 GPU against 8")
+        print(f"{'profile':<16}{'tokens':>7}  {'plan':<42}{'ranks':>6}{'step ms':>10}{'exposed':>9}{'speed-up':>10}")
+        for r in results["gpu"]:
+            print(f"{r['profile']:<16}{r['tokens']:>7}  {r['plan']:<42}{r['world']:>6}{r['predicted_ms']:>10.1f}"
+                  f"{r['exposed_ms']:>9.1f}{r['speedup']:>9.2f}x")
     rows = results.get("plans", []) + results.get("sweep", [])
-    print(f"predictions within 20 %: {sum(abs(r['error']) <= 0.2 for r in rows)} of {len(rows)}")
-    if args.save:
+    if rows:
+        print(f"predictions within 20 %: {sum(abs(r['error']) <= 0.2 for r in rows)} of {len(rows)}")
+    if args.save:  # the parts run now replace those parts of an earlier file
         out = f"benchmarks/results/sequence_{args.link}.json"
+        if os.path.exists(out):
+            with open(out) as f:
+                results = {**json.load(f), **results}
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {out}")

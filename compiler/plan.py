@@ -25,7 +25,8 @@ class _Section(BaseModel):
 
 
 class ExpertParallel(_Section):
-    degree: int = Field(1, ge=1, description="Ranks the routed experts are sharded over; expert e lives on rank e % degree.")
+    degree: int = Field(1, ge=1, description="Consecutive ranks the routed experts are sharded over; expert e lives "
+                        "on the (e % degree)-th rank of its group.")
     chunks: int | Literal["auto"] = Field(
         1, description="Split each synchronous layer's tokens into this many chunks, pipelined so that one chunk's "
                        "dispatch and combine overlap another's experts (exact). auto: chosen from the measured costs "

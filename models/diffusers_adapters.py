@@ -19,7 +19,8 @@ class DiffusersAttentionAdapter(AttentionAdapter):
     def check(self, attn):
         unsupported = [name for name, bad in (
             ("group_norm", attn.group_norm is not None), ("spatial_norm", attn.spatial_norm is not None),
-            ("residual_connection", attn.residual_connection), ("rescale_output_factor", attn.rescale_output_factor != 1),
+            ("residual_connection", attn.residual_connection),
+            ("rescale_output_factor", attn.rescale_output_factor != 1),
             ("added_kv_proj_dim", attn.added_kv_proj_dim is not None),
             (f"processor {type(attn.processor).__name__}", not isinstance(attn.processor, (AttnProcessor,
                                                                                            AttnProcessor2_0))),

@@ -71,12 +71,13 @@ def attend(qkv: torch.Tensor, scale: float | None) -> torch.Tensor:
 def attend_block(q: torch.Tensor, kv: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q to one block of keys: (output [B,h,n,d], log-sum-exp of the scores [B,h,n])."""
     k, v = kv.unbind(0)
-    if q.device.type == "cpu" and q.dtype == torch.float32:
+    if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
         return out, lse
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    lse = scores.float().logsumexp(dim=-1)
-    return (scores.float() - lse.unsqueeze(-1)).exp().to(v.dtype) @ v, lse
+    # CUDA (and the meta device the simulator stands GPU models on): the memory-efficient
+    # kernel returns the log-sum-exp too, padded along the queries
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+    return out, lse[..., : q.shape[-2]]
 
 
 def merge_blocks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):

@@ -50,8 +50,8 @@ def _worker(rank, world):
     for name, plan in PLANS[world].items():
         compiled = moedit.compile(tiny_model(), moedit.Plan(**plan))
         with compiled.to_runtime() as runtime:
-            results[name] = {"denoise": runtime.denoise(*_batch()), "sample": runtime.sample(LABELS, STEPS, CFG, seed=7),
-                             "channels": sorted(runtime.state.mesh._groups)}
+            results[name] = {"denoise": runtime.denoise(*_batch()),
+                             "sample": runtime.sample(LABELS, STEPS, CFG, seed=7)}
     return results
 
 
@@ -70,7 +70,7 @@ def test_parallel_plans_equal_the_single_device_model(spawn, expected, world):
         assert set(results) == set(PLANS[world])
         for name, result in results.items():
             for what in ("denoise", "sample"):
-                torch.testing.assert_close(result[what], expected[what], rtol=0, atol=1e-4,
+                torch.testing.assert_close(result[what], expected[what], rtol=0, atol=1e-5,
                                            msg=lambda m: f"{name}, {what}, rank {rank}: {m}")
 
 
@@ -112,7 +112,8 @@ def test_degrees_that_do_not_fit_are_clear_errors(size, plan, message):
 
 
 def test_the_mesh_puts_ulysses_innermost_and_experts_on_consecutive_ranks():
-    mesh = moedit.Plan(cfg_parallel=True, sequence_parallel={"ulysses": 2, "ring": 2}, expert_parallel={"degree": 4}).mesh
+    plan = moedit.Plan(cfg_parallel=True, sequence_parallel={"ulysses": 2, "ring": 2}, expert_parallel={"degree": 4})
+    mesh = plan.mesh
     assert mesh.world == 8 and mesh.data == 1
     assert mesh.groups("ulysses") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert mesh.groups("ring") == [[0, 2], [1, 3], [4, 6], [5, 7]]
