@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import moedit
 from moedit.models import metrics
 from moedit.models.images import save_grid
 from moedit.models.pretrained import SAMPLING
@@ -43,7 +44,7 @@ def main() -> None:
     images, raw = {}, {}
     for name in names:
         plan = load_plan(f"examples/plans/{name}.yaml")
-        world = plan.get("expert_parallel", {}).get("degree", 1)
+        world = moedit.Plan(**plan).world_size
         for seed in args.seeds:
             result = run_plan(plan, world, steps=args.steps, images=args.images, cfg_scale=args.cfg_scale, seed=seed)
             batch = result["images"]

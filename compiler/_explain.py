@@ -102,8 +102,9 @@ def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
     lines = ["", f"mesh: {mesh.describe()} = {mesh.world} ranks; ranks "
              + "; ".join(f"{axis} {mesh.groups(axis)}" for axis in (*mesh.AXES, "ep") if mesh.size(axis) > 1)]
     if plan.cfg_parallel:
-        lines.append("cfg parallel: each half of the mesh runs one half of the batch (conditional or "
-                     "unconditional); one all-gather of the model output per step")
+        lines.append("cfg parallel: the two ranks of each cfg group run one half each of the batch the model is "
+                     "called with (under guidance: the conditional and the unconditional inputs); one all-gather "
+                     "of the model output per step")
     if sp.degree > 1:
         layer = compiled.layers[0]
         what = " then ".join(w for w, d in (("Ulysses all-to-all of q/k/v and back", sp.ulysses),

@@ -142,7 +142,7 @@ class Plan(BaseModel):
         if self.schedule.profile is not None and not os.path.isfile(self.schedule.profile):
             raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
                              "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")
-        self.mesh  # the axes must fit together
+        MeshLayout.of(self)  # raises if the axes do not fit together
         for name in ("shortcut", "pipefusion", "offload", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:
@@ -195,8 +195,8 @@ class Plan(BaseModel):
 @dataclasses.dataclass(frozen=True)
 class MeshLayout:
     """The ranks on a grid of named axes, outermost first: `data` (the global batch split),
-    `cfg` (the cond and uncond halves), `ring` and `ulysses` (one image's tokens split);
-    rank = ((data * cfg + c) * ring + r) * ulysses + u. Groups along an axis are the ranks
+    `cfg` (the cond and uncond halves), `ring` and `ulysses` (one image's tokens split); the
+    rank at coordinates (d, c, r, u) is ((d * cfg + c) * ring + r) * ulysses + u. Groups along an axis are the ranks
     that differ only in it; `sp` is ring x ulysses together (every rank holding a piece of
     the same images), `world` every rank.
 
@@ -225,7 +225,8 @@ class MeshLayout:
         raise ValueError(
             f"expert_parallel.degree ({ep}) and the dense axes, cfg ({cfg}) x ulysses ({sp.ulysses}) x ring "
             f"({sp.ring}) = {dense}, must divide one another (the world is the larger of the two); set "
-            f"expert_parallel.degree to {dense} (every rank holds a shard of the experts) or to a divisor of it")
+            f"expert_parallel.degree to {dense} (every rank holds a shard of the experts), to a divisor of it, or "
+            f"to a multiple of it (the extra factor splits the batch over more ranks)")
 
     @property
     def world(self) -> int:

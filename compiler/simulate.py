@@ -242,8 +242,10 @@ def _dtype(dtype: torch.dtype) -> str:
 
 
 def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
-    """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0)
-    on fake inputs for a global batch of `batch` sequences (with CFG: twice the images)."""
+    """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0,
+    which holds only for plain expert parallelism: plans with cfg or sequence-parallel axes
+    replay every rank whatever `ranks` says) on fake inputs for a global batch of `batch`
+    sequences (with CFG: twice the images)."""
     world, layout = compiled.world_size, compiled.plan.mesh
     shards = [len(s) for s in torch.arange(batch).tensor_split(layout.data)]
     if min(shards) == 0:

@@ -1,7 +1,8 @@
 """Tracing: the whole model into one fx graph, with MoE layers and attention as leaves.
 
 Every MoE call node gets `node.meta["moedit"] = {"kind": Kind.MOE, "layer": i}` in program
-order; attention nodes get `{"kind": Kind.ATTENTION}`. Passes find layers through that
+order; attention (a leaf with an attention adapter) gets `{"kind": Kind.ATTENTION}`; other
+registered leaves stay untagged. Passes find layers through that
 meta, never through module names. The graph gains a last input, `run` (see [Note: the
 run input] in graph.py).
 """
@@ -13,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .adapters import adapter_for, is_registered_leaf
+from .adapters import adapter_for, attention_adapter_for, is_registered_leaf
 from .graph import META, RUN, Kind, kind_of
 
 
@@ -63,7 +64,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if adapter_for(module) is not None:
             node.meta[META] = {"kind": Kind.MOE, "layer": layer}
             layer += 1
-        elif is_registered_leaf(module):
+        elif attention_adapter_for(module) is not None:
             node.meta[META] = {"kind": Kind.ATTENTION}
     if layer == 0:
         raise TraceError(

@@ -22,8 +22,8 @@ class DiffusersAttentionAdapter(AttentionAdapter):
             ("residual_connection", attn.residual_connection),
             ("rescale_output_factor", attn.rescale_output_factor != 1),
             ("added_kv_proj_dim", attn.added_kv_proj_dim is not None),
-            (f"processor {type(attn.processor).__name__}", not isinstance(attn.processor, (AttnProcessor,
-                                                                                           AttnProcessor2_0))),
+            (f"processor {type(attn.processor).__name__}", type(attn.processor) not in (AttnProcessor,
+                                                                                        AttnProcessor2_0)),
         ) if bad]
         if unsupported:
             return f"diffusers Attention with {', '.join(unsupported)} is not supported by its moedit adapter"

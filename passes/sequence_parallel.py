@@ -47,8 +47,8 @@ from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.sequence_ops import (OutputProjection, Projections, attend, attend_block, from_ranks,
-                                         heads_to_ranks, merge_blocks, pad_rows, ranks_to_heads, ranks_to_tokens,
-                                         shard, tokens_to_ranks, unpad_rows)
+                                         heads_to_ranks, merge_blocks, merged_output, pad_rows, ranks_to_heads,
+                                         ranks_to_tokens, shard, tokens_to_ranks, unpad_rows)
 
 
 # -- CFG parallelism -------------------------------------------------------------------
@@ -223,4 +223,4 @@ def _ring(emit: Emitter, qkv: fx.Node, ranks: int, scale, index: int) -> fx.Node
         partial = block if partial is None else emit.call(Kind.ATTEND, merge_blocks, partial, block)
         if not last:
             kv = emit.call(Kind.RING_WAIT, ops.wait, pending)
-    return emit.call(Kind.GLUE, operator.getitem, partial, 0)
+    return emit.call(Kind.GLUE, merged_output, partial, q)

@@ -30,6 +30,7 @@ from .cache import StepCache
 from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_backend
 from .mesh import Mesh
 from .sampling import initial_noise, rectified_flow_sample
+from .sequence_ops import pad_rows, unpad_rows
 from .state import RunState
 from .timeline import Span, Timeline, instrument
 
@@ -72,9 +73,10 @@ class Runtime:
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
         orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
+        # Compared before any group is made: ranks that disagree would otherwise hang creating them.
+        _check_collective_order_across_processes(orders)
         communicators = {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | {key for order in orders.values() for key in order}
         mesh = Mesh(plan.mesh, communicators, backend, plan.runtime.timeout_s)
-        _check_collective_order_across_processes(orders, mesh.group(WORLD, MAIN))
         if profile:
             programs = {kind: instrument(gm) for kind, gm in programs.items()}
         for gm in programs.values():
@@ -134,13 +136,8 @@ class Runtime:
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
         """Concatenate every data shard (shards may differ in size by one)."""
-        shards = self.compiled.plan.mesh.size(BATCH_AXIS)
-        rows = -(-batch // shards)
-        padded = local.new_zeros((rows, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        parts = self._all_gather("gather of the output batch", padded)
-        sizes = [len(s) for s in torch.arange(batch).tensor_split(shards)]
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        parts = self._all_gather("gather of the output batch", pad_rows(local, batch, self.compiled.plan.mesh.data))
+        return unpad_rows(torch.stack(parts), batch)
 
     # -- public API ---------------------------------------------------------------------
     @torch.no_grad()
@@ -227,13 +224,13 @@ class Runtime:
         self.close()
 
 
-def _check_collective_order_across_processes(orders: dict, group) -> None:
+def _check_collective_order_across_processes(orders: dict) -> None:
     """Each process built its programs itself (and checked them against its own build of
     rank 0's); here the ranks compare what they will actually issue (`orders`: per program,
     `collective_order`), before the first exchange, so a divergence (a calibration that
     came out differently on one rank, say) is an error on every rank instead of a hang."""
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, orders, group=group)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, orders)  # on the default group: ours do not exist yet
     for rank, other in enumerate(gathered):
         for kind in orders:
             verify_collective_order({0: gathered[0][kind], rank: other[kind]}, kind)

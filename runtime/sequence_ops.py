@@ -81,22 +81,38 @@ def attend_block(q: torch.Tensor, kv: torch.Tensor, scale: float | None) -> tupl
 
 
 def merge_blocks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
-    """Two blocks' partial attention as if computed over both key sets at once."""
+    """Two blocks' partial attention as if computed over both key sets at once. The merged
+    output is float32 whatever the blocks' dtype, so a ring of R blocks rounds once at the
+    end (`merged_output`), not at every turn."""
     (out_a, lse_a), (out_b, lse_b) = a, b
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * (lse_a - lse).exp().unsqueeze(-1).to(out_a.dtype) + out_b * (lse_b - lse).exp().unsqueeze(-1).to(
-        out_b.dtype)
+    out = out_a.float() * (lse_a - lse).exp().unsqueeze(-1) + out_b.float() * (lse_b - lse).exp().unsqueeze(-1)
     return out, lse
+
+
+def merged_output(partial: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The attention output of merged blocks, in the dtype of `like` (the queries)."""
+    return partial[0].to(like.dtype)
 
 
 def shard(tensor: torch.Tensor, dim: int, parts: int, index: int) -> torch.Tensor:
     """This rank's contiguous piece of `tensor` along `dim` (pieces may differ in size by one)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"cannot split an input of shape {shape} along axis {dim}: cfg_parallel splits every input "
+                         "of the model along its first (batch) axis, and sequence parallelism the tokens along "
+                         "axis 1; pass batch-first tensors")
     return tensor.tensor_split(parts, dim)[index]
 
 
-def pad_rows(tensor: torch.Tensor, whole: torch.Tensor, parts: int) -> torch.Tensor:
-    """A shard of `whole`'s batch padded to the largest shard's rows, so every rank gathers one size."""
-    rows = -(-whole.shape[0] // parts)
+def _batch(whole: torch.Tensor | int) -> int:
+    return whole.shape[0] if isinstance(whole, torch.Tensor) else whole
+
+
+def pad_rows(tensor: torch.Tensor, whole: torch.Tensor | int, parts: int) -> torch.Tensor:
+    """A shard of a batch (`whole`: the batch or its size) padded to the largest shard's rows,
+    so every rank gathers one size."""
+    rows = -(-_batch(whole) // parts)
     if tensor.shape[0] == rows:
         return tensor
     return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
@@ -107,7 +123,7 @@ def from_ranks(gathered: torch.Tensor, dim: int) -> torch.Tensor:
     return gathered.movedim(0, dim).flatten(dim, dim + 1)
 
 
-def unpad_rows(gathered: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """[G, rows, ...] padded shards of `whole`'s batch -> [batch, ...]."""
-    sizes = [len(piece) for piece in torch.arange(whole.shape[0]).tensor_split(gathered.shape[0])]
+def unpad_rows(gathered: torch.Tensor, whole: torch.Tensor | int) -> torch.Tensor:
+    """[G, rows, ...] padded shards of a batch (`whole`: the batch or its size) -> [batch, ...]."""
+    sizes = [len(piece) for piece in torch.arange(_batch(whole)).tensor_split(gathered.shape[0])]
     return torch.cat([part[:size] for part, size in zip(gathered, sizes)])

@@ -3,11 +3,14 @@ through its registered adapter (moedit/models/diffusers_adapters.py)."""
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
 
 import moedit
-import moedit.models.diffusers_adapters  # noqa: F401  (registers the adapter)
 from _models import tiny_model
+
+pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install -e '.[test]'")
+from diffusers.models.attention_processor import Attention  # noqa: E402
+
+import moedit.models.diffusers_adapters  # noqa: E402,F401  (registers the adapter)
 
 PLANS = {"ulysses 2": dict(sequence_parallel={"ulysses": 2}, expert_parallel={"degree": 2}),
          "ring 2": dict(sequence_parallel={"ring": 2}, expert_parallel={"degree": 2})}

@@ -11,7 +11,7 @@ import moedit
 from _models import tiny_model
 from moedit.models import dit_moe
 from moedit.plan import PlanError
-from moedit.runtime.sequence_ops import attend_block
+from moedit.runtime.sequence_ops import attend_block, merge_blocks, merged_output
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 
 LABELS = [1, 2, 3, 4, 5]  # odd: the CFG halves and the data shards are uneven without guidance
@@ -122,3 +122,20 @@ def test_the_mesh_puts_ulysses_innermost_and_experts_on_consecutive_ranks():
     assert mesh.groups("ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     plain = moedit.Plan(expert_parallel={"degree": 4}).mesh
     assert plain.world == 4 and plain.groups("data") == [[0, 1, 2, 3]], "plain EP: the batch is split over every rank"
+
+
+def test_ring_blocks_merge_in_float32_so_bfloat16_rounds_once():
+    """Eight bfloat16 blocks merged by their log-sum-exps are as close to the float32 result
+    as one bfloat16 attention over every key (a merge in bfloat16 rounds at every turn)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=gen) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    low = [t.bfloat16() for t in (q, k, v)]
+    whole = torch.nn.functional.scaled_dot_product_attention(*low).float()
+    partial = None
+    for k_block, v_block in zip(low[1].chunk(8, 2), low[2].chunk(8, 2)):
+        block = attend_block(low[0], torch.stack([k_block, v_block]), None)
+        partial = block if partial is None else merge_blocks(partial, block)
+    ring = merged_output(partial, low[0])
+    assert ring.dtype == torch.bfloat16
+    assert (ring.float() - reference).abs().max() <= 1.5 * (whole - reference).abs().max()
