@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     inspect = commands.add_parser("inspect", help="print the per-layer plan table (CompiledModel.explain())")
     inspect.add_argument("--model", default="digits", help="shipped model name or reference config, e.g. S/2-8E2A")
     inspect.add_argument("--plan", required=True, help="plan file (YAML or JSON)")
-    inspect.add_argument("--world-size", type=int, help="override expert_parallel.degree")
+    inspect.add_argument("--world-size", type=int, help="override expert_parallel.degree (the world size of a "
+                         "plain expert-parallel plan; with cfg or sequence-parallel axes the world is the larger of "
+                         "this and their product)")
     inspect.add_argument("--batch-size", type=int, default=8, help="global batch for the bytes-per-step column")
     inspect.add_argument("--steps", type=int, default=25, help="diffusion steps for the step-kind table")
     inspect.add_argument("--dump", help="also write per-rank graph code and the pass log to this folder")
