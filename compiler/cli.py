@@ -51,10 +51,14 @@ def _plan(args) -> None:
     if args.json:
         print(json.dumps([c.to_json() for c in found], indent=1))
         return
-    sync = next(c for c in found if c.plan == {"expert_parallel": {"degree": args.ranks}})
-    print(f"synchronous EP: {sync.predicted_step_s * 1e3:.2f} ms a step, all-to-all {sync.comm_share_sync:.0%} of it "
-          f"(the profile's figures and their sources: `moedit plan --hardware {args.hardware}` reads "
-          f"{hardware.name}.yaml)\n")
+    sync = next((c for c in found if c.plan == {"expert_parallel": {"degree": args.ranks}}), None)
+    if sync is not None:
+        print(f"synchronous EP: {sync.predicted_step_s * 1e3:.2f} ms a step, all-to-all {sync.comm_share_sync:.0%} "
+              f"of it (the profile's figures and their sources: {hardware.name}.yaml)\n")
+    else:  # fewer images than ranks: compare with the fastest exact plan
+        sync = next(c for c in found if c.staleness == 0)
+        print(f"synchronous EP cannot split {batch} sequences over {args.ranks} ranks; 'vs sync' compares with the "
+              f"fastest exact plan ({describe(sync.plan)})\n")
     print(f"{'plan':<58}{'step ms':>9}{'vs sync':>9}{'exposed ms':>12}{'stale':>7}{'peak GB':>9}")
     shown = found[: args.top] + ([sync] if sync not in found[: args.top] else [])
     for c in shown:

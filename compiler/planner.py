@@ -7,8 +7,11 @@ rank 0's programs (the ranks are symmetric under uniform routing, so the others 
 it), simulates a sample on the profile and ranks the candidates by predicted step time.
 Candidates span the axes moedit has: synchronous EP with and without chunked overlap,
 displaced and interweaved staleness, the share and position of the layers kept
-synchronous, conditional communication, and the schedule policy. Synchronous EP is always
-among the results. Staleness is how many steps old the oldest expert output a step uses
+synchronous, conditional communication, the schedule policy, and the xDiT layouts (CFG,
+Ulysses, Ring and their products, with experts over every rank), which every rank's
+programs are replayed for. A candidate the model or the batch cannot take (a Ulysses
+degree that does not divide the heads, fewer images than data shards) is left out.
+Synchronous EP is among the results whenever the batch can be split over the ranks. Staleness is how many steps old the oldest expert output a step uses
 can be: 0 synchronous, 1 interweaved, 2 displaced, and conditional communication reuses a
 dropped slot's output from up to `interval - 1` steps back.
 """
@@ -20,8 +23,8 @@ import itertools
 
 from .compiled import compile as compile_model
 from .costs import Hardware
-from .plan import Plan
-from .simulate import replay, simulate
+from .plan import Plan, PlanError
+from .simulate import SimulationError, replay, simulate
 
 STALENESS = {"sync": 0, "interweaved": 1, "displaced": 2}
 
@@ -31,7 +34,7 @@ class Candidate:
     plan: dict  # what moedit.Plan(**plan) accepts
     predicted_step_s: float
     exposed_comm_s: float
-    comm_share_sync: float  # the all-to-all share of synchronous EP's step on this hardware
+    comm_share_sync: float | None  # the all-to-all share of synchronous EP's step on this hardware
     staleness: int
     peak_bytes: int
 
@@ -66,8 +69,22 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None) -
             if interval:
                 plan["conditional_comm"] = {"interval": interval, "drop": "low"}
             plans.append(plan)
+    for layout in _dense_layouts(ranks):
+        plans.append({**layout, "expert_parallel": ep})
+        plans.append({**layout, "expert_parallel": ep, "staleness": {"mode": "interweaved", "warmup_steps": 1},
+                      "conditional_comm": {"interval": 2, "drop": "low"}})
     plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
     return [p for p in plans if _valid(p)]
+
+
+def _dense_layouts(ranks: int) -> list[dict]:
+    """CFG 2, Ulysses and Ring over every rank, CFG 2 x Ulysses, Ulysses x Ring 2 (USP)."""
+    layouts = [{"cfg_parallel": True}, {"sequence_parallel": {"ulysses": ranks}},
+               {"sequence_parallel": {"ring": ranks}}]
+    if ranks % 4 == 0:
+        layouts += [{"cfg_parallel": True, "sequence_parallel": {"ulysses": ranks // 2}},
+                    {"sequence_parallel": {"ulysses": ranks // 2, "ring": 2}}]
+    return layouts if ranks > 1 else []
 
 
 def _valid(plan: dict) -> bool:
@@ -80,13 +97,18 @@ def _valid(plan: dict) -> bool:
 
 def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
            max_staleness: int | None = None, progress=None) -> list[Candidate]:
-    """Every candidate plan's prediction, fastest first (synchronous EP always included)."""
+    """Every candidate plan's prediction, fastest first (those the model or the batch cannot
+    take left out). `comm_share_sync` is synchronous EP's exposed share, None when the batch
+    cannot be split over the ranks."""
     results = []
     sync_share = None
-    for plan in candidate_plans(ranks, len(_layers(model)), max_staleness):
-        compiled = compile_model(model, Plan(**plan))
-        prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
-        if sync_share is None:  # the first candidate is synchronous EP
+    for index, plan in enumerate(candidate_plans(ranks, len(_layers(model)), max_staleness)):
+        try:
+            compiled = compile_model(model, Plan(**plan))
+            prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
+        except (PlanError, SimulationError):
+            continue
+        if index == 0:  # the first candidate is synchronous EP
             sync_share = prediction.exposed_comm_s / prediction.mean_step_s
         results.append(Candidate(plan, prediction.mean_step_s, prediction.exposed_comm_s, sync_share,
                                  staleness_of(plan), prediction.peak_bytes))
@@ -103,7 +125,10 @@ def _layers(model) -> list:
 
 def describe(plan: dict) -> str:
     """A plan dict in one line, e.g. 'interweaved, deep half sync, drop low every 2nd step'."""
-    parts = [plan.get("staleness", {}).get("mode", "sync")]
+    sp = plan.get("sequence_parallel", {})
+    axes = [f"{axis} {n}" for axis, n in (("cfg", 2 if plan.get("cfg_parallel") else 1),
+                                          ("ulysses", sp.get("ulysses", 1)), ("ring", sp.get("ring", 1))) if n > 1]
+    parts = ([" x ".join(axes)] if axes else []) + [plan.get("staleness", {}).get("mode", "sync")]
     strategy = plan.get("selective_sync", {}).get("strategy")
     if isinstance(strategy, list):
         parts.append(f"layer {strategy[0]} sync" if len(strategy) == 1 else f"layers {strategy[0]}-{strategy[-1]} sync")

@@ -10,7 +10,7 @@ import yaml
 import moedit
 from moedit.cli import main
 from moedit.costs import Hardware, Link
-from moedit.planner import candidate_plans, search, staleness_of
+from moedit.planner import candidate_plans, describe, search, staleness_of
 
 from _dist import run_ranks
 from _models import tiny_model
@@ -41,6 +41,16 @@ def test_search_ranks_plans_by_predicted_step_and_keeps_sync_ep():
     assert all(c.staleness <= 1 for c in found)
     assert found[0].staleness == 1  # on a slow link the stale plans win
     assert 0.3 < found[0].comm_share_sync < 1
+
+
+def test_one_image_is_planned_over_the_xdit_axes():
+    """Two sequences (one image with CFG) cannot be split over 4 ranks as data: synchronous EP
+    is left out and the plans split the guided halves and the tokens instead."""
+    assert any(p.get("cfg_parallel") and p.get("sequence_parallel") for p in candidate_plans(4, layers=2))
+    found = search(tiny_model(), _slow_link(), 4, batch=2, steps=4, max_staleness=0)
+    assert found and all(c.plan.get("cfg_parallel") or c.plan.get("sequence_parallel") for c in found)
+    assert found[0].comm_share_sync is None
+    assert {describe(c.plan).split(",")[0] for c in found} >= {"cfg 2", "ulysses 4", "ring 4", "cfg 2 x ulysses 2"}
 
 
 def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypatch):
