@@ -251,9 +251,13 @@ class MeshLayout:
         starts = [r for r in range(self.world) if (r // stride) % size == 0]
         return [[start + i * stride for i in range(size)] for start in starts]
 
+    def group_of(self, axis: str, rank: int) -> list[int]:
+        """The group along `axis` that `rank` belongs to."""
+        return next(group for group in self.groups(axis) if rank in group)
+
     def index(self, axis: str, rank: int) -> int:
         """`rank`'s position in its group along `axis`."""
-        return next(group.index(rank) for group in self.groups(axis) if rank in group)
+        return self.group_of(axis, rank).index(rank)
 
     def size(self, axis: str) -> int:
         return len(self.groups(axis)[0])

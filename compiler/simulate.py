@@ -199,8 +199,7 @@ class _Replay(fx.Interpreter):
         if target not in ops.EXCHANGE_STARTS:
             return self._run(target, args, kwargs)
         exchange = Exchange(kwargs.get("name", "counts"), kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN))
-        group = run.layout.groups(exchange.axis)
-        group = next(g for g in group if run.rank in g)
+        group = run.layout.group_of(exchange.axis, run.rank)
         me, size = group.index(run.rank), len(group)
         if target is ops.counts_start:
             send_counts = args[1]

@@ -46,7 +46,7 @@ def stateful(fn):
 
 @stateful
 def exchange_start(run: RunState, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
-                   name: str, layer: int, axis: str, channel: str = MAIN) -> Pending:
+                   name: str, layer: int | None, axis: str, channel: str = MAIN) -> Pending:
     """Start an all-to-all: rows [sum(send_splits), ...] are cut by `send_splits` (one count
     per destination rank) and rows arrive by `recv_splits`."""
     exchange = Exchange(name, layer, axis, channel)
