@@ -5,7 +5,8 @@
 Per plan and seed (each run under torchrun on the plan's own number of CPU ranks):
 classifier accuracy against the requested labels, FD-digits (Fréchet distance of
 classifier features to the real test digits), and relative L2 / PSNR against the
-sync_ep plan's images from the same seed. Reports mean ± std over seeds, writes
+sync_ep plan's images from the same seed. Plans that need an ScMoE model (the shortcut
+schedule) run on digits-scmoe and are compared with its own sync_ep row. Reports mean ± std over seeds, writes
 benchmarks/results/quality.{json,md} and a side-by-side PNG (one row per plan, seed 0).
 """
 
@@ -26,6 +27,24 @@ from moedit.models.pretrained import SAMPLING
 from _launch import load_plan, machine, run_plan
 
 BASE = "sync_ep"
+SCMOE = "digits-scmoe"
+
+
+def _rows() -> dict[str, tuple[str, str, str]]:
+    """Row name -> (model, plan, the row it is compared with). Every plan runs on `digits`, but
+    the shortcut schedule, which needs an ScMoE model, runs on `digits-scmoe` and is compared
+    with that model's sync_ep row."""
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob("examples/plans/*.yaml"))
+    rows = {BASE: ("digits", BASE, BASE)}
+    scmoe_base = f"{SCMOE}: {BASE}"
+    for name in names:
+        shortcut = moedit.Plan(**load_plan(f"examples/plans/{name}.yaml")).shortcut
+        if shortcut.enabled and not shortcut.rewrite:
+            rows.setdefault(scmoe_base, (SCMOE, BASE, scmoe_base))
+            rows[f"{SCMOE}: {name}"] = (SCMOE, name, scmoe_base)
+        elif name != BASE:
+            rows[name] = ("digits", name, BASE)
+    return rows
 
 
 def main() -> None:
@@ -36,22 +55,23 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=SAMPLING["digits"]["cfg_scale"])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    names = sorted(os.path.basename(p)[:-5] for p in glob.glob("examples/plans/*.yaml"))
-    names = [BASE] + [n for n in names if n != BASE]  # the base first, for the deviation columns
+    rows = _rows()
+    names = list(rows)
     labels = torch.arange(args.images) % 10
     clf = metrics.classifier()
     real, _ = metrics.digits_dataset("test")
     images, raw = {}, {}
-    for name in names:
-        plan = load_plan(f"examples/plans/{name}.yaml")
+    for name, (model, plan_name, base_name) in rows.items():
+        plan = load_plan(f"examples/plans/{plan_name}.yaml")
         world = moedit.Plan(**plan).world_size
         for seed in args.seeds:
-            result = run_plan(plan, world, steps=args.steps, images=args.images, cfg_scale=args.cfg_scale, seed=seed)
+            result = run_plan(plan, world, model=model, steps=args.steps, images=args.images,
+                              cfg_scale=args.cfg_scale, seed=seed)
             batch = result["images"]
             images[name, seed] = batch
-            base = images[BASE, seed]
+            base = images[base_name, seed]
             fd = metrics.fd_digits(batch, clf, real)
-            base_fd = fd if name == BASE else raw[BASE][len(raw.get(name, []))]["fd_digits"]
+            base_fd = fd if name == base_name else raw[base_name][len(raw.get(name, []))]["fd_digits"]
             raw.setdefault(name, []).append({
                 "seed": seed, "world_size": world, "accuracy": metrics.accuracy(batch, labels, clf),
                 "fd_digits": fd, "fd_minus_sync": fd - base_fd,
@@ -69,7 +89,7 @@ def main() -> None:
              f"seeds {args.seeds} (mean ± std over seeds); {machine()}.",
              f"FD-digits of {args.images} real training digits against the test split: {reference_fd:.2f}.", "",
              "FD-digits − sync_ep's is taken per seed (same seeds, same labels), so it is free of the seed-to-seed "
-             "spread of FD itself.", "",
+             f"spread of FD itself. Rows named `{SCMOE}: …` run the ScMoE model and compare with its sync_ep row.", "",
              "| plan | ranks | accuracy | FD-digits | FD − sync_ep's, paired | rel. L2 vs sync_ep | PSNR vs sync_ep (dB) |",
              "|---|---|---|---|---|---|---|"]
     for name in names:

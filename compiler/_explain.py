@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .graph import meta
 
-_KIND_ORDER = ("route", "drop_slots", "permute", "counts", "cache_read", "dispatch", "experts", "combine", "unpermute",
-               "slot_cache", "shared", "merge", "cache_write")
+
+_KIND_ORDER = ("route", "drop_slots", "permute", "counts", "fetch", "cache_read", "dispatch", "experts", "combine",
+               "unpermute", "slot_cache", "shared", "merge", "cache_write")
 _CACHING = ("cache_write", "slot_cache")  # kinds that keep one [T*K, H] set of rows across steps
 
 
@@ -86,11 +88,42 @@ def explain(compiled, batch_size: int, steps: int) -> str:
                      + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(compiled.sensitivity)))
     if slots is not None:
         lines.append(f"{'total':<125}{_mb(total_sent):>12}{_mb(total_cache):>12}")
+    lines += _shortcut(compiled, program)
+    if plan.offload.enabled:
+        budget = (f"{plan.offload.resident_experts} experts" if plan.offload.resident_experts is not None
+                  else f"{plan.offload.budget_mb:g} MiB")
+        lines += ["", f"offload: routed experts stay in host memory; at most {budget} per rank on the device (least "
+                  "recently used out); each layer fetches the experts that receive rows as soon as its counts "
+                  "are known"]
     lines += _dense_axes(compiled, tokens, slots)
     lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")
     return "\n".join(lines)
+
+
+def _shortcut(compiled, program: str) -> list[str]:
+    """What the shortcut passes did: the lossy rewrite, and each layer's window and expert slot."""
+    settings = compiled.plan.shortcut
+    if not settings.enabled:
+        return []
+    lines = [""]
+    if settings.rewrite:
+        lines.append(f"shortcut.rewrite: LOSSY - MoE layers 1.. read Pos-{settings.position} of the block before "
+                     "(the whole MoE layer, shared expert included), not their own block's attention output; the "
+                     "model's outputs change (benchmarks/quality.py reports by how much)")
+    source = "measured (schedule.profile)" if compiled.plan.schedule.profile else "estimated"
+    lines.append(f"shortcut schedule (exact reordering, {source} costs, ms): per synchronous layer, the backbone "
+                 "window between counts start and combine wait, and where the dispatch and the experts go in it")
+    for node in compiled.graph(0, program).graph.nodes:
+        slot = meta(node).get("shortcut")
+        if slot is not None:
+            ms = {key: f"{1e3 * value:.2f}" for key, value in slot.items()}
+            lines.append(f"  layer {meta(node)['layer']}: window {ms['window_s']}; counts {ms['counts_s']}, dispatch "
+                         f"{ms['dispatch_s']} issued after {ms['before_dispatch_s']} of it, experts {ms['experts_s']} "
+                         f"after {ms['before_experts_s']}, combine {ms['combine_s']}; predicted {ms['predicted_s']} "
+                         f"against {ms['unscheduled_s']} unscheduled")
+    return lines
 
 
 def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:

@@ -23,8 +23,10 @@ from moedit.passes.conditional_comm import conditional_comm
 from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts, resolve_chunks
 from moedit.passes.interweave import interweave
+from moedit.passes.offload import offload
 from moedit.passes.schedule import schedule
 from moedit.passes.sequence_parallel import cfg_parallel, sequence_parallel
+from moedit.passes.shortcut import shortcut, shortcut_rewrite, standard_layers
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
 from moedit.runtime.executor import Runtime
 
@@ -37,12 +39,22 @@ from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
 
 
-PIPELINE: list[PassFn] = [cfg_parallel, sequence_parallel, expert_parallel, displace, interweave, conditional_comm,
-                          schedule]
+PIPELINE: list[PassFn] = [shortcut_rewrite, cfg_parallel, sequence_parallel, expert_parallel, displace, interweave,
+                          conditional_comm, shortcut, schedule, offload]
 
 
-def _validate(plan: Plan, layers) -> None:
+def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
     """What the plan asks of this model, checked before any pass runs."""
+    if plan.shortcut.enabled:
+        standard = standard_layers(traced)
+        if standard and not plan.shortcut.rewrite:
+            raise PlanError(f"shortcut: MoE layers {standard} read their own block's attention output, so their "
+                            "exchanges have nothing to overlap but the shared expert; use an ScMoE model (e.g. "
+                            "moedit.models.pretrained('digits-scmoe')), or set shortcut.rewrite: true to feed them "
+                            "from the previous block (this changes the model's outputs)")
+        if plan.shortcut.rewrite and not standard:
+            raise PlanError("shortcut.rewrite: this model's MoE layers already read the previous block (an ScMoE "
+                            "model); remove rewrite")
     cc = plan.conditional_comm
     for layer in layers:
         if layer.num_experts % plan.expert_parallel.degree:
@@ -69,7 +81,7 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     if plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1:
         record_sizes(traced, model)
     layers = layers_of(traced)
-    _validate(plan, layers)
+    _validate(plan, layers, traced)
     plan, sensitivity = resolve_auto(model, layers, plan)
     plan, chunk_basis = resolve_chunks(plan)
     compiled = CompiledModel(model, plan, traced, layers, sensitivity)

@@ -58,6 +58,7 @@ class Kind(str, enum.Enum):
     UNPERMUTE = "unpermute"
     SLOT_CACHE = "slot_cache"
     SHARED = "shared"
+    FETCH = "fetch"  # offloading: the experts that receive rows copied to the device
     MERGE = "merge"
     CACHE_READ = "cache_read"
     CACHE_WRITE = "cache_write"

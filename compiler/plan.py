@@ -68,8 +68,19 @@ class ConditionalComm(_Section):
 
 
 class Shortcut(_Section):
-    enabled: bool = Field(False, description="ScMoE shortcut: the MoE branch reads an earlier activation.")
-    position: Literal[1, 2, 3] = Field(2, description="ScMoE shortcut position (Pos-1/2/3).")
+    enabled: bool = Field(False, description="ScMoE shortcut schedule: on ScMoE models (whose MoE reads the previous "
+                          "block), dispatch as early and combine as late as the model allows, experts in between "
+                          "(exact).")
+    rewrite: bool = Field(False, description="On standard models: first feed each MoE from the shortcut `position` "
+                          "of the previous block. Changes the model's outputs (lossy).")
+    position: Literal[1, 2, 3] = Field(2, description="rewrite: Pos-1 (previous block's output), Pos-2 (its "
+                                       "post-attention residual) or Pos-3 (its input).")
+
+    @model_validator(mode="after")
+    def _rewrite_needs_enabled(self):
+        if self.rewrite and not self.enabled:
+            raise ValueError("rewrite: only applies with enabled: true")
+        return self
 
 
 class SequenceParallel(_Section):
@@ -91,7 +102,17 @@ class PipeFusion(_Section):
 
 
 class Offload(_Section):
-    enabled: bool = Field(False, description="Keep routed experts in host memory and prefetch the selected ones.")
+    enabled: bool = Field(False, description="Keep routed experts in host memory; copy only those that receive "
+                          "tokens to the device, as soon as the token counts are known (exact).")
+    resident_experts: int | None = Field(None, ge=1, description="Routed experts on the device at most, over all "
+                                         "layers of a rank (least recently used leave first).")
+    budget_mb: float | None = Field(None, gt=0, description="Or: device memory for routed experts, in MiB.")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.enabled and (self.resident_experts is None) == (self.budget_mb is None):
+            raise ValueError("enabled: set exactly one of resident_experts and budget_mb")
+        return self
 
 
 class Schedule(_Section):
@@ -143,7 +164,10 @@ class Plan(BaseModel):
             raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
                              "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")
         MeshLayout.of(self)  # raises if the axes do not fit together
-        for name in ("shortcut", "pipefusion", "offload", "kernels"):
+        if self.shortcut.enabled and self.expert_parallel.chunks != 1:
+            raise ValueError("shortcut: expert_parallel.chunks pipelines a layer's exchanges within the layer, the "
+                             "shortcut schedule overlaps them with the backbone instead; set chunks to 1")
+        for name in ("pipefusion", "kernels"):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:
                 raise ValueError(f"{name}: not implemented yet in this version of moedit; "

@@ -61,6 +61,10 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None) -
               for n, policy in itertools.product((2, 4), ("program", "overlap"))]
     plans.append({"expert_parallel": ep, "schedule": {"policy": "overlap"}})
     plans += [{"expert_parallel": ep, "conditional_comm": {"interval": 2, "drop": "low"}}]
+    # ScMoE models only (refused on others): the shortcut schedule, alone and beside DICE
+    plans += [{"expert_parallel": ep, "shortcut": {"enabled": True}},
+              {"expert_parallel": ep, "shortcut": {"enabled": True}, "selective_sync": {"strategy": "deep"},
+               "staleness": {"mode": "interweaved", "warmup_steps": 1}}]
     for mode in ("interweaved", "displaced"):
         for sync_layers, interval in itertools.product(selective, (None, 2)):
             plan = {"expert_parallel": ep, "staleness": {"mode": mode, "warmup_steps": 1}}
@@ -141,4 +145,6 @@ def describe(plan: dict) -> str:
         parts.append(f"chunks {chunks}")
     if plan.get("schedule", {}).get("policy") == "overlap":
         parts.append("overlap schedule")
+    if plan.get("shortcut", {}).get("enabled"):
+        parts.append("shortcut schedule")
     return ", ".join(parts)

@@ -115,6 +115,10 @@ class _SimRun:
     def issued(self, pending):
         return pending
 
+    @property
+    def experts(self) -> "_ResidentExperts":
+        return _ResidentExperts()
+
     def wait(self, pending: Pending):
         if pending.work is None:
             return pending.output
@@ -122,6 +126,14 @@ class _SimRun:
         local = pending.work.program is self.program
         self.events.append(Wait(pending.exchange, self.region, pending.work.index if local else None))
         return pending.output
+
+
+class _ResidentExperts:
+    """Offloading in a replay: the experts run as they are; the copies are not modelled
+    (on a GPU they run on the copy engine, beside compute and the network)."""
+
+    def fetch(self, layer: int, needed: list[int]) -> None:
+        return None
 
 
 class _Replay(fx.Interpreter):
@@ -173,7 +185,7 @@ class _Replay(fx.Interpreter):
             with self.counter:
                 return module(run, ids, torch.zeros(ids.shape))
         if isinstance(module, expert_ops.LocalExperts):
-            received, recv_counts = args
+            received, recv_counts = args[:2]  # (offloading adds the fetch: the copies are not modelled)
             sizes = recv_counts.reshape(-1, len(module._experts)).sum(0).tolist()
             with self.fake, self.counter:
                 for expert, rows in zip(module._experts, sizes):

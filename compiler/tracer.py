@@ -91,6 +91,11 @@ def moe_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if kind_of(n) is Kind.MOE]
 
 
+def attention_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The attention call nodes of a traced graph (modules with an attention adapter), in order."""
+    return [n for n in gm.graph.nodes if kind_of(n) is Kind.ATTENTION]
+
+
 class _Sizes(fx.Interpreter):
     """Runs a traced graph on fake tensors and records each node's output bytes and shape; MoE
     leaves, whose routing is data-dependent, stand in as shape-preserving."""

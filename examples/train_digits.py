@@ -1,6 +1,7 @@
 """Train the shipped `digits` DiT-MoE and the classifier its quality metrics use, on CPU.
 
     python examples/train_digits.py [--minutes 18] [--out models/checkpoints]
+    python examples/train_digits.py --model digits-scmoe --steps 3132   # the ScMoE variant
 
 Data: scikit-learn's digits at 16x16 in [-1, 1] (`moedit.models.digits_dataset`). Both
 models train on the "train" split (1437 images) only; the "test" split (360) is held out
@@ -15,8 +16,12 @@ LabelEmbedder does this in train mode, at `class_dropout_prob`); a small Switch-
 load-balancing loss on the gates; AdamW with warmup and cosine decay, for a wall-clock
 budget; an EMA of the weights, which is what is saved, in float16.
 
-Writes to --out: digits.pt (EMA state dict, float16), digits_classifier.pt and digits.json
-(config, time, steps, loss, classifier accuracy, sample quality over 3 seeds).
+`digits-scmoe` (models/scmoe.py) trains the same way, for as many steps as `digits` took
+in its 18 minutes, and is judged by the classifier trained with `digits`.
+
+Writes to --out: MODEL.pt (EMA state dict, float16), MODEL.json (config, time, steps,
+loss, classifier accuracy, sample quality over 3 seeds) and, for digits,
+digits_classifier.pt.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from moedit.models.metrics import DigitsClassifier, accuracy, fd_digits, summari
 from moedit.models import digits_dataset  # noqa: E402
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample  # noqa: E402
 from moedit.models.dit_moe import DiTMoE  # noqa: E402
-from moedit.models.pretrained import PRETRAINED, SAMPLING, pretrained_config  # noqa: E402
+from moedit.models.pretrained import PRETRAINED, SAMPLING, build, checkpoint_path, pretrained_config  # noqa: E402
 
 
 def shift(images: torch.Tensor, max_pixels: int = 1) -> torch.Tensor:
@@ -64,21 +69,25 @@ def balance_loss(captured: list) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def learning_rate(step: int, elapsed: float, budget: float, peak: float = 1e-3) -> float:
-    """Linear warmup over 200 steps, then cosine from `peak` to peak/10 over the time budget."""
-    return peak * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1))))
+def learning_rate(step: int, progress: float, peak: float = 1e-3) -> float:
+    """Linear warmup over 200 steps, then cosine from `peak` to peak/10 as `progress` goes 0 -> 1."""
+    return peak * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1))))
 
 
-def train_dit(images, labels, minutes: float, batch: int = 64, log_every: int = 200) -> tuple[DiTMoE, dict]:
-    model = DiTMoE(pretrained_config("digits")).train()
+def train_dit(name: str, images, labels, minutes: float, steps: int | None, batch: int = 64,
+              log_every: int = 200) -> tuple[DiTMoE, dict]:
+    """Train model `name` for `minutes` of wall clock, or for exactly `steps` steps if given
+    (reproducible on a busy machine)."""
+    model = build(pretrained_config(name)).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     captured = []
     for block in model.blocks:
         block.moe.gate.register_forward_hook(lambda m, inp, out: captured.append((inp[0], out[0], m)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     budget, start, step, losses = minutes * 60, time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < budget:
-        lr = learning_rate(step, elapsed, budget)
+    while (progress := (step / steps if steps else (time.perf_counter() - start) / budget)) < 1:
+        elapsed = time.perf_counter() - start
+        lr = learning_rate(step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(images), (batch,))
@@ -118,10 +127,10 @@ def train_classifier(images, labels, epochs: int = 40) -> DigitsClassifier:
     return clf.eval()
 
 
-def sample_quality(model: DiTMoE, clf: DigitsClassifier, seeds=(0, 1, 2)) -> dict:
+def sample_quality(name: str, model: DiTMoE, clf: DigitsClassifier, seeds=(0, 1, 2)) -> dict:
     """Accuracy and FD-digits of 100 samples (10 per class) per seed, at the default settings."""
     labels = torch.arange(10).repeat_interleave(10)
-    settings, per_seed = SAMPLING["digits"], {"accuracy": [], "fd_digits": []}
+    settings, per_seed = SAMPLING[name], {"accuracy": [], "fd_digits": []}
     for seed in seeds:
         with torch.no_grad():
             images = rectified_flow_sample(model, initial_noise(100, 1, 16, seed=seed), labels,
@@ -134,7 +143,10 @@ def sample_quality(model: DiTMoE, clf: DigitsClassifier, seeds=(0, 1, 2)) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="digits", choices=sorted(PRETRAINED),
+                        help="which shipped model to train; models other than digits reuse the shipped classifier")
     parser.add_argument("--minutes", type=float, default=18.0, help="DiT training budget, wall clock")
+    parser.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -146,25 +158,30 @@ def main() -> int:
     train_x, train_y = digits_dataset("train")
     test_x, test_y = digits_dataset("test")
 
-    clf = train_classifier(train_x, train_y)
+    os.makedirs(args.out, exist_ok=True)
+    classifier_path = os.path.join(args.out, "digits_classifier.pt")
+    if args.model == "digits":
+        clf = train_classifier(train_x, train_y)
+        torch.save(clf.state_dict(), classifier_path)
+    else:  # every model is judged by the one classifier
+        clf = DigitsClassifier().eval()
+        clf.load_state_dict(torch.load(checkpoint_path("digits_classifier"), weights_only=True))
     clf_accuracy = accuracy(test_x, test_y, clf)
     print(f"classifier test accuracy {clf_accuracy:.4f} ({len(test_y)} held-out images)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    torch.save(clf.state_dict(), os.path.join(args.out, "digits_classifier.pt"))
 
-    ema, record = train_dit(train_x, train_y, args.minutes, args.batch)
-    print(f"trained the DiT-MoE for {record['train_minutes']:.1f} min, {record['steps']} steps, "
+    ema, record = train_dit(args.model, train_x, train_y, args.minutes, args.steps, args.batch)
+    print(f"trained {args.model} for {record['train_minutes']:.1f} min, {record['steps']} steps, "
           f"final loss {record['final_loss']:.4f}", flush=True)
-    torch.save({k: v.half() for k, v in ema.state_dict().items()}, os.path.join(args.out, "digits.pt"))
+    torch.save({k: v.half() for k, v in ema.state_dict().items()}, os.path.join(args.out, f"{args.model}.pt"))
 
-    quality = sample_quality(ema.half().float(), clf)  # judge the weights as saved, in float16
+    quality = sample_quality(args.model, ema.half().float(), clf)  # judge the weights as saved, in float16
     record.update(
-        config=PRETRAINED["digits"], parameters=sum(p.numel() for p in ema.parameters()),
+        model=args.model, config=PRETRAINED[args.model], parameters=sum(p.numel() for p in ema.parameters()),
         classifier_test_accuracy=clf_accuracy, train_images=len(train_x), **quality,
         total_minutes=(time.perf_counter() - started) / 60, torch=torch.__version__, threads=args.threads,
         command=" ".join(["python"] + sys.argv),
     )
-    with open(os.path.join(args.out, "digits.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.model}.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(record, indent=1))
     print(f"total time {record['total_minutes']:.1f} min", flush=True)

@@ -229,12 +229,8 @@ class MoEGate(nn.Module):
         return expert_ids, weights
 
 
-class SparseMoeBlock(nn.Module):
-    """Top-K routed SwiGLU experts plus one always-on shared expert. [B,N,H] -> [B,N,H].
-
-    The forward pass here is the single-device reference that expert parallelism
-    must reproduce; moedit never calls it on a parallel rank.
-    """
+class RoutedMoE(nn.Module):
+    """Top-K routed SwiGLU experts. [B,N,H] -> [B,N,H] (ScMoE's routed branch, models/scmoe.py)."""
 
     def __init__(self, cfg: DiTMoEConfig):
         super().__init__()
@@ -242,10 +238,9 @@ class SparseMoeBlock(nn.Module):
         self.num_experts_per_tok = cfg.num_experts_per_tok
         self.gate = MoEGate(H, cfg.num_experts, cfg.num_experts_per_tok)
         self.experts = nn.ModuleList(MoeMLP(H, cfg.mlp_ratio * H) for _ in range(cfg.num_experts))
-        self.shared_experts = MoeMLP(H, cfg.num_shared_expert_ratio * H)
 
-    def forward(self, x):
-        tokens = x.flatten(0, -2)
+    def routed(self, tokens):
+        """[T,H] -> the router-weighted sum of each token's K experts, [T,H]."""
         expert_ids, weights = self.gate(tokens)
         routed = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
@@ -253,7 +248,26 @@ class SparseMoeBlock(nn.Module):
             if token_idx.numel():
                 out = expert(tokens[token_idx]) * weights[token_idx, slot, None]
                 routed.index_add_(0, token_idx, out)
-        return (routed + self.shared_experts(tokens)).reshape(x.shape)
+        return routed
+
+    def forward(self, x):
+        return self.routed(x.flatten(0, -2)).reshape(x.shape)
+
+
+class SparseMoeBlock(RoutedMoE):
+    """Top-K routed SwiGLU experts plus one always-on shared expert. [B,N,H] -> [B,N,H].
+
+    The forward pass here is the single-device reference that expert parallelism
+    must reproduce; moedit never calls it on a parallel rank.
+    """
+
+    def __init__(self, cfg: DiTMoEConfig):
+        super().__init__(cfg)
+        self.shared_experts = MoeMLP(cfg.hidden_size, cfg.num_shared_expert_ratio * cfg.hidden_size)
+
+    def forward(self, x):
+        tokens = x.flatten(0, -2)
+        return (self.routed(tokens) + self.shared_experts(tokens)).reshape(x.shape)
 
 
 class DiTBlock(nn.Module):
@@ -292,13 +306,16 @@ class DiTMoE(nn.Module):
 
     def __init__(self, cfg: DiTMoEConfig):
         super().__init__()
+        self._build(cfg, DiTBlock)
+
+    def _build(self, cfg: DiTMoEConfig, block: type[nn.Module]):
         self.config = cfg
         self.x_embedder = PatchEmbed(cfg)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, cfg.hidden_size),
                                       requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
 

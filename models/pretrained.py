@@ -1,5 +1,9 @@
 """Models trained here and shipped with the package, and the data they were trained on.
 
+`digits-scmoe`: the ScMoE variant (models/scmoe.py) at the same size: top-1 routed experts
+reading the previous block's post-attention residual (Pos-2), the shared expert gated by
+CG-1; trained the same way for the same number of steps.
+
 `digits`: a class-conditional DiT-MoE (6 blocks, every block MoE with 8 SwiGLU experts,
 top-2, and a shared expert twice as wide as H = 64; 1.6 M parameters, 3.3 MB in float16)
 trained with rectified flow on scikit-learn's 8x8 digits, upscaled to 16x16.
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
 from .dit_moe import DiTMoE, DiTMoEConfig, dit_moe
+from .scmoe import ScMoEConfig, ScMoEDiT
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +34,17 @@ PRETRAINED = {
     "digits": dict(input_size=16, patch_size=2, in_channels=1, hidden_size=64, depth=6, num_heads=4, mlp_ratio=2,
                    class_dropout_prob=0.1, num_classes=10, learn_sigma=False, num_experts=8, num_experts_per_tok=2,
                    qk_norm=False, num_shared_expert_ratio=2),
+    # ScMoE (models/scmoe.py) at the same size: top-1 routed experts read block l-1's
+    # post-attention residual (Pos-2), the shared expert has the CG-1 gate.
+    "digits-scmoe": dict(input_size=16, patch_size=2, in_channels=1, hidden_size=64, depth=6, num_heads=4,
+                         mlp_ratio=2, class_dropout_prob=0.1, num_classes=10, learn_sigma=False, num_experts=8,
+                         num_experts_per_tok=1, qk_norm=False, num_shared_expert_ratio=2, shortcut_position=2,
+                         shared_gate=True),
 }
 # Default sampling settings, checked in checkpoints/digits.json (100 images, 3 seeds). cfg 1.5
 # keeps FD-digits at its cfg-1.0 level while lifting accuracy from ~90 % to ~99 %; cfg >= 2
 # trades diversity for nothing (FD doubles). 25 Euler steps: 10 and 50 score the same.
-SAMPLING = {"digits": dict(steps=25, cfg_scale=1.5)}
+SAMPLING = {"digits": dict(steps=25, cfg_scale=1.5), "digits-scmoe": dict(steps=25, cfg_scale=1.5)}
 
 
 def checkpoint_path(name: str) -> str:
@@ -44,19 +55,26 @@ def pretrained_config(name: str = "digits") -> DiTMoEConfig:
     """The architecture of shipped model `name` (what train_digits.py builds and trains)."""
     if name not in PRETRAINED:
         raise ValueError(f"no pretrained model {name!r}; available: {sorted(PRETRAINED)}")
-    return DiTMoEConfig(**PRETRAINED[name])
+    fields = PRETRAINED[name]
+    return (ScMoEConfig if "shortcut_position" in fields else DiTMoEConfig)(**fields)
+
+
+def build(cfg: DiTMoEConfig) -> DiTMoE:
+    """The model family `cfg` describes, with fresh weights, in train mode."""
+    return ScMoEDiT(cfg) if isinstance(cfg, ScMoEConfig) else DiTMoE(cfg)
 
 
 def pretrained(name: str = "digits", device=None, *, load: bool = True) -> DiTMoE:
     """The shipped model `name` in eval mode, float32 (the checkpoint is float16).
     `load=False` skips reading the weights (use it under `torch.device("meta")` when only
     the shapes matter)."""
-    model = DiTMoE(pretrained_config(name)).eval()
+    model = build(pretrained_config(name)).eval()
     if load:
         path = checkpoint_path(name)
         if not os.path.isfile(path):
+            how = "" if name == "digits" else f" --model {name}"
             raise FileNotFoundError(f"the {name} checkpoint is missing ({path}); "
-                                    f"create it with `python examples/train_digits.py`")
+                                    f"create it with `python examples/train_digits.py{how}`")
         load_checkpoint(model, path)
     return model.to(device) if device is not None else model
 

@@ -71,8 +71,10 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 # -- 1. the DAG ---------------------------------------------------------------------
 
-def program_dag(gm: fx.GraphModule) -> nx.DiGraph:
-    """Nodes of `gm` with an edge for every "must come before"."""
+def program_dag(gm: fx.GraphModule, exchange_order: bool = True) -> nx.DiGraph:
+    """Nodes of `gm` with an edge for every "must come before"; without `exchange_order`, the
+    exchanges on a communicator may be reissued in another order (the caller then keeps
+    every rank's programs alike)."""
     dag = nx.DiGraph()
     nodes = list(gm.graph.nodes)
     dag.add_nodes_from(nodes)
@@ -80,7 +82,7 @@ def program_dag(gm: fx.GraphModule) -> nx.DiGraph:
     last_on: dict = {}
     for node in nodes:
         key = _ordered_resource(node)
-        if key is not None:
+        if key is not None and (exchange_order or key[0] != "exchange"):
             if key in last_on:
                 dag.add_edge(last_on[key], node)
             last_on[key] = node

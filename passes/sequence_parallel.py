@@ -46,6 +46,7 @@ from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
+from moedit.tracer import attention_nodes
 from moedit.runtime.sequence_ops import (OutputProjection, Projections, attend, attend_block, from_ranks,
                                          heads_to_ranks, merge_blocks, merged_output, pad_rows, ranks_to_heads,
                                          ranks_to_tokens, shard, tokens_to_ranks, unpad_rows)
@@ -83,7 +84,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sp = ctx.plan.sequence_parallel
     if sp.degree == 1:
         return PassResult(gm, False, [])
-    attentions = [n for n in gm.graph.nodes if kind_of(n) is Kind.ATTENTION]
+    attentions = attention_nodes(gm)
     region, tokens = _token_region(gm, attentions)
     _check_degrees(gm, attentions, tokens, ctx)
     index = ctx.plan.mesh.index("sp", ctx.rank)

@@ -28,7 +28,9 @@ from moedit.verify import collective_order, verify_collective_order
 
 from .cache import StepCache
 from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_backend
+from .expert_ops import LocalExperts
 from .mesh import Mesh
+from .offload import ExpertStore, budget_in_experts, expert_bytes
 from .sampling import initial_noise, rectified_flow_sample
 from .sequence_ops import pad_rows, unpad_rows
 from .state import RunState
@@ -56,6 +58,7 @@ class Runtime:
         self.step_log: list[StepKind] = []  # the kind each step of the current sample ran
         self.step_times: list[float] = []  # seconds per diffusion step of the last sample()
         self.blocked_times: list[float] = []  # of which blocked on exchanges
+        self.blocked_by: list[dict[str, float]] = []  # the same per step, by exchange name ("dispatch", ...)
         self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
 
     @classmethod
@@ -84,6 +87,8 @@ class Runtime:
         limit = plan.staleness.cache_limit_mb
         state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), rank, plan.runtime.timeout_s)
         state.timeline = Timeline(rank) if profile else None
+        if plan.offload.enabled:
+            state.experts = _expert_store(plan, programs, device)
         return cls(compiled, programs, state, rank, world, device)
 
     # -- step control ---------------------------------------------------------------
@@ -168,19 +173,22 @@ class Runtime:
         z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         z_local, y_local = self._shard(z, labels)
         self.reset(steps, seed)
-        self.step_times, self.blocked_times, self.sent_bytes = [], [], []
+        self.step_times, self.blocked_times, self.blocked_by, self.sent_bytes = [], [], [], []
         bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
         last, blocked, sent = time.perf_counter(), self.state.blocked_s, self.state.sent_bytes
+        by_name = dict(self.state.blocked_by)
 
         def on_step(i, latents):
-            nonlocal last, blocked, sent
+            nonlocal last, blocked, sent, by_name
             if self.compiled.plan.runtime.check_finite:
                 self._check_finite(latents, i)
             now = time.perf_counter()
             self.step_times.append(now - last)
             self.blocked_times.append(self.state.blocked_s - blocked)
+            self.blocked_by.append({name: t - by_name.get(name, 0.0) for name, t in self.state.blocked_by.items()})
             self.sent_bytes.append(self.state.sent_bytes - sent)
             last, blocked, sent = now, self.state.blocked_s, self.state.sent_bytes
+            by_name = dict(self.state.blocked_by)
             bar.update()
 
         try:
@@ -222,6 +230,18 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _expert_store(plan, programs, device) -> ExpertStore:
+    """One store for the offloaded experts of every program of this rank (they share them)."""
+    experts = {}
+    for gm in programs.values():
+        for module in gm.modules():
+            if isinstance(module, LocalExperts) and module.offload_layer is not None:
+                experts.update({(module.offload_layer, e): expert for e, expert in zip(module.expert_ids,
+                                                                                          module._experts)})
+    largest = max(map(expert_bytes, experts.values()), default=1)
+    return ExpertStore(experts, device, budget_in_experts(plan.offload, largest))
 
 
 def _check_collective_order_across_processes(orders: dict) -> None:

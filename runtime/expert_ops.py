@@ -108,19 +108,26 @@ class LocalExperts(nn.Module):
         super().__init__()
         object.__setattr__(self, "_experts", list(experts))  # views, see [Note: layer views]
         self.expert_ids = list(expert_ids)  # global ids, for explain() and dumps
+        self.offload_layer: int | None = None  # set by the offload pass: the store's layer key
 
     def extra_repr(self) -> str:
         return f"global_ids={self.expert_ids}"
 
-    def forward(self, received: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, received: torch.Tensor, recv_counts: torch.Tensor, fetched=None) -> torch.Tensor:
+        """`fetched` (expert offloading, moedit/runtime/offload.py): run the experts on the
+        device copies it made, not on the modules' own weights."""
         num_local = len(self._experts)
         local_of_row = torch.arange(num_local, device=received.device).repeat(recv_counts.shape[0])
         local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1))
         by_expert = torch.argsort(local_of_row, stable=True)
-        grouped = received[by_expert]
-        sizes = recv_counts.sum(dim=0).tolist()
+        grouped = received[by_expert].split(recv_counts.sum(dim=0).tolist())
         outputs = torch.empty_like(received)
-        outputs[by_expert] = torch.cat([expert(chunk) for expert, chunk in zip(self._experts, grouped.split(sizes))])
+        if fetched is None:
+            outputs[by_expert] = torch.cat([expert(rows) for expert, rows in zip(self._experts, grouped)])
+            return outputs
+        outputs[by_expert] = torch.cat([fetched.run(expert, e, rows) if len(rows) else rows
+                                        for expert, e, rows in zip(self._experts, self.expert_ids, grouped)])
+        fetched.release()
         return outputs
 
 
@@ -148,6 +155,21 @@ class Merge(nn.Module):
 
     def forward(self, routed, shared=None):
         return self.adapter.combine(self._moe, routed, shared)
+
+
+class OffloadedExpert(nn.Module):
+    """Stands in for a local expert whose weights the run's `ExpertStore` holds (offloading),
+    so that moving the program to the device leaves them in host memory."""
+
+    def __init__(self, expert: int):
+        super().__init__()
+        self.expert = expert
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, in host memory"
+
+    def forward(self, *args):
+        raise RuntimeError(f"expert {self.expert} is offloaded; it runs through the run's expert store")
 
 
 class RemovedExpert(nn.Module):

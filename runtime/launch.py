@@ -95,6 +95,7 @@ def main(argv=None) -> int:
                 "host": platform.node(), "cpu_count": os.cpu_count(),
                 "images": len(labels), "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
                 "total_s": total, "step_s": runtime.step_times, "blocked_s": runtime.blocked_times,
+                "blocked_by_exchange_s": runtime.blocked_by,
                 "sent_bytes": runtime.sent_bytes,
                 "median_step_s": sorted(runtime.step_times)[len(runtime.step_times) // 2],
                 "programs": [kind.name for kind in runtime.step_log],

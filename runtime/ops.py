@@ -14,6 +14,7 @@ dead-code elimination keeps it even when its result is unused.
     slot_outputs(run, returned, order, weights, key=...)       -> [T, H]    unpermute for conditional comm
     in_flight(pending, order, send_counts, recv_counts)        -> InFlight  an exchange with its bookkeeping
     ready(tensor)                                              -> Pending   a finished exchange
+    expert_fetch(run, recv_counts, ...)                        -> Fetch     offloading: copy the needed experts in
 
 Why plain functions rather than `torch.library` custom ops: they take the run and return
 work handles, neither of which is a tensor; torch's own functional collectives instead
@@ -31,6 +32,7 @@ from torch.fx.node import has_side_effect
 from .cache import InFlight
 from .comm import MAIN, Exchange, Pending, WorkGroup
 from .expert_ops import unpermute
+from .offload import Fetch
 from .state import RunState
 
 
@@ -125,6 +127,14 @@ def slot_outputs(run: RunState, returned: torch.Tensor, order: torch.Tensor, wei
         run.cache.write(key, slots)
         return routed
     return unpermute(returned, order, weights, slots=run.cache.read(key).clone())
+
+
+@stateful
+def expert_fetch(run: RunState, recv_counts: torch.Tensor, *, layer: int, expert_ids: list[int]) -> Fetch:
+    """Offloading: start copying this rank's experts that receive rows ([P, L] counts) to the
+    device; the experts node runs on the copies (see moedit/runtime/offload.py)."""
+    rows = recv_counts.reshape(-1, len(expert_ids)).sum(dim=0).tolist()
+    return run.experts.fetch(layer, [e for e, n in zip(expert_ids, rows) if n])
 
 
 EXCHANGE_STARTS = (exchange_start, counts_start, gather_start, ring_start)  # each returns a Pending

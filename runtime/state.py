@@ -9,6 +9,7 @@ one after the other or side by side, never see each other's state.
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from .comm import CollectiveError, Exchange, Pending
 from .mesh import Mesh
 
 if TYPE_CHECKING:
+    from .offload import ExpertStore
     from .timeline import Timeline
 
 
@@ -35,9 +37,11 @@ class RunState:
         self.kind: StepKind | None = None  # the kind of that step
         self.seed = 0  # the sample's seed (random slot dropping draws from it)
         self.blocked_s = 0.0  # seconds spent waiting for exchanges, since the runtime started
+        self.blocked_by: collections.Counter = collections.Counter()  # the same, by exchange name
         self.sent_bytes = 0  # bytes this rank's exchanges sent to other ranks, since the runtime started
         self.failed = False  # an exchange failed: the groups may be unusable
         self.timeline: Timeline | None = None  # set when the runtime profiles
+        self.experts: ExpertStore | None = None  # the offloaded experts (plan offload)
 
     def issued(self, pending: Pending) -> Pending:
         """Note an exchange just started (on the timeline, when profiling)."""
@@ -65,5 +69,6 @@ class RunState:
                 f"error first. Backend said: {err}") from err
         finally:
             self.blocked_s += time.perf_counter() - start
+            self.blocked_by[pending.exchange.name if pending.exchange else "other"] += time.perf_counter() - start
         pending.work = None
         return pending.output

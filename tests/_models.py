@@ -41,3 +41,16 @@ def routing_counts(model, x, t, y) -> torch.Tensor:
     for handle in handles:
         handle.remove()
     return counts
+
+
+@torch.no_grad()
+def tiny_scmoe(seed: int = 0, **overrides):
+    """The tiny ScMoE (models/scmoe.py) with random weights everywhere, Pos-2 unless overridden."""
+    from moedit.models.scmoe import scmoe
+
+    model = scmoe("tiny", **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        scale = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.1
+        param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return model

@@ -73,25 +73,27 @@ def test_real_digits_are_closer_than_noise():
     assert metrics.fd_digits(train[:360]) < metrics.fd_digits(noise) / 10
 
 
-def test_shipped_checkpoint_is_float16_and_matches_the_model():
-    state = torch.load(pretrained_module.checkpoint_path("digits"), weights_only=True)
-    model = pretrained("digits", load=False)
+@pytest.mark.parametrize("name", ["digits", "digits-scmoe"])
+def test_shipped_checkpoint_is_float16_and_matches_the_model(name):
+    state = torch.load(pretrained_module.checkpoint_path(name), weights_only=True)
+    model = pretrained(name, load=False)
     assert state.keys() == model.state_dict().keys()
     assert {v.dtype for v in state.values()} == {torch.float16}
-    assert os.path.getsize(pretrained_module.checkpoint_path("digits")) <= 4 * 2**20
+    assert os.path.getsize(pretrained_module.checkpoint_path(name)) <= 4 * 2**20
 
 
-def test_pretrained_digits_samples_are_recognisable():
-    model = pretrained("digits")
+@pytest.mark.parametrize("name", ["digits", "digits-scmoe"])
+def test_pretrained_digits_samples_are_recognisable(name):
+    model = pretrained(name)
     assert not model.training and next(model.parameters()).dtype == torch.float32
     labels = torch.arange(10)
     images = rectified_flow_sample(model, initial_noise(10, 1, 16, seed=1), labels, steps=10,
-                                   cfg_scale=SAMPLING["digits"]["cfg_scale"], null_class=model.null_class)
+                                   cfg_scale=SAMPLING[name]["cfg_scale"], null_class=model.null_class)
     assert metrics.accuracy(images, labels) >= 0.7
 
 
 def test_unknown_pretrained_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"no pretrained model 'nope'; available: \['digits'\]"):
+    with pytest.raises(ValueError, match=r"no pretrained model 'nope'; available: \['digits', 'digits-scmoe'\]"):
         pretrained("nope")
     assert "digits" in PRETRAINED
 

@@ -36,9 +36,7 @@ def test_invalid_fields_are_named(data, field):
 
 
 @pytest.mark.parametrize("data", [
-    {"shortcut": {"enabled": True}},
     {"pipefusion": {"degree": 2}},
-    {"offload": {"enabled": True}},
     {"kernels": "triton"},
 ])
 def test_unimplemented_sections_are_rejected_not_ignored(data):

@@ -1,0 +1,75 @@
+"""Expert offloading is exact, keeps to its budget, and fetches before the attention it overlaps."""
+
+import pytest
+import torch
+
+import moedit
+from _models import tiny_model, tiny_scmoe
+from moedit.graph import Kind, kind_of
+from moedit.plan import PlanError
+
+DEPTH = 3
+
+
+def _batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(5, 4, 8, 8, generator=gen), torch.rand(5, generator=gen), torch.tensor([0, 3, 9, 3, 10])
+
+
+def _offloaded(model, world, resident, **plan):
+    compiled = moedit.compile(model, moedit.Plan(offload={"enabled": True, "resident_experts": resident},
+                                                 expert_parallel={"degree": world}, **plan))
+    with compiled.to_runtime() as runtime:
+        outputs = [runtime.denoise(*_batch(seed)) for seed in (1, 2)]
+        store = runtime.state.experts
+        stats = {"peak": store.peak_resident, "copies": store.copies, "hits": store.hits, "budget": store.budget}
+    return outputs, stats
+
+
+def _worker(rank, world):
+    local = 8 // world  # experts per layer on this rank
+    return {
+        # ScMoE under the shortcut schedule; a budget of one layer's experts: every layer evicts
+        "scmoe, tight": _offloaded(tiny_scmoe(depth=DEPTH), world, local, shortcut={"enabled": True}),
+        # the standard model, everything fits: the second call copies nothing
+        "standard, roomy": _offloaded(tiny_model(depth=DEPTH), world, DEPTH * local),
+    }
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_offloading_is_exact_and_keeps_to_its_budget(spawn, world):
+    references = {name: [model(*_batch(seed)) for seed in (1, 2)] for name, model in
+                  (("scmoe, tight", tiny_scmoe(depth=DEPTH)), ("standard, roomy", tiny_model(depth=DEPTH)))}
+    for rank, results in enumerate(spawn(world, _worker, timeout_s=120)):
+        for name, (outputs, stats) in results.items():
+            for out, ref in zip(outputs, references[name]):
+                torch.testing.assert_close(out, ref, rtol=0, atol=1e-5, msg=lambda m: f"{name}, rank {rank}: {m}")
+            assert stats["peak"] <= stats["budget"], (name, stats)
+        tight, roomy = results["scmoe, tight"][1], results["standard, roomy"][1]
+        assert tight["copies"] > DEPTH * 8 // world  # evicted and copied again
+        assert roomy["copies"] <= DEPTH * 8 // world and roomy["hits"] > 0  # the second call found them resident
+
+
+def test_fetch_is_issued_before_the_attention_it_overlaps():
+    plan = moedit.Plan(shortcut={"enabled": True}, offload={"enabled": True, "resident_experts": 8},
+                       expert_parallel={"degree": 2})
+    nodes = [n.name for n in moedit.compile(tiny_scmoe(depth=DEPTH), plan).graph(0).graph.nodes]
+    for layer in range(DEPTH):
+        fetch, experts = nodes.index(f"l{layer}_fetch"), nodes.index(f"l{layer}_experts")
+        assert fetch < nodes.index(f"blocks_{layer}_attn")
+        # backbone work (an attention or a shared expert) runs while the copies are made
+        assert any(name.endswith(("_attn", "_shared_experts_down_proj")) for name in nodes[fetch:experts])
+
+
+def test_offloaded_experts_leave_the_program_module_tree():
+    plan = moedit.Plan(offload={"enabled": True, "resident_experts": 8})
+    program = moedit.compile(tiny_model(depth=DEPTH), plan).graph(0)
+    assert not [key for key in program.state_dict() if ".experts." in key]
+    assert any(kind_of(n) is Kind.FETCH for n in program.graph.nodes)
+
+
+def test_budget_below_what_the_program_holds_at_once_is_refused():
+    with pytest.raises(PlanError, match="resident_experts to at least 8"):
+        moedit.compile(tiny_model(depth=DEPTH), moedit.Plan(offload={"enabled": True, "resident_experts": 4}))
+    with pytest.raises(PlanError, match="exactly one"):
+        moedit.Plan(offload={"enabled": True})
