@@ -15,6 +15,7 @@ two minutes. With --save, writes benchmarks/results/offload_<device>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -29,6 +30,7 @@ from _launch import machine
 
 
 def measure(model, plan: dict, batch: int, steps: int, device: torch.device) -> dict:
+    model = copy.deepcopy(model)  # the runtime moves what it holds to the device: start each row on the host
     compiled = moedit.compile(model, moedit.Plan(**plan))
     cfg = model.config
     gen = torch.Generator().manual_seed(0)

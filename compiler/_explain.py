@@ -122,7 +122,7 @@ def _shortcut(compiled, program: str) -> list[str]:
             lines.append(f"  layer {meta(node)['layer']}: window {ms['window_s']}; counts {ms['counts_s']}, dispatch "
                          f"{ms['dispatch_s']} issued after {ms['before_dispatch_s']} of it, experts {ms['experts_s']} "
                          f"after {ms['before_experts_s']}, combine {ms['combine_s']}; predicted {ms['predicted_s']} "
-                         f"against {ms['unscheduled_s']} unscheduled")
+                         f"against {ms['unscheduled_s']} with nothing overlapped")
     return lines
 
 

@@ -80,6 +80,9 @@ class Shortcut(_Section):
     def _rewrite_needs_enabled(self):
         if self.rewrite and not self.enabled:
             raise ValueError("rewrite: only applies with enabled: true")
+        if self.position != 2 and not self.rewrite:
+            raise ValueError("position: only applies with rewrite: true (an ScMoE model's shortcut position is "
+                             "part of the model)")
         return self
 
 
@@ -164,6 +167,10 @@ class Plan(BaseModel):
             raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
                              "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")
         MeshLayout.of(self)  # raises if the axes do not fit together
+        if self.shortcut.enabled and self.schedule.policy == "overlap":
+            raise ValueError("shortcut: schedule.policy 'overlap' would reorder the program again after the shortcut "
+                             "schedule; keep schedule.policy at 'program' (the shortcut pass takes schedule.profile "
+                             "for its costs)")
         if self.shortcut.enabled and self.expert_parallel.chunks != 1:
             raise ValueError("shortcut: expert_parallel.chunks pipelines a layer's exchanges within the layer, the "
                              "shortcut schedule overlaps them with the backbone instead; set chunks to 1")

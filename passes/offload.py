@@ -9,11 +9,13 @@ moedit/runtime/offload.py for the store, its LRU budget and the CUDA copy stream
 Under the shortcut schedule the counts are known before the block's attention, so the
 copies overlap attention and the shared expert, as in ScMoE; in a standard block they
 overlap the dispatch. Runs last, on the final node order: the pass refuses a budget
-smaller than the experts the program keeps fetched at once (a layer fetches before the
-previous layer's experts have run).
+smaller than the experts the program keeps fetched at once (more than one layer's when a
+schedule puts a layer's fetch before the previous layer's experts).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 
@@ -71,4 +73,4 @@ def _check_budget(gm: fx.GraphModule, ctx: PassContext, local_count: dict[int, i
         raise PlanError(f"offload: the budget holds {budget} experts, but this rank's program keeps up to {most} "
                         f"fetched at once (the local experts of layer(s) {when}, fetched and not yet run); set "
                         f"offload.resident_experts to at least {most} (or budget_mb to at least "
-                        f"{most * size / 2**20:.2f})")
+                        f"{math.ceil(most * size / 2**20 * 1e4) / 1e4:g})")

@@ -5,17 +5,23 @@ representation of block l-1, so nothing of block l's backbone (attention, shared
 expert) waits for it, nor it for them. `shortcut` reorders each synchronous layer's nodes
 (never changes one, so the outputs are bit-identical to the unscheduled program):
 
-    1. route, permute, counts, dispatch start   as early as their inputs allow
-    2. dispatch wait, experts, combine start    in the window's best slot (below)
-    3. combine wait, unpermute, merge           as late as their first consumer allows
+    1. route, permute, counts start             as early as their inputs allow
+    2. counts wait, dispatch start              in the window's best slot j (below)
+    3. dispatch wait, experts, combine start    in its best slot k >= j
+    4. combine wait, unpermute, merge           as late as their first consumer allows
 
-The window is the backbone work between 1 and 3. ScMoE's rule for the experts: with D and
-C the dispatch's and the combine's time in flight, E the experts' time and W[:k] the
-window's first k nodes, put the experts after W[:k] for the k that minimises
+The window W is the backbone work between 1 and 4. ScMoE's rule places the experts so
+that the dispatch and the combine both land behind compute; here the counts' latency A
+is hidden too. With D and C the dispatch's and the combine's time in flight and E the
+experts' time, (j, k) minimises the compute lane's time to the combine wait:
 
-    max(D, time(W[:k])) + E + max(C, time(W[k:]))
+    issued = max(A, time(W[:j]))                  the dispatch starts
+    ran    = max(issued + time(W[j:k]), issued + D) + E
+    total  = max(ran + time(W[k:]), ran + C)
 
-(the costs are the schedule pass's: measured from `schedule.profile`, else estimated).
+(the costs are the schedule pass's: measured from `schedule.profile`, else estimated;
+each layer is placed on its own, and the link's queue shared by neighbouring layers'
+exchanges is not modelled).
 A layer's counts move to the "counts" communicator, so that a layer's counts never queue
 behind the previous layer's dispatch or combine still in flight (see [Note: channels]).
 
@@ -110,8 +116,15 @@ def shortcut_rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     settings = ctx.plan.shortcut
     if not (settings.enabled and settings.rewrite):
         return PassResult(gm, False, [])
-    by_block = {_block_path(node.target): node for node in attention_nodes(gm)}
+    by_block = {}
+    for node in attention_nodes(gm):  # a block's first attention reads the block's input
+        by_block.setdefault(_block_path(node.target), node)
     moes = moe_nodes(gm)
+    blocks = [_block_path(moe.target).rpartition(".") for moe in moes]  # (stack, ".", index)
+    if any(a[0] != b[0] or not a[2] or int(b[2]) != int(a[2]) + 1 for a, b in zip(blocks, blocks[1:])):
+        blocks = ["".join(b) for b in blocks]
+        raise PlanError(f"shortcut.rewrite needs an MoE layer in every block of one stack, in order; the MoE layers "
+                        f"are in {blocks}")
     # Read every position off the unchanged graph first: rewriting layer l changes what
     # feeds layer l's MoE, which layer l+1's Pos-2 would otherwise follow.
     residual = [_block_input(moe) for moe in moes]

@@ -98,6 +98,8 @@ class Runtime:
         anything random in the plan (conditional_comm.drop: random)."""
         self._drain()
         self.state.cache.entries.clear()
+        if self.state.experts is not None:
+            self.state.experts.forget_fetches()
         self.state.step, self.state.seed = 0, seed
         self.total_steps, self.step_log = steps, []
 

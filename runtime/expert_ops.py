@@ -125,9 +125,11 @@ class LocalExperts(nn.Module):
         if fetched is None:
             outputs[by_expert] = torch.cat([expert(rows) for expert, rows in zip(self._experts, grouped)])
             return outputs
-        outputs[by_expert] = torch.cat([fetched.run(expert, e, rows) if len(rows) else rows
-                                        for expert, e, rows in zip(self._experts, self.expert_ids, grouped)])
-        fetched.release()
+        try:
+            outputs[by_expert] = torch.cat([fetched.run(expert, e, rows) if len(rows) else rows
+                                            for expert, e, rows in zip(self._experts, self.expert_ids, grouped)])
+        finally:
+            fetched.release()
         return outputs
 
 

@@ -12,7 +12,9 @@ ordered by events: the compute stream waits for a copy only when it reaches the 
 so a copy issued before the block's attention (the shortcut schedule puts the fetch right
 after the counts) is hidden behind it. On the CPU host and device memory are one, so the
 copies are real but synchronous and save nothing; the tests there check exactness and
-the budget, the memory figure needs a GPU.
+the budget, the memory figure needs a GPU. The budget bounds the copies the store holds;
+on CUDA an evicted copy's memory returns to the caching allocator once the compute stream
+is done with it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class ExpertStore:
     def __init__(self, experts: dict[tuple[int, int], nn.Module], device: torch.device, budget: int):
         self.device, self.budget = device, budget
         cuda = device.type == "cuda"
-        self.host = {key: {name: (p.detach().pin_memory() if cuda else p.detach())
+        # The experts' own weights are the host copies (pinned on CUDA); a model moved to the
+        # device before compiling keeps its experts there as well, which saves nothing.
+        self.host = {key: {name: (p.detach().cpu().pin_memory() if cuda else p.detach())
                            for name, p in module.named_parameters()} for key, module in experts.items()}
         self.resident: collections.OrderedDict = collections.OrderedDict()  # key -> {name: device tensor}, LRU first
         self.in_use: collections.Counter = collections.Counter()  # key -> fetches not yet run
@@ -56,17 +60,18 @@ class ExpertStore:
 
     def fetch(self, layer: int, needed: list[int]) -> "Fetch":
         keys = [(layer, e) for e in needed]
-        for key in keys:
+        for key in keys:  # all of them in use first, so that making room never evicts one of them
             self.in_use[key] += 1
             if key in self.resident:
                 self.resident.move_to_end(key)
                 self.hits += 1
-            else:
+        for key in keys:
+            if key not in self.resident:
                 self._make_room(key)
                 self.resident[key] = self._copy(key)
                 self.copies += 1
         self.peak_resident = max(self.peak_resident, len(self.resident))
-        return Fetch(self, keys)
+        return Fetch(self, layer, keys)
 
     def _make_room(self, key) -> None:
         while len(self.resident) >= self.budget:
@@ -74,7 +79,7 @@ class ExpertStore:
             if victim is None:
                 raise OffloadError(f"offload: expert {key[1]} of layer {key[0]} must be resident, but all "
                                    f"{self.budget} resident experts are fetched for layers whose experts have not "
-                                   f"run yet; raise offload.resident_experts")
+                                   f"run yet; raise offload.resident_experts (or budget_mb)")
             del self.resident[victim]
             self.events.pop(victim, None)
 
@@ -98,20 +103,20 @@ class ExpertStore:
                 t.record_stream(stream)
         return params
 
-    @property
-    def resident_bytes(self) -> int:
-        return len(self.resident) * self.bytes_per_expert
+    def forget_fetches(self) -> None:
+        """Release every expert still marked in use (a step that failed between a fetch and its experts)."""
+        self.in_use.clear()
 
 
 class Fetch:
     """One layer's needed experts, resident until the layer's experts have run."""
 
-    def __init__(self, store: ExpertStore, keys: list[tuple[int, int]]):
-        self.store, self.keys = store, keys
+    def __init__(self, store: ExpertStore, layer: int, keys: list[tuple[int, int]]):
+        self.store, self.layer, self.keys = store, layer, keys
 
     def run(self, expert: nn.Module, expert_id: int, x: torch.Tensor) -> torch.Tensor:
         """`expert` on its device copy of the weights."""
-        return functional_call(expert, self.store.params((self.keys[0][0], expert_id)), (x,))
+        return functional_call(expert, self.store.params((self.layer, expert_id)), (x,))
 
     def release(self) -> None:
         for key in self.keys:

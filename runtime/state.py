@@ -68,7 +68,8 @@ class RunState:
                 f"(runtime.timeout_s = {self.timeout_s:g}): a peer rank stalled or died; look for its "
                 f"error first. Backend said: {err}") from err
         finally:
-            self.blocked_s += time.perf_counter() - start
-            self.blocked_by[pending.exchange.name if pending.exchange else "other"] += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.blocked_s += waited
+            self.blocked_by[pending.exchange.name if pending.exchange else "other"] += waited
         pending.work = None
         return pending.output

@@ -111,6 +111,10 @@ def test_shortcut_on_a_standard_model_is_refused_without_rewrite():
         moedit.Plan(shortcut=SHORTCUT, expert_parallel={"degree": 2, "chunks": 2})
     with pytest.raises(PlanError, match="enabled: true"):
         moedit.Plan(shortcut={"rewrite": True})
+    with pytest.raises(PlanError, match="only applies with rewrite"):
+        moedit.Plan(shortcut={"enabled": True, "position": 3})
+    with pytest.raises(PlanError, match="reorder the program again"):
+        moedit.Plan(shortcut=SHORTCUT, schedule={"policy": "overlap"})
 
 
 @torch.no_grad()
