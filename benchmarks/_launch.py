@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import os
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from moedit.calibrate import probe
-from moedit.runtime.netns import free_port
+from moedit.runtime.netns import LinkError, ShapedLink, free_port
 
 
 def machine() -> str:
@@ -29,6 +30,34 @@ def load_plan(path: str, world: int | None = None) -> dict:
     if world is not None:
         plan["expert_parallel"] = {**plan.get("expert_parallel", {}), "degree": world}
     return plan
+
+
+def shaped_link(kind: str, script: str, rate: str = "400mbit") -> ShapedLink | None:
+    """The shaped link a benchmark asked for (`--link shaped`), not made yet, or None for
+    loopback. A machine that cannot make it (no root, no iproute2) ends `script` with
+    status 2, saying why."""
+    if kind != "shaped":
+        return None
+    problem = ShapedLink.check()
+    if problem:
+        print(f"{script}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return ShapedLink(rate=rate)
+
+
+@contextlib.contextmanager
+def made(link: ShapedLink | None, script: str):
+    """Make `link` (if any) for the block and remove it after; a failure to make it ends
+    `script` with status 2."""
+    if link is None:
+        yield
+        return
+    try:
+        with link:
+            yield
+    except LinkError as err:
+        print(f"{script}: could not make the shaped link: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, images: int = 16,

@@ -39,8 +39,7 @@ import re
 import statistics
 import sys
 
-from _launch import link_throughput, machine, plan_of, run_plan, show, spread
-from moedit.runtime.netns import LinkError, ShapedLink
+from _launch import link_throughput, machine, made, plan_of, run_plan, shaped_link, show, spread
 
 PLANS = ["sync_ep", "displaced", "interweaved", "dice"]
 
@@ -91,16 +90,8 @@ def main() -> int:
                         "DIR/profile; plan settings may then say schedule.profile=PROFILE")
     parser.add_argument("--out", help="default: benchmarks/results/overlap_<link>.json")
     args = parser.parse_args()
-    link = None
-    if args.link == "shaped":
-        problem = ShapedLink.check()
-        if problem:
-            print(f"overlap.py: {problem}", file=sys.stderr)
-            return 2
-        link = ShapedLink(rate=args.rate)
-    try:
-        if link is not None:
-            link.__enter__()
+    link = shaped_link(args.link, "overlap.py", args.rate)
+    with made(link, "overlap.py"):
         probe = link_throughput(link, 256 * 1024)
         print(f"link: {probe['bytes_per_s'] / 1e6:.1f} MB/s sustained (256 KiB all-to-alls back to back), "
               f"{1e3 * probe['latency_s']:.2f} ms per small exchange", flush=True)
@@ -112,12 +103,6 @@ def main() -> int:
             profile = os.path.join(folder, "timeline.json")
             print(f"profiled {args.plans[0]}: {profile}", flush=True)
         rows = measure(args, link, probe["bytes_per_s"], profile)
-    except LinkError as err:
-        print(f"overlap.py: could not make the shaped link: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if link is not None:
-            link.__exit__(None, None, None)
     where = link.describe() if link is not None else "loopback"
     print(f"\ndigits model, {args.world} ranks, {args.images} images with CFG, {args.steps} steps, "
           f"{args.rounds} alternating rounds (median [min-max]); {where}; {machine()}")

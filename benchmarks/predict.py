@@ -25,10 +25,9 @@ import sys
 import torch
 
 import moedit
-from _launch import machine, plan_of, run_plan, show, spread
+from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
 from moedit.costs import Hardware, HardwareError
 from moedit.models import load_model
-from moedit.runtime.netns import LinkError, ShapedLink
 from moedit.runtime.timeline import draw
 from moedit.simulate import replay, simulate
 
@@ -57,9 +56,7 @@ def main() -> int:
     parser.add_argument("--timeline", help="folder for measured and predicted timeline PNGs")
     args = parser.parse_args()
     profile = "shaped-link" if args.link == "shaped" else "cpu-local"
-    if args.link == "shaped" and ShapedLink.check():
-        print(f"predict.py: {ShapedLink.check()}", file=sys.stderr)
-        return 2
+    link = shaped_link(args.link, "predict.py")
     try:
         hardware = None if args.recalibrate else Hardware.load(profile)
     except HardwareError:
@@ -69,11 +66,8 @@ def main() -> int:
 
         hardware = calibrate(args.link)
     print(f"profile {profile}: {hardware.source}", flush=True)
-    link = ShapedLink() if args.link == "shaped" else None
     rows = []
-    try:
-        if link is not None:
-            link.__enter__()
+    with made(link, "predict.py"):
         for world in args.worlds:
             names = [n for n in args.plans if n != "single" or world == args.worlds[0]]
             measured = {name: [] for name in names}
@@ -104,12 +98,6 @@ def main() -> int:
                 if args.timeline and name in PICTURED:
                     draw(prediction.spans, os.path.join(args.timeline, f"{args.link}_w{w}_{name}", "predicted.png"),
                          steps=range(1, 3), title=f"{name}, {w} ranks, {args.link}: predicted ({profile})")
-    except LinkError as err:
-        print(f"predict.py: could not make the shaped link: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if link is not None:
-            link.__exit__(None, None, None)
     where = link.describe() if link is not None else "loopback"
     print(f"\ndigits model, {args.images} images with CFG, {args.steps} steps, {args.rounds} alternating rounds; "
           f"{where}; {machine()}; predicted with {profile}")

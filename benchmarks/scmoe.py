@@ -33,8 +33,7 @@ import os
 import statistics
 import sys
 
-from _launch import machine, plan_of, run_plan, show, spread
-from moedit.runtime.netns import LinkError, ShapedLink
+from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
 
 ROWS = [("digits", "sync_ep"), ("digits", "dice"), ("digits-scmoe", "sync_ep"), ("digits-scmoe", "scmoe"),
         ("digits-scmoe", "scmoe@schedule.profile=PROFILE")]
@@ -83,26 +82,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/scmoe_<link>.json")
     args = parser.parse_args()
-    link = None
-    if args.link == "shaped":
-        problem = ShapedLink.check()
-        if problem:
-            print(f"scmoe.py: {problem}", file=sys.stderr)
-            return 2
-        link = ShapedLink(rate=args.rate)
+    link = shaped_link(args.link, "scmoe.py", args.rate)
     folder = os.path.join("/tmp", f"moedit_scmoe_profile_{os.getpid()}")
-    try:
-        if link is not None:
-            link.__enter__()
+    with made(link, "scmoe.py"):
         run_plan(plan_of("sync_ep", 2), 2, model="digits-scmoe", steps=args.steps, images=args.images, link=link,
                  timeline=folder)
         rows = measure(args, link, os.path.join(folder, "timeline.json"))
-    except LinkError as err:
-        print(f"scmoe.py: could not make the shaped link: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if link is not None:
-            link.__exit__(None, None, None)
     where = link.describe() if link is not None else "loopback"
     print(f"\n2 ranks, {args.images} images with CFG, {args.steps} steps, {args.rounds} alternating rounds "
           f"(median [min-max]); {where}; {machine()}")

@@ -33,10 +33,9 @@ import sys
 import torch
 
 import moedit
-from _launch import machine, plan_of, run_plan, show, spread
+from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
 from moedit.costs import Hardware, HardwareError
 from moedit.models import load_model
-from moedit.runtime.netns import LinkError, ShapedLink
 from moedit.simulate import replay, simulate
 
 PLANS = {  # world -> plan specs (examples/plans/<name>.yaml, @ sets fields; the EP degree is the world size)
@@ -149,9 +148,7 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=["plans", "sweep", "gpu"], default=["plans", "sweep", "gpu"])
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/sequence_<link>.json")
     args = parser.parse_args()
-    if args.link == "shaped" and ShapedLink.check():
-        print(f"sequence.py: {ShapedLink.check()}", file=sys.stderr)
-        return 2
+    link = shaped_link(args.link, "sequence.py")
     profile = "shaped-link" if args.link == "shaped" else "cpu-local"
     try:
         hardware = Hardware.load(profile)
@@ -159,11 +156,8 @@ def main() -> int:
         print(f"sequence.py: {err}\nrun `moedit calibrate{' --link shaped' if args.link == 'shaped' else ''}` first",
               file=sys.stderr)
         return 2
-    link = ShapedLink() if args.link == "shaped" else None
     results = {"machine": machine(), "profile": profile, "rounds": args.rounds}
-    try:
-        if link is not None:
-            link.__enter__()
+    with made(link, "sequence.py"):
         results["link"] = link.describe() if link is not None else "loopback"
         if "plans" in args.parts:
             results["plans"] = plans_part(args, hardware, link)
@@ -171,12 +165,6 @@ def main() -> int:
             results["sweep"], results["pays_off_tokens"] = sweep_part(args, hardware, link)
         if "gpu" in args.parts:
             results["gpu"], results["gpu_pays_off_tokens"] = gpu_part()
-    except LinkError as err:
-        print(f"sequence.py: could not make the shaped link: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if link is not None:
-            link.__exit__(None, None, None)
     print(f"\n{results['link']}; {machine()}; {args.rounds} alternating rounds; predicted with {profile}")
     if "plans" in results:
         print("\ndigits model, 20 images with CFG, 20 steps")
