@@ -95,9 +95,17 @@ def _block_path(target: str) -> str:
     return ".".join(parts[: indexed[-1] + 1]) if indexed else ""
 
 
+def _first_attention(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Each block's first attention node (the one that reads the block's input), by block path."""
+    first: dict[str, fx.Node] = {}
+    for node in attention_nodes(gm):
+        first.setdefault(_block_path(node.target), node)
+    return first
+
+
 def standard_layers(gm: fx.GraphModule) -> list[int]:
     """The MoE layers that read their own block's attention output (no shortcut)."""
-    attention = {_block_path(node.target): node for node in attention_nodes(gm)}
+    attention = _first_attention(gm)
     standard = []
     for node in moe_nodes(gm):
         own = attention.get(_block_path(node.target))
@@ -116,9 +124,7 @@ def shortcut_rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     settings = ctx.plan.shortcut
     if not (settings.enabled and settings.rewrite):
         return PassResult(gm, False, [])
-    by_block = {}
-    for node in attention_nodes(gm):  # a block's first attention reads the block's input
-        by_block.setdefault(_block_path(node.target), node)
+    by_block = _first_attention(gm)
     moes = moe_nodes(gm)
     blocks = [_block_path(moe.target).rpartition(".") for moe in moes]  # (stack, ".", index)
     if any(a[0] != b[0] or not a[2] or int(b[2]) != int(a[2]) + 1 for a, b in zip(blocks, blocks[1:])):

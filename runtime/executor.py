@@ -30,7 +30,7 @@ from .cache import StepCache
 from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_backend
 from .expert_ops import LocalExperts
 from .mesh import Mesh
-from .offload import ExpertStore, budget_in_experts, expert_bytes
+from .offload import ExpertStore
 from .sampling import initial_noise, rectified_flow_sample
 from .sequence_ops import pad_rows, unpad_rows
 from .state import RunState
@@ -242,8 +242,7 @@ def _expert_store(plan, programs, device) -> ExpertStore:
             if isinstance(module, LocalExperts) and module.offload_layer is not None:
                 experts.update({(module.offload_layer, e): expert for e, expert in zip(module.expert_ids,
                                                                                           module._experts)})
-    largest = max(map(expert_bytes, experts.values()), default=1)
-    return ExpertStore(experts, device, budget_in_experts(plan.offload, largest))
+    return ExpertStore(experts, device, plan.offload)
 
 
 def _check_collective_order_across_processes(orders: dict) -> None:

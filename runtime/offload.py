@@ -44,8 +44,11 @@ class OffloadError(RuntimeError):
 class ExpertStore:
     """This rank's routed experts: host copies of all, device copies of at most `budget`."""
 
-    def __init__(self, experts: dict[tuple[int, int], nn.Module], device: torch.device, budget: int):
-        self.device, self.budget = device, budget
+    def __init__(self, experts: dict[tuple[int, int], nn.Module], device: torch.device, settings):
+        """`settings`: the plan's `offload` section (resident_experts or budget_mb)."""
+        self.device = device
+        self.bytes_per_expert = max(map(expert_bytes, experts.values()), default=0)
+        self.budget = budget_in_experts(settings, max(self.bytes_per_expert, 1))
         cuda = device.type == "cuda"
         # The experts' own weights are the host copies (pinned on CUDA); a model moved to the
         # device before compiling keeps its experts there as well, which saves nothing.
@@ -56,7 +59,6 @@ class ExpertStore:
         self.events: dict = {}  # key -> the CUDA event its copy recorded
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.copies = self.hits = self.peak_resident = 0
-        self.bytes_per_expert = max(map(expert_bytes, experts.values()), default=0)
 
     def fetch(self, layer: int, needed: list[int]) -> "Fetch":
         keys = [(layer, e) for e in needed]
