@@ -24,6 +24,8 @@ from moedit.passes.displace import displace
 from moedit.passes.expert_parallel import expert_parallel, local_experts, resolve_chunks
 from moedit.passes.interweave import interweave
 from moedit.passes.offload import offload
+from moedit.passes.patch_parallel import patch_parallel
+from moedit.passes.pipefusion import pipefusion
 from moedit.passes.schedule import schedule
 from moedit.passes.sequence_parallel import cfg_parallel, sequence_parallel
 from moedit.passes.shortcut import shortcut, shortcut_rewrite, standard_layers
@@ -39,8 +41,8 @@ from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
 
 
-PIPELINE: list[PassFn] = [shortcut_rewrite, cfg_parallel, sequence_parallel, expert_parallel, displace, interweave,
-                          conditional_comm, shortcut, schedule, offload]
+PIPELINE: list[PassFn] = [shortcut_rewrite, cfg_parallel, sequence_parallel, patch_parallel, expert_parallel, displace,
+                          interweave, conditional_comm, pipefusion, shortcut, schedule, offload]
 
 
 def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
@@ -78,7 +80,8 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "
     elif not isinstance(plan, Plan):
         plan = Plan.from_file(plan)
     traced = trace(model)
-    if plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1:
+    if (plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1 or plan.patch_parallel.degree > 1
+            or plan.pipefusion.degree > 1):
         record_sizes(traced, model)
     layers = layers_of(traced)
     _validate(plan, layers, traced)
@@ -121,11 +124,14 @@ class CompiledModel:
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             logs += program_log
         verify_programs(programs)
-        if rank != 0:
-            reference = self.programs(0)
-            for kind in self.kinds:
-                verify_collective_order({0: collective_order(reference[kind]), rank: collective_order(programs[kind])},
-                                        kind.name)
+        if rank != 0:  # against the first rank of each of its groups (rank 0's programs exist: compile built them)
+            orders = {kind: collective_order(gm) for kind, gm in programs.items()}
+            axes = {axis for order in (*orders.values(), *map(collective_order, self.programs(0).values()))
+                    for axis, _ in order}
+            for leader in {self.plan.mesh.group_of(axis, rank)[0] for axis in axes} - {rank}:
+                for kind in self.kinds:
+                    verify_collective_order({leader: collective_order(self.programs(leader)[kind]),
+                                             rank: orders[kind]}, kind.name, self.plan.mesh)
         self.pass_log += logs
         return programs
 

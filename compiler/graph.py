@@ -74,6 +74,13 @@ class Kind(str, enum.Enum):
     RING_WAIT = "ring_wait"
     ATTEND = "attend"
     ATTENTION_OUT = "attention_out"
+    # PipeFusion (moedit/passes/pipefusion.py)
+    SEND_START = "send_start"
+    SEND_WAIT = "send_wait"
+    RECV_START = "recv_start"
+    RECV_WAIT = "recv_wait"
+    BROADCAST_START = "broadcast_start"
+    BROADCAST_WAIT = "broadcast_wait"
     PENDING = "pending"  # an exchange read back from the record that carried it across steps
     GLUE = "glue"  # bookkeeping with no role of its own (other record fields, bundling)
 
@@ -82,7 +89,8 @@ class Kind(str, enum.Enum):
 
 
 STARTS = frozenset({Kind.COUNTS_START, Kind.DISPATCH_START, Kind.COMBINE_START, Kind.GATHER_START,
-                    Kind.ULYSSES_START, Kind.RING_START})  # each returns a Pending
+                    Kind.ULYSSES_START, Kind.RING_START, Kind.SEND_START, Kind.RECV_START,
+                    Kind.BROADCAST_START})  # each returns a Pending
 # Kinds that only name a value: explain() lists the steps, not these.
 VALUES = frozenset({Kind.TOKENS, Kind.EXPERT_IDS, Kind.WEIGHTS, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS,
                     Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.OUTPUT, Kind.PENDING, Kind.GLUE})

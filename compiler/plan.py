@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Literal
 
@@ -98,10 +99,27 @@ class SequenceParallel(_Section):
         return self.ulysses * self.ring
 
 
+class PatchParallel(_Section):
+    degree: int = Field(1, ge=1, description="Ranks one image's tokens are split over as patches (DistriFusion): "
+                        "each attention uses its own patch's fresh K/V and the other patches' K/V from the previous "
+                        "step, gathered while the step runs (lossy). Must divide the tokens per image.")
+    warmup_steps: int = Field(1, ge=1, description="Leading diffusion steps run synchronously (fresh K/V from every "
+                              "patch); staleness.cooldown_steps and sync_every apply too.")
+
+
 class PipeFusion(_Section):
-    degree: int = Field(1, ge=1, description="Pipeline stages over the blocks.")
-    patches: int | None = Field(None, ge=1, description="Patches the latent is split into.")
-    warmup_steps: int = Field(1, ge=0, description="Synchronous warm-up steps before patch pipelining.")
+    degree: int = Field(1, ge=1, description="Pipeline stages: the blocks are split into this many consecutive "
+                        "groups, one per rank of the pipefusion axis; activations pass point to point (PipeFusion).")
+    patches: int | None = Field(None, ge=1, description="Patches the latent is split into after warm-up; each "
+                                "attention uses the K/V its stage last computed for the other patches, this step's "
+                                "for the patches before and the previous step's for those after (lossy). "
+                                "None: the degree.")
+    warmup_steps: int = Field(1, ge=1, description="Leading diffusion steps run synchronously, the whole latent as "
+                              "one patch (exact); staleness.cooldown_steps and sync_every apply too.")
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches or self.degree
 
 
 class Offload(_Section):
@@ -148,6 +166,8 @@ class Plan(BaseModel):
     sequence_parallel: SequenceParallel = Field(default_factory=SequenceParallel, description="xDiT USP.")
     cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on the two halves of the "
                                "mesh; one all-gather per step joins them.")
+    patch_parallel: PatchParallel = Field(default_factory=PatchParallel, description="DistriFusion displaced patch "
+                                          "parallelism.")
     pipefusion: PipeFusion = Field(default_factory=PipeFusion, description="xDiT PipeFusion.")
     offload: Offload = Field(default_factory=Offload, description="ScMoE expert offloading.")
     schedule: Schedule = Field(default_factory=Schedule, description="Graph-level scheduling policy.")
@@ -174,7 +194,8 @@ class Plan(BaseModel):
         if self.shortcut.enabled and self.expert_parallel.chunks != 1:
             raise ValueError("shortcut: expert_parallel.chunks pipelines a layer's exchanges within the layer, the "
                              "shortcut schedule overlaps them with the backbone instead; set chunks to 1")
-        for name in ("pipefusion", "kernels"):
+        _check_patches(self)
+        for name in ("kernels",):
             value, default = getattr(self, name), getattr(defaults, name)
             if value != default:
                 raise ValueError(f"{name}: not implemented yet in this version of moedit; "
@@ -223,45 +244,78 @@ class Plan(BaseModel):
         return self.model_dump(mode="json")
 
 
+def _check_patches(plan: "Plan") -> None:
+    """What patch parallelism and PipeFusion combine with (moedit/passes/patch_parallel.py, pipefusion.py)."""
+    pp, pf, sp = plan.patch_parallel, plan.pipefusion, plan.sequence_parallel
+    splits = [name for name, degree in (("sequence_parallel", sp.degree), ("patch_parallel", pp.degree),
+                                        ("pipefusion", pf.degree)) if degree > 1]
+    if len(splits) > 1:
+        raise ValueError(f"{' and '.join(splits)}: moedit splits an image's tokens one way at a time; keep one of "
+                         "them and give the other ranks to cfg_parallel or expert_parallel")
+    for name, section in (("patch_parallel", pp), ("pipefusion", pf)):
+        if section.degree == 1:
+            continue
+        if plan.shortcut.enabled or plan.offload.enabled:
+            raise ValueError(f"{name}: does not combine with shortcut or offload in this version of moedit; "
+                             "disable those sections")
+        if plan.staleness.mode != "sync" and section.warmup_steps != plan.staleness.warmup_steps:
+            raise ValueError(f"{name}.warmup_steps ({section.warmup_steps}) must equal staleness.warmup_steps "
+                             f"({plan.staleness.warmup_steps}): a step is synchronous for every stale technique "
+                             "or for none; set them equal")
+    if pf.degree > 1 and (plan.staleness.mode != "sync" or plan.conditional_comm.interval is not None):
+        raise ValueError("pipefusion: runs a stage's MoE layers once per patch, and the DICE staleness modes and "
+                         "conditional_comm cache one value per layer across steps; set staleness.mode: sync and "
+                         "remove conditional_comm, or split the tokens with patch_parallel instead")
+    if pf.degree > 1 and plan.schedule.policy == "overlap":
+        raise ValueError("pipefusion: each patch updates the K/V buffers the next patch reads, in the order the "
+                         "pass emits; keep schedule.policy at 'program'")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshLayout:
-    """The ranks on a grid of named axes, outermost first: `data` (the global batch split),
-    `cfg` (the cond and uncond halves), `ring` and `ulysses` (one image's tokens split); the
-    rank at coordinates (d, c, r, u) is ((d * cfg + c) * ring + r) * ulysses + u. Groups along an axis are the ranks
-    that differ only in it; `sp` is ring x ulysses together (every rank holding a piece of
-    the same images), `world` every rank.
+    """The ranks on a grid of named axes, outermost first: `pipefusion` (pipeline stages),
+    `data` (the global batch split), `cfg` (the cond and uncond halves), `patch`, `ring` and
+    `ulysses` (one image's tokens split); a rank's number is its coordinates read as a
+    mixed-radix number, `ulysses` the fastest-moving digit. Groups along an axis are the
+    ranks that differ only in it; `sp` is ring x ulysses together, `world` every rank.
 
     Expert parallelism does not add an axis: routed experts are sharded over `ep`
-    consecutive ranks. The world is the larger of `ep` and cfg x ring x ulysses, and the
-    smaller must divide it; when `ep` is the larger, the remaining factor splits the batch
-    (data parallel), which is how a plain expert-parallel plan runs."""
+    consecutive ranks of one pipeline stage. Per stage, the ranks are the larger of `ep`
+    and cfg x patch x ring x ulysses, and the smaller must divide it; when `ep` is the
+    larger, the remaining factor splits the batch (data parallel), which is how a plain
+    expert-parallel plan runs."""
 
+    pipefusion: int
     data: int
     cfg: int
+    patch: int
     ring: int
     ulysses: int
     ep: int
 
-    AXES = ("data", "cfg", "ring", "ulysses")
+    AXES = ("pipefusion", "data", "cfg", "patch", "ring", "ulysses")
 
     @classmethod
     def of(cls, plan: "Plan") -> "MeshLayout":
         sp, ep = plan.sequence_parallel, plan.expert_parallel.degree
         cfg = 2 if plan.cfg_parallel else 1
-        dense = cfg * sp.degree
+        dense = cfg * plan.patch_parallel.degree * sp.degree
+        axes = dict(pipefusion=plan.pipefusion.degree, cfg=cfg, patch=plan.patch_parallel.degree, ring=sp.ring,
+                    ulysses=sp.ulysses, ep=ep)
         if ep % dense == 0:
-            return cls(ep // dense, cfg, sp.ring, sp.ulysses, ep)
+            return cls(data=ep // dense, **axes)
         if dense % ep == 0:
-            return cls(1, cfg, sp.ring, sp.ulysses, ep)
+            return cls(data=1, **axes)
         raise ValueError(
-            f"expert_parallel.degree ({ep}) and the dense axes, cfg ({cfg}) x ulysses ({sp.ulysses}) x ring "
-            f"({sp.ring}) = {dense}, must divide one another (the world is the larger of the two); set "
-            f"expert_parallel.degree to {dense} (every rank holds a shard of the experts), to a divisor of it, or "
-            f"to a multiple of it (the extra factor splits the batch over more ranks)")
+            f"expert_parallel.degree ({ep}) and the dense axes of a stage, cfg ({cfg}) x patch "
+            f"({plan.patch_parallel.degree}) x ulysses ({sp.ulysses}) x ring ({sp.ring}) = {dense}, must divide one "
+            f"another (a stage has the larger of the two); set expert_parallel.degree to {dense} (every rank holds a "
+            f"shard of the experts), to a divisor of it, or to a multiple of it (the extra factor splits the batch "
+            "over more ranks)")
 
     @property
     def world(self) -> int:
-        return self.data * self.cfg * self.ring * self.ulysses
+        return math.prod(self.axes.values())
 
     @property
     def axes(self) -> dict[str, int]:
@@ -273,12 +327,12 @@ class MeshLayout:
             return [list(range(self.world))]
         if axis == "ep":
             return [list(range(start, start + self.ep)) for start in range(0, self.world, self.ep)]
-        inner = {"data": self.cfg * self.ring * self.ulysses, "cfg": self.ring * self.ulysses,
-                 "ring": self.ulysses, "ulysses": 1, "sp": 1}
-        if axis not in inner:
+        if axis == "sp":
+            size, stride = self.ring * self.ulysses, 1
+        elif axis in self.AXES:
+            size, stride = getattr(self, axis), math.prod(list(self.axes.values())[self.AXES.index(axis) + 1:])
+        else:
             raise ValueError(f"no mesh axis {axis!r}; axes: {[*self.AXES, 'sp', 'ep', 'world']}")
-        size = self.ring * self.ulysses if axis == "sp" else getattr(self, axis)
-        stride = inner[axis]
         starts = [r for r in range(self.world) if (r // stride) % size == 0]
         return [[start + i * stride for i in range(size)] for start in starts]
 

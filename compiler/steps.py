@@ -6,8 +6,9 @@ program per `StepKind` in `StepPlan.kinds`, the passes read the kind they are bu
 their context, the executor asks `StepPlan.kind_at(step, total)` before every step, and
 `explain()` prints `StepPlan.describe(total)`. The tests read the same value.
 
-    synchronous  every MoE layer exchanges and consumes its tokens within the step (exact);
-                 otherwise the layers the plan makes stale consume earlier steps' exchanges
+    synchronous  every MoE layer exchanges and consumes its tokens within the step, and every
+                 attention sees this step's K/V of every patch (exact); otherwise the layers the
+                 plan makes stale consume earlier steps' exchanges or K/V
     drop         conditional communication leaves slots out of the dispatch this step
 """
 
@@ -44,7 +45,7 @@ class StepPlan:
     """Which `StepKind` every diffusion step of a sample runs, from a plan's staleness and
     conditional-communication settings. Steps count from 0."""
 
-    stale: bool  # the plan has a stale mode (displaced or interweaved)
+    stale: bool  # the plan has a stale mode (displaced, interweaved, patch parallel or PipeFusion)
     warmup_steps: int
     cooldown_steps: int
     sync_every: int | None
@@ -52,9 +53,13 @@ class StepPlan:
 
     @classmethod
     def of(cls, plan: Plan) -> "StepPlan":
-        s = plan.staleness
-        return cls(stale=s.mode != "sync", warmup_steps=s.warmup_steps, cooldown_steps=s.cooldown_steps,
-                   sync_every=s.sync_every, refresh_every=plan.conditional_comm.interval)
+        s, pp, pf = plan.staleness, plan.patch_parallel, plan.pipefusion
+        # every stale technique's warm-up (the plan makes them equal when several are on)
+        warmups = [w for on, w in ((s.mode != "sync", s.warmup_steps), (pp.degree > 1, pp.warmup_steps),
+                                   (pf.degree > 1, pf.warmup_steps)) if on]
+        return cls(stale=bool(warmups), warmup_steps=max(warmups, default=s.warmup_steps),
+                   cooldown_steps=s.cooldown_steps, sync_every=s.sync_every,
+                   refresh_every=plan.conditional_comm.interval)
 
     @property
     def kinds(self) -> tuple[StepKind, ...]:

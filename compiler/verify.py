@@ -4,15 +4,17 @@
 * fx's own lint holds (every use after its definition, targets exist);
 * every moedit op carries moedit meta naming its kind, and every exchange its layer, so
   explain() and the byte accounting see it; stateful ops read the program's `run` input;
-* every `*_start` exchange has exactly one user: a `wait`, or an `in_flight` record that
-  carries it to a later step; every `wait` reads a start or the `pending` field of such a
-  record - so no exchanged buffer is read before its exchange finished.
+* every `*_start` exchange has exactly one user: a `wait`, or an `in_flight` record or a
+  cache write that carries it to a later step; every `wait` reads a start or a carried
+  exchange (the `pending` field of a record, or a cache read of kind `pending`) - so no
+  exchanged buffer is read before its exchange finished.
 
 `verify_programs(programs)`: across one rank's programs, every cache key a program reads was
 left by whichever kind of step can come before it.
 
-`verify_collective_order(orders)`: across ranks, each communicator sees the same exchanges
-in the same order in every program (collectives on one group complete in issue order).
+`verify_collective_order(orders, program, layout)`: across ranks, each communicator sees the
+same exchanges in the same order within every group (collectives on one group complete in
+issue order).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from moedit.runtime import ops
-from moedit.runtime.comm import MAIN
+from moedit.runtime.comm import MAIN, P2P
 
 from .graph import STARTS, Kind, kind_of, meta, run_input
 from .steps import StepKind
@@ -43,9 +45,9 @@ def verify_graph(gm: fx.GraphModule) -> None:
                                "exchange they insert")
         if kind_of(node) in STARTS:
             users = list(node.users)
-            if len(users) != 1 or users[0].target not in (ops.wait, ops.in_flight):
-                raise RuntimeError(f"async node {node.name!r} must have exactly one user, a wait or an in_flight "
-                                   f"record; it has {[u.name for u in users]}")
+            if len(users) != 1 or users[0].target not in (ops.wait, ops.in_flight, ops.cache_write):
+                raise RuntimeError(f"async node {node.name!r} must have exactly one user, a wait, an in_flight "
+                                   f"record or a cache write; it has {[u.name for u in users]}")
         if node.op == "call_function" and node.target is ops.wait:
             pending = node.args[1]
             if not isinstance(pending, fx.Node) or kind_of(pending) not in STARTS | {Kind.PENDING}:
@@ -86,16 +88,21 @@ def collective_order(gm: fx.GraphModule) -> dict[tuple[str, str], list[str]]:
     return order
 
 
-def verify_collective_order(orders: dict[int, dict[tuple[str, bool], list[str]]], program: str) -> None:
-    """`orders[rank]` is `collective_order` of that rank's `program`. Raise RuntimeError at the
-    first exchange where a rank's order differs from rank 0's, with both sequences side by side."""
-    ranks = sorted(orders)
-    reference = orders[ranks[0]]
-    for rank in ranks[1:]:
-        for comm in sorted(set(reference) | set(orders[rank])):
-            a, b = reference.get(comm, []), orders[rank].get(comm, [])
+def verify_collective_order(orders: dict[int, dict[tuple[str, str], list[str]]], program: str, layout) -> None:
+    """`orders[rank]` is `collective_order` of that rank's `program`; `layout` the plan's MeshLayout.
+    On every communicator, each rank must issue what the first rank of its group there issues
+    (ranks of different groups may differ: PipeFusion's stages hold different MoE layers).
+    Point-to-point pairs are left out: a send and its receive differ by construction. Raise
+    RuntimeError at the first exchange where a rank differs, both sequences side by side."""
+    comms = sorted({comm for order in orders.values() for comm in order if comm[1] != P2P})
+    for rank in sorted(orders):
+        for comm in comms:
+            leader = layout.group_of(comm[0], rank)[0]
+            if leader == rank or leader not in orders:
+                continue
+            a, b = orders[leader].get(comm, []), orders[rank].get(comm, [])
             if a != b:
-                raise RuntimeError(_divergence(comm, program, ranks[0], a, rank, b))
+                raise RuntimeError(_divergence(comm, program, leader, a, rank, b))
 
 
 def _divergence(comm, program: str, rank_a: int, a: list[str], rank_b: int, b: list[str]) -> str:

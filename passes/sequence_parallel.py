@@ -42,6 +42,8 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from moedit.adapters import attention_adapter_for
+from torch import nn
+
 from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
@@ -85,67 +87,74 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if sp.degree == 1:
         return PassResult(gm, False, [])
     attentions = attention_nodes(gm)
-    region, tokens = _token_region(gm, attentions)
+    region, tokens = token_region(gm, attentions, "sequence_parallel")
     _check_degrees(gm, attentions, tokens, ctx)
-    index = ctx.plan.mesh.index("sp", ctx.rank)
     emit = Emitter(gm, None, prefix="sp")
-    entering = [value for value in gm.graph.nodes if value not in region and _is_token(value, tokens)
-                and any(user in region for user in value.users)]
-    for value in entering:
-        with gm.graph.inserting_after(value):
-            piece = emit.call(Kind.SHARD, shard, value, 1, sp.degree, index)
-        value.replace_all_uses_with(piece, delete_user_cb=lambda user: user in region)
-    leaving = [node for node in gm.graph.nodes if node in region and any(u not in region for u in node.users)]
-    for value in leaving:
-        with gm.graph.inserting_before(value.next):
-            pending = emit.call(Kind.GATHER_START, ops.gather_start, value, name="gather of the tokens", layer=None,
-                                axis="sp")
-            whole = emit.call(Kind.GLUE, from_ranks, emit.call(Kind.GATHER_WAIT, ops.wait, pending), 1)
-        value.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in region and user is not pending)
+    split_tokens(gm, region, tokens, emit, "sp", sp.degree, ctx.plan.mesh.index("sp", ctx.rank))
     inserted = list(emit.inserted)
     for i, node in enumerate(attentions):
         inserted += _split_attention(gm, node, i, ctx)
     return PassResult(gm, True, inserted)
 
 
-def _is_token(node: fx.Node, tokens: int) -> bool:
+def split_tokens(gm: fx.GraphModule, region: set[fx.Node], tokens: int, emit: Emitter, axis: str, parts: int,
+                 index: int) -> None:
+    """Cut every token value entering `region` to piece `index` of `parts` along the tokens, and
+    gather every value leaving it over mesh `axis` (see [Note: the token region])."""
+    entering = [value for value in gm.graph.nodes if value not in region and is_token(value, tokens)
+                and any(user in region for user in value.users)]
+    for value in entering:
+        with gm.graph.inserting_after(value):
+            piece = emit.call(Kind.SHARD, shard, value, 1, parts, index)
+        value.replace_all_uses_with(piece, delete_user_cb=lambda user: user in region)
+    leaving = [node for node in gm.graph.nodes if node in region and any(u not in region for u in node.users)]
+    for value in leaving:
+        with gm.graph.inserting_before(value.next):
+            pending = emit.call(Kind.GATHER_START, ops.gather_start, value, name="gather of the tokens", layer=None,
+                                axis=axis)
+            whole = emit.call(Kind.GLUE, from_ranks, emit.call(Kind.GATHER_WAIT, ops.wait, pending), 1)
+        value.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in region and user is not pending)
+
+
+def is_token(node: fx.Node, tokens: int) -> bool:
     shape = meta(node).get("shape")
     return shape is not None and len(shape) >= 3 and shape[1] == tokens
 
 
-def _block_of(node: fx.Node) -> str:
+def block_of(node: fx.Node, technique: str = "sequence_parallel") -> str:
     """The repeated block around an attention node: the innermost indexed module on its path."""
     parts = node.target.split(".")
     for i in range(len(parts) - 1, -1, -1):
         if parts[i].isdigit():
             return ".".join(parts[: i + 1])
-    raise PlanError(f"sequence_parallel: attention {node.target!r} is not inside a list of blocks (a path like "
+    raise PlanError(f"{technique}: attention {node.target!r} is not inside a list of blocks (a path like "
                     "'blocks.3.attn'); moedit splits the tokens for the stack of blocks around attention")
 
 
-def _token_region(gm: fx.GraphModule, attentions: list[fx.Node]) -> tuple[set[fx.Node], int]:
-    """The nodes that run on this rank's token piece, and the token count (see [Note: the token region])."""
+def token_region(gm: fx.GraphModule, attentions: list[fx.Node], technique: str) -> tuple[set[fx.Node], int]:
+    """The nodes that run on this rank's token piece, and the token count (see [Note: the token region]).
+    After expert_parallel, the nodes it emitted for a MoE layer are in the region too."""
     if not attentions:
-        raise PlanError("sequence_parallel: the model has no attention layer moedit recognises; register an "
+        raise PlanError(f"{technique}: the model has no attention layer moedit recognises; register an "
                         "adapter for its attention class with moedit.register_attention(cls, adapter)")
     shape = meta(attentions[0].args[0]).get("shape")
     if shape is None:
-        raise PlanError("sequence_parallel needs the model's activation shapes: give the model an "
+        raise PlanError(f"{technique} needs the model's activation shapes: give the model an "
                         "`example_inputs(batch)` method returning inputs of the right shapes")
     tokens = shape[1]
-    blocks = {_block_of(node) for node in attentions}
+    blocks = {block_of(node, technique) for node in attentions}
     region: set[fx.Node] = set()
     for node in gm.graph.nodes:
         paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-        inside = any(path in blocks for path in paths)
-        if inside or (_is_token(node, tokens) and any(a in region for a in node.all_input_nodes)):
+        inside = any(path in blocks for path in paths) or meta(node).get("layer") is not None
+        if inside or (is_token(node, tokens) and any(a in region for a in node.all_input_nodes)):
             region.add(node)
     for node in region:
-        if not _is_token(node, tokens) and any(a in region and _is_token(a, tokens) for a in node.all_input_nodes):
-            if node.target is not operator.getitem:
-                raise PlanError(f"sequence_parallel: {node.format_node()} inside the blocks turns token values "
-                                f"into a value of shape {meta(node).get('shape')}; with the tokens split over ranks "
-                                "each rank would see only its piece, so moedit cannot split this model's tokens")
+        if kind_of(node) is None and not is_token(node, tokens) and node.target is not operator.getitem \
+                and any(a in region and is_token(a, tokens) for a in node.all_input_nodes):
+            raise PlanError(f"{technique}: {node.format_node()} inside the blocks turns token values into a value "
+                            f"of shape {meta(node).get('shape')}; with the tokens split each rank would see only "
+                            "its piece, so moedit cannot split this model's tokens")
     return region, tokens
 
 
@@ -156,32 +165,46 @@ def _check_degrees(gm: fx.GraphModule, attentions: list[fx.Node], tokens: int, c
                         f"the tokens per image ({tokens}); choose degrees whose product divides {tokens}")
     for node in attentions:
         attn = gm.get_submodule(node.target)
-        adapter = attention_adapter_for(attn)
-        problem = adapter.check(attn)
-        if problem is not None:
-            raise PlanError(f"sequence_parallel: {node.target}: {problem}")
-        if len(node.args) != 1 or node.kwargs:
-            raise PlanError(f"sequence_parallel: {node.target} is called with more than the hidden states "
-                            f"({node.format_node()}); moedit splits self-attention over one token sequence only")
-        heads = adapter.heads(attn)
+        heads = check_attention(gm, node, "sequence_parallel").heads(attn)
         if heads % sp.ulysses:
             raise PlanError(f"sequence_parallel.ulysses ({sp.ulysses}) must divide the head count of "
                             f"{node.target} ({heads}); choose a Ulysses degree that divides {heads} and put the "
                             "rest of the ranks on ring")
 
 
-def _split_attention(gm: fx.GraphModule, node: fx.Node, index: int, ctx: PassContext) -> list[Inserted]:
-    """Replace attention leaf `node` by projections, exchanges and attention over every token."""
-    sp = ctx.plan.sequence_parallel
+def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str):
+    """Refuse an attention leaf moedit cannot split the tokens of; return its adapter."""
+    attn = gm.get_submodule(node.target)
+    adapter = attention_adapter_for(attn)
+    problem = adapter.check(attn)
+    if problem is not None:
+        raise PlanError(f"{technique}: {node.target}: {problem}")
+    if len(node.args) != 1 or node.kwargs:
+        raise PlanError(f"{technique}: {node.target} is called with more than the hidden states "
+                        f"({node.format_node()}); moedit splits self-attention over one token sequence only")
+    return adapter
+
+
+def local_attention(gm: fx.GraphModule, node: fx.Node, *parts: tuple[str, nn.Module]):
+    """Give attention leaf `node` a copy of its module holding graph nodes for its q/k/v projection
+    (`sp_qkv`) and output projection (`sp_out`), plus `parts` (name, module); returns its adapter."""
     attn = gm.get_submodule(node.target)
     adapter = attention_adapter_for(attn)
     local = shallow_copy(attn)
     local.add_module("sp_qkv", Projections(adapter, local))
     local.add_module("sp_out", OutputProjection(adapter, local))
+    for name, module in parts:
+        local.add_module(name, module)
     parent, _, name = node.target.rpartition(".")
     setattr(gm.get_submodule(parent), name, local)
+    return adapter
+
+
+def _split_attention(gm: fx.GraphModule, node: fx.Node, index: int, ctx: PassContext) -> list[Inserted]:
+    """Replace attention leaf `node` by projections, exchanges and attention over every token."""
+    sp = ctx.plan.sequence_parallel
+    scale = local_attention(gm, node).scale(gm.get_submodule(node.target))
     emit = Emitter(gm, None, prefix=f"a{index}")
-    scale = adapter.scale(attn)
     with gm.graph.inserting_before(node):
         qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])
         if sp.ulysses > 1:

@@ -1,9 +1,9 @@
 """Values that live from one diffusion step to a later one: staleness caches.
 
 A stale program reads what an earlier step left: an exchange still in flight (a
-`Pending`), or a finished one with what is needed to use it (the token order, the
-counts). Passes insert `cache_write` and `cache_read` ops (moedit/runtime/ops.py); each
-run has one `StepCache` that every program reads through its `run` input, so a key
+`Pending`: patch parallelism's K/V gathers), or one with what is needed to use it (an
+`InFlight`: the token order, the counts), or a tensor (PipeFusion's K/V buffers). Passes
+insert `cache_write` and `cache_read` ops (moedit/runtime/ops.py); each run has one `StepCache` that every program reads through its `run` input, so a key
 written by the synchronous program at step t is read by the stale program at step t+1.
 
 Byte accounting counts every tensor the cache holds (the receive buffers of exchanges in
@@ -39,14 +39,14 @@ class StepCache:
 
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
-        self.entries: dict[str, InFlight | torch.Tensor] = {}
+        self.entries: dict[str, InFlight | Pending | torch.Tensor] = {}
         self.peak_bytes = 0
 
     def nbytes(self) -> int:
-        tensors = [t for v in self.entries.values() for t in (v.tensors() if isinstance(v, InFlight) else [v])]
+        tensors = [t for v in self.entries.values() for t in _tensors(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def write(self, key: str, value: InFlight | torch.Tensor) -> None:
+    def write(self, key: str, value: InFlight | Pending | torch.Tensor) -> None:
         self.entries[key] = value
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
@@ -60,7 +60,7 @@ class StepCache:
                 f"(staleness.cache_limit_mb) at their peak ({held}); raise the limit, keep more layers "
                 "synchronous (selective_sync) or use a smaller batch")
 
-    def read(self, key: str) -> InFlight | torch.Tensor:
+    def read(self, key: str) -> InFlight | Pending | torch.Tensor:
         if key not in self.entries:
             raise RuntimeError(f"staleness cache {key!r} is empty: a stale step ran before any synchronous step "
                                "filled it; keep staleness.warmup_steps >= 1")
@@ -68,4 +68,11 @@ class StepCache:
 
     def running(self) -> list[Pending]:
         """The exchanges that are still running."""
-        return [v.pending for v in self.entries.values() if isinstance(v, InFlight) and v.pending.work is not None]
+        pending = [v.pending if isinstance(v, InFlight) else v for v in self.entries.values()]
+        return [p for p in pending if isinstance(p, Pending) and p.work is not None]
+
+
+def _tensors(value: InFlight | Pending | torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(value, InFlight):
+        return value.tensors()
+    return [value.output if isinstance(value, Pending) else value]

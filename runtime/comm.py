@@ -23,6 +23,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 MAIN = "main"  # the channel of exchanges consumed within the step that issues them
+P2P = "p2p"  # point-to-point sends and receives (PipeFusion); pairs, not collectives
 
 
 class Exchange(NamedTuple):

@@ -7,10 +7,10 @@ starts a sample (and says how many steps it has, for cool-down steps), `sample()
 that itself.
 
 The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
-rank); ranks that differ only in the cfg, ring or ulysses axes get the same images and their
-programs split the work inside (moedit/passes/sequence_parallel.py). Every rank draws the
-same initial noise for the whole batch from the seed and keeps its shard, so results do not
-depend on the world size.
+rank); ranks that differ only in the pipefusion, cfg, patch, ring or ulysses axes get the same
+images and their programs split the work inside (moedit/passes/sequence_parallel.py,
+patch_parallel.py, pipefusion.py). Every rank draws the same initial noise for the whole
+batch from the seed and keeps its shard, so results do not depend on the world size.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Runtime:
         # caller created the default group with another one.
         orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
         # Compared before any group is made: ranks that disagree would otherwise hang creating them.
-        _check_collective_order_across_processes(orders)
+        _check_collective_order_across_processes(orders, plan.mesh)
         communicators = {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | {key for order in orders.values() for key in order}
         mesh = Mesh(plan.mesh, communicators, backend, plan.runtime.timeout_s)
         if profile:
@@ -245,13 +245,12 @@ def _expert_store(plan, programs, device) -> ExpertStore:
     return ExpertStore(experts, device, plan.offload)
 
 
-def _check_collective_order_across_processes(orders: dict) -> None:
+def _check_collective_order_across_processes(orders: dict, layout) -> None:
     """Each process built its programs itself (and checked them against its own build of
     rank 0's); here the ranks compare what they will actually issue (`orders`: per program,
     `collective_order`), before the first exchange, so a divergence (a calibration that
     came out differently on one rank, say) is an error on every rank instead of a hang."""
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, orders)  # on the default group: ours do not exist yet
-    for rank, other in enumerate(gathered):
-        for kind in orders:
-            verify_collective_order({0: gathered[0][kind], rank: other[kind]}, kind)
+    for kind in orders:
+        verify_collective_order({rank: other[kind] for rank, other in enumerate(gathered)}, kind, layout)

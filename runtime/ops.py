@@ -9,6 +9,9 @@ dead-code elimination keeps it even when its result is unused.
     gather_start(run, piece, ...)                              -> Pending   all-gather, [G, *piece.shape]
     ring_start(run, block, ...)                                -> Pending   send to the next rank, receive
                                                                             from the previous one
+    send_start(run, tensor, peer=..., tag=...) / recv_start(run, buffer, peer=..., tag=...)
+                                                               -> Pending   point to point (PipeFusion)
+    broadcast_start(run, tensor, root=...)                     -> Pending   the root's tensor to every rank
     wait(run, pending)                                         -> Tensor    see [Note: async handles]
     cache_write(run, value, key=...) / cache_read(run, key=...)             values kept across steps
     slot_outputs(run, returned, order, weights, key=...)       -> [T, H]    unpermute for conditional comm
@@ -30,7 +33,7 @@ import torch.distributed as dist
 from torch.fx.node import has_side_effect
 
 from .cache import InFlight
-from .comm import MAIN, Exchange, Pending, WorkGroup
+from .comm import MAIN, P2P, Exchange, Pending, WorkGroup
 from .expert_ops import unpermute
 from .offload import Fetch
 from .state import RunState
@@ -99,6 +102,42 @@ def ring_start(run: RunState, block: torch.Tensor, *, name: str, layer: int | No
 
 
 @stateful
+def send_start(run: RunState, tensor: torch.Tensor, *, peer: int, tag: int, name: str, layer: int | None, axis: str,
+               channel: str = P2P) -> Pending:
+    """Start sending `tensor` to the rank at place `peer` of the `axis` group; the wait returns it."""
+    exchange = Exchange(name, layer, axis, channel)
+    group = run.group(exchange)
+    tensor = tensor.contiguous()
+    work = dist.isend(tensor, dist.get_global_rank(group, peer), group=group, tag=tag)
+    run.sent_bytes += tensor.numel() * tensor.element_size()
+    return run.issued(Pending(tensor, work, exchange))
+
+
+@stateful
+def recv_start(run: RunState, buffer: torch.Tensor, *, peer: int, tag: int, name: str, layer: int | None, axis: str,
+               channel: str = P2P) -> Pending:
+    """Start receiving into `buffer` what the rank at place `peer` of the `axis` group sends with `tag`."""
+    exchange = Exchange(name, layer, axis, channel)
+    group = run.group(exchange)
+    work = dist.irecv(buffer, dist.get_global_rank(group, peer), group=group, tag=tag)
+    return run.issued(Pending(buffer, work, exchange))
+
+
+@stateful
+def broadcast_start(run: RunState, tensor: torch.Tensor, *, root: int, name: str, layer: int | None, axis: str,
+                    channel: str = MAIN) -> Pending:
+    """Start a broadcast of the `tensor` of the rank at place `root` of the `axis` group; on the
+    other ranks `tensor` is the buffer it lands in."""
+    exchange = Exchange(name, layer, axis, channel)
+    group = run.group(exchange)
+    tensor = tensor.contiguous()
+    work = dist.broadcast(tensor, dist.get_global_rank(group, root), group=group, async_op=True)
+    if group.rank() == root:
+        run.sent_bytes += (group.size() - 1) * tensor.numel() * tensor.element_size()
+    return run.issued(Pending(tensor, work, exchange))
+
+
+@stateful
 def wait(run: RunState, pending: Pending) -> torch.Tensor:
     """Block until an exchange started earlier has landed, then return its buffer."""
     return run.wait(pending)
@@ -137,7 +176,8 @@ def expert_fetch(run: RunState, recv_counts: torch.Tensor, *, layer: int, expert
     return run.experts.fetch(layer, [e for e, n in zip(expert_ids, rows) if n])
 
 
-EXCHANGE_STARTS = (exchange_start, counts_start, gather_start, ring_start)  # each returns a Pending
+EXCHANGE_STARTS = (exchange_start, counts_start, gather_start, ring_start, send_start, recv_start,
+                   broadcast_start)  # each returns a Pending
 
 
 def in_flight(pending: Pending, order, send_counts, recv_counts) -> InFlight:

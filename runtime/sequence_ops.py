@@ -13,6 +13,10 @@ Ulysses trades a token shard of every head for every token of a head shard:
 
 Ring attention keeps q and passes k and v around; each block's partial result carries the
 log-sum-exp of its scores so that blocks merge exactly (`merge_blocks`).
+
+Patch parallelism and PipeFusion keep a K/V buffer per attention layer over every token,
+[2,B,h,N,d], in which only some patches' K/V are this step's (`with_piece`, `write_patch`);
+`KVAttention` attends a patch's queries to it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,53 @@ class OutputProjection(nn.Module):
 
     def forward(self, out):
         return self.adapter.out(self._attn, out)
+
+
+class KVAttention(nn.Module):
+    """Graph node for the attention of one patch's queries to a K/V buffer over every token whose
+    other patches may be from an earlier step: qkv [3,B,h,n,d] (this patch), kv [2,B,h,N,d] ->
+    [B,h,n,d]. A module, so a test can watch which K/V each attention read."""
+
+    def __init__(self, scale: float | None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, qkv, kv):
+        return F.scaled_dot_product_attention(qkv[0], kv[0], kv[1], scale=self.scale)
+
+
+def kv_of(qkv: torch.Tensor) -> torch.Tensor:
+    """[3,B,h,n,d] -> k and v [2,B,h,n,d] in storage of their own (a buffer kept across steps
+    must not keep q alive)."""
+    return qkv[1:].clone()
+
+
+def piece_bounds(total: int, parts: int, index: int) -> tuple[int, int]:
+    """Where piece `index` of `total` items split into `parts` starts and stops, as `tensor_split` cuts."""
+    sizes = [total // parts + (i < total % parts) for i in range(parts)]
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+def write_patch(kv: torch.Tensor, qkv: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Overwrite patch `index` of `parts` in the K/V buffer kv [2,B,h,N,d] with this step's k and v
+    from qkv [3,B,h,n,d], in place; returns the buffer."""
+    start, stop = piece_bounds(kv.shape[-2], parts, index)
+    kv[..., start:stop, :] = qkv[1:]
+    return kv
+
+
+def with_piece(gathered: torch.Tensor, qkv: torch.Tensor, index: int) -> torch.Tensor:
+    """Every rank's k and v from an all-gather, [G,2,B,h,n,d] -> [2,B,h,G*n,d], with this rank's
+    piece (`index`) replaced by this step's k and v from qkv [3,B,h,n,d]."""
+    kv = from_ranks(gathered, 3).clone()
+    return write_patch(kv, qkv, index, gathered.shape[0])
+
+
+def token_buffer(like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
+    """An empty [B, n, *tail] tensor with `like`'s batch, token count, dtype and device, for a
+    value arriving from another rank."""
+    return like.new_empty((like.shape[0], like.shape[1], *tail))
 
 
 def heads_to_ranks(qkv: torch.Tensor, ranks: int) -> torch.Tensor:

@@ -36,7 +36,6 @@ def test_invalid_fields_are_named(data, field):
 
 
 @pytest.mark.parametrize("data", [
-    {"pipefusion": {"degree": 2}},
     {"kernels": "triton"},
 ])
 def test_unimplemented_sections_are_rejected_not_ignored(data):

@@ -1,0 +1,92 @@
+"""DistriFusion-style displaced patch parallelism: lossy, other patches' K/V 1 step stale.
+
+Plan `patch_parallel: {degree: P, warmup_steps: W}`. As under sequence parallelism
+([Note: the token region] in sequence_parallel.py), each rank of the "patch" axis runs
+every block on one contiguous piece of each image's tokens (a horizontal strip of the
+latent: a patch), and the MoE layers run expert parallelism on that patch's tokens. Only
+attention needs the other patches; DistriFusion (Li et al., CVPR 2024, Sec. 4.2) gives it
+their K/V from the previous step, so that exchange has a whole step to land. Per
+attention layer i, in program order:
+
+    1. qkv      this patch's q, k and v
+    2. gather   start the all-gather of this patch's k and v over the "patch" axis; it is
+                kept in the step cache ("attn<i>_kv") for the next step
+    3. read     wait for the gather the previous step started: every patch's K/V of step t-1
+    4. attend   this patch's queries to that K/V, its own piece replaced by step t's
+
+On synchronous steps (warm-up, cool-down, every `staleness.sync_every`-th) the gather is
+waited for at once: every patch's K/V is this step's, the result equals the single-device
+model, and the cache holds this step's K/V for the next. So at a stale step t, the K/V a
+rank uses for another patch is what that patch computed at step t-1 (tests/test_patches.py).
+
+Memory: per attention layer, every rank holds the K/V of every token [2,B,h,N,d] in flight
+(the gather) and, while the layer runs, the previous step's: DistriFusion's cost, which
+PipeFusion's per-stage buffers avoid (explain() prints both).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from moedit.graph import Emitter, Inserted, Kind
+from moedit.pipeline import PassContext, PassResult
+from moedit.plan import PlanError
+from moedit.runtime import ops
+from moedit.runtime.comm import MAIN
+from moedit.runtime.sequence_ops import KVAttention, with_piece
+from moedit.tracer import attention_nodes
+
+from .sequence_parallel import check_attention, local_attention, split_tokens, token_region
+
+AXIS = "patch"
+STALE = "stale"  # the channel of gathers consumed at the next step (see [Note: channels] in runtime/mesh.py)
+
+
+def patch_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    pp = ctx.plan.patch_parallel
+    if pp.degree == 1:
+        return PassResult(gm, False, [])
+    attentions = attention_nodes(gm)
+    region, tokens = token_region(gm, attentions, "patch_parallel")
+    if tokens % pp.degree:
+        raise PlanError(f"patch_parallel.degree ({pp.degree}) must divide the tokens per image ({tokens}), so that "
+                        "every patch's K/V has one size; choose a divisor of {tokens}")
+    index = ctx.plan.mesh.index(AXIS, ctx.rank)
+    emit = Emitter(gm, None, prefix="pp")
+    split_tokens(gm, region, tokens, emit, AXIS, pp.degree, index)
+    inserted = list(emit.inserted)
+    for i, node in enumerate(attentions):
+        inserted += _stale_attention(gm, node, i, index, ctx.step.synchronous)
+    return PassResult(gm, True, inserted)
+
+
+def kv_key(attention: int) -> str:
+    return f"attn{attention}_kv"
+
+
+def _stale_attention(gm: fx.GraphModule, node: fx.Node, i: int, index: int, synchronous: bool) -> list[Inserted]:
+    """Replace attention leaf `node` (the i-th) by steps 1-4 above."""
+    attn = gm.get_submodule(node.target)
+    scale = check_attention(gm, node, "patch_parallel").scale(attn)
+    local_attention(gm, node, ("sp_attend", KVAttention(scale)))
+    emit = Emitter(gm, None, staleness=0 if synchronous else 1, prefix=f"a{i}")
+    with gm.graph.inserting_before(node):
+        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])
+        kv = emit.call(Kind.GLUE, operator.getitem, qkv, slice(1, None))
+        pending = emit.call(Kind.GATHER_START, ops.gather_start, kv, name=f"attention {i} k/v", layer=None,
+                            axis=AXIS, channel=MAIN if synchronous else STALE)
+        if synchronous:
+            gathered = emit.call(Kind.GATHER_WAIT, ops.wait, pending)
+            emit.call(Kind.CACHE_WRITE, ops.cache_write, emit.call(Kind.GLUE, ops.ready, gathered), key=kv_key(i))
+        else:
+            previous = emit.call(Kind.PENDING, ops.cache_read, key=kv_key(i))
+            gathered = emit.call(Kind.GATHER_WAIT, ops.wait, previous)
+            emit.call(Kind.CACHE_WRITE, ops.cache_write, pending, key=kv_key(i))
+        every_patch = emit.call(Kind.GLUE, with_piece, gathered, qkv, index)
+        out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", qkv, every_patch)
+        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+    return emit.inserted
