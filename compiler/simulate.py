@@ -213,7 +213,16 @@ class _Replay(fx.Interpreter):
         exchange = Exchange(kwargs.get("name", "counts"), kwargs["layer"], kwargs["axis"], kwargs.get("channel", MAIN))
         group = run.layout.group_of(exchange.axis, run.rank)
         me, size = group.index(run.rank), len(group)
-        if target is ops.counts_start:
+        if target in (ops.send_start, ops.recv_start):  # a pair: sender and receiver issue one exchange
+            peer = group[kwargs["peer"]]
+            group = sorted((run.rank, peer))
+            exchange = Exchange(f"activations, tag {kwargs['tag']}", None, exchange.axis, exchange.channel)
+            out = args[1]
+            sent = [_nbytes(out) if target is ops.send_start and q == peer else 0 for q in group]
+        elif target is ops.broadcast_start:
+            out = args[1]
+            sent = [_nbytes(out) if me == kwargs["root"] else 0] * size
+        elif target is ops.counts_start:
             send_counts = args[1]
             recv = send_counts[me:me + 1].expand_as(send_counts).clone()  # all ranks route alike
             out, sent = recv, [send_counts[0].numel() * send_counts.element_size()] * size
