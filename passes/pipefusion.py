@@ -101,6 +101,7 @@ class _Stage:
         self.gm, self.ctx, self.region, self.stage_of = gm, ctx, region, stage_of
         self.stage, self.last = ctx.plan.mesh.index(AXIS, ctx.rank), ctx.plan.pipefusion.degree - 1
         self.attention_index = {node: i for i, node in enumerate(attentions)}
+        self.copies: list[Inserted] = []  # rows for the pass log: the nodes copied for each patch
         nodes = list(gm.graph.nodes)
         self.mine = [n for n in nodes if stage_of.get(n) == self.stage]
         self.received = self._carried(nodes, self.stage - 1) if self.stage > 0 else []
@@ -127,9 +128,9 @@ class _Stage:
         """Steps 1-3 for every patch, the broadcast of the output, and the old region erased."""
         gm, stage = self.gm, self.stage
         emit = Emitter(gm, None, staleness=0 if patches == 1 else 1, prefix="pf")
-        self.copies: list[Inserted] = []
         buffers: dict[int, fx.Node] = {}
-        with gm.graph.inserting_before(max(self.region, key=list(gm.graph.nodes).index).next):
+        last_of_region = [n for n in gm.graph.nodes if n in self.region][-1]
+        with gm.graph.inserting_before(last_of_region.next):
             pieces = [emit.call(Kind.SHARD, shard, self.like, 1, patches, p) if patches > 1 else self.like
                       for p in range(patches)]
             receives = {(p, j): emit.call(Kind.RECV_START, ops.recv_start,
@@ -151,8 +152,9 @@ class _Stage:
                                     tag=p * len(self.sent) + j, name="activations sent", layer=None, axis=AXIS,
                                     channel=P2P)
                           for j, value in enumerate(self.sent)]
-                for value in self.leaving:
-                    outputs[value].append(env.get(value))
+                if stage == self.last:
+                    for value in self.leaving:
+                        outputs[value].append(env[value])
             for pending in sends:
                 emit.call(Kind.SEND_WAIT, ops.wait, pending)
             for value in self.leaving:
@@ -194,7 +196,7 @@ class _Stage:
         out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", qkv, buffers[i])
         return emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
 
-    def _broadcast(self, emit: Emitter, value: fx.Node, pieces: list[fx.Node | None]) -> None:
+    def _broadcast(self, emit: Emitter, value: fx.Node, pieces: list[fx.Node]) -> None:
         """The last stage's `value` (joined from its patches) to every stage, for the code after the blocks."""
         if self.stage == self.last:
             whole = pieces[0] if len(pieces) == 1 else emit.call(Kind.GLUE, torch.cat, pieces, 1)
