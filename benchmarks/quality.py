@@ -126,5 +126,6 @@ def main() -> None:
     save_grid(side_by_side, f"{stem}_plans.png", columns=20, scale=3)
     print(f"wrote {stem}.md, .json, _plans.png (rows: {', '.join(names)})")
 
+
 if __name__ == "__main__":
     main()

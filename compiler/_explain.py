@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from moedit.runtime.sequence_ops import piece_bounds
-
 from .graph import meta
 from .tracer import attention_nodes
 
@@ -100,7 +98,8 @@ def explain(compiled, batch_size: int, steps: int) -> str:
                   "are known"]
     lines += _dense_axes(compiled, tokens, slots)
     lines += _patches(compiled, tokens, slots)
-    lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group):"]
+    stage = "; a rank holds its own stage's layers only" if plan.pipefusion.degree > 1 else ""
+    lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group{stage}):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")
     return "\n".join(lines)
@@ -160,39 +159,41 @@ def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
 def _patches(compiled, tokens: int | None, slots: int | None) -> list[str]:
     """Patch parallelism and PipeFusion: what each attention reads, and the K/V buffers and
     activations a rank holds, per attention layer."""
+    from moedit.passes.pipefusion import stages_of_blocks
+
     plan = compiled.plan
     pp, pf, mesh = plan.patch_parallel, plan.pipefusion, plan.mesh
     if pp.degree == 1 and pf.degree == 1:
         return []
-    blocks = [node.target for node in attention_nodes(compiled._traced)]
-    lines = [""]
+    attentions = [node.target for node in attention_nodes(compiled._traced)]
+    stage_of = stages_of_blocks(attentions, pf.degree)  # one attention per block
     if pp.degree > 1:
-        lines.append(f"patch parallel (DistriFusion, {pp.degree} patches, LOSSY): every rank runs every block on one "
-                     "patch of its images' tokens; each attention reads the other patches' K/V from the step before, "
-                     "gathered over the 'patch' axis while the step runs")
-        stage_of = {block: 0 for block in blocks}
+        lines = ["", f"patch parallel (DistriFusion, {pp.degree} patches, LOSSY): every rank runs every block on one "
+                 "patch of its images' tokens; each attention reads the other patches' K/V from the step before, "
+                 "gathered over the 'patch' axis while the step runs"]
     else:
-        lines.append(f"pipefusion ({pf.degree} stages, {pf.num_patches} patches, LOSSY): stage s runs its blocks "
-                     "patch by patch on the ranks at place s of the 'pipefusion' axis; patch p's attention reads this "
-                     "step's K/V for patches 0..p and the previous step's for the rest")
-        stage_of = {block: s for s in range(pf.degree) for block in blocks[slice(*piece_bounds(len(blocks), pf.degree,
-                                                                                                   s))]}
+        lines = ["", f"pipefusion ({pf.degree} stages, {pf.num_patches} patches, LOSSY): stage s runs its blocks "
+                 "patch by patch on the ranks at place s of the 'pipefusion' axis; patch p's attention reads this "
+                 "step's K/V for patches 0..p and the previous step's for the rest"]
     if slots is None:
         return lines
     layer = compiled.layers[0]
     samples = slots // tokens // mesh.data // mesh.cfg  # per rank
-    kv = 2 * samples * tokens * layer.hidden_size * layer.element_size  # k and v of every token
-    held = 2 * kv if pp.degree > 1 else kv  # patch parallelism: the gather in flight and the one read
-    piece = tokens // (pp.degree if pp.degree > 1 else pf.num_patches)
-    activations = samples * piece * layer.hidden_size * layer.element_size
+    row = samples * layer.hidden_size * layer.element_size  # one token of every sample
+    kv = 2 * tokens * row  # k and v of every token
+    piece = -(-tokens // (pp.degree if pp.degree > 1 else pf.num_patches))
     lines.append(f"  memory per rank, for the batch above ({samples} samples a rank): an activation of one patch "
-                 f"{_mb(activations)}; K/V per attention layer {_mb(held)}"
-                 + (" (this step's gather in flight and the last step's)" if pp.degree > 1 else ""))
-    for i, block in enumerate(blocks):
-        where = f"stage {stage_of[block]}, " if pf.degree > 1 else ""
-        lines.append(f"  attention {i} ({block}): {where}K/V buffer {_mb(held)}")
-    per_rank = [sum(held for block in blocks if stage_of[block] == s) for s in range(max(stage_of.values()) + 1)]
-    lines.append(f"  K/V per rank: {', '.join(_mb(b) for b in per_rank)}"
-                 + (" by stage" if pf.degree > 1 else "") + f" (patch parallelism over every layer: "
-                 f"{_mb(2 * kv * len(blocks))})")
+                 f"{_mb(piece * row)}; the K/V of one attention layer, every token, {_mb(kv)}")
+    for i, attention in enumerate(attentions):
+        where = f"stage {stage_of[attention]}, " if pf.degree > 1 else ""
+        lines.append(f"  attention {i} ({attention}): {where}K/V buffer {_mb(kv)}")
+    every_layer = _mb(kv * (len(attentions) + 2))
+    if pp.degree > 1:
+        lines.append(f"  K/V per rank: {every_layer} (every layer's gather in flight, and while a layer attends the "
+                     "previous step's gather and the buffer made from it)")
+    else:
+        per_stage = [kv * list(stage_of.values()).count(s) for s in range(pf.degree)]
+        lines.append(f"  K/V per rank: {', '.join(_mb(b) for b in per_stage)} by stage (patch parallelism: "
+                     f"{every_layer}); a stage after the first also posts every patch's receive when the step "
+                     f"starts: one whole activation ({_mb(tokens * row)}) per value passed on")
     return lines

@@ -4,8 +4,9 @@ Compiling traces the model once, resolves the plan into data every later stage r
 (the step kinds, the selectively synchronous layers), then runs the pass pipeline on a
 copy of the graph for each rank and step kind. Rank 0's programs are built by `compile`
 (so a plan that breaks a pass fails there); the others on first use, so a torchrun
-process builds only rank 0's and its own, and checks its own collective order against
-rank 0's before it issues a single collective. No process group is needed and no weight
+process builds only rank 0's, its own and those of the lower ranks it checks its
+collective order against (the first rank of each of its groups, its point-to-point
+peers) before it issues a single collective. No process group is needed and no weight
 is copied: every per-rank module shares the model's parameters, and holds only the
 experts that rank owns. Programs hold no run state (see [Note: the run input] in
 graph.py), so one compiled model serves any number of runtimes.
@@ -30,6 +31,7 @@ from moedit.passes.schedule import schedule
 from moedit.passes.sequence_parallel import cfg_parallel, sequence_parallel
 from moedit.passes.shortcut import shortcut, shortcut_rewrite, standard_layers
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
+from moedit.runtime.comm import P2P
 from moedit.runtime.executor import Runtime
 
 from ._explain import explain
@@ -124,20 +126,29 @@ class CompiledModel:
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             logs += program_log
         verify_programs(programs)
-        if rank != 0:  # against the first rank of each of its groups (rank 0's programs exist: compile built them)
-            orders = {kind: collective_order(gm) for kind, gm in programs.items()}
-            axes = {axis for order in (*orders.values(), *map(collective_order, self.programs(0).values()))
-                    for axis, _ in order}
-            for leader in {self.plan.mesh.group_of(axis, rank)[0] for axis in axes} - {rank}:
-                for kind in self.kinds:
-                    verify_collective_order({leader: collective_order(self.programs(leader)[kind]),
-                                             rank: orders[kind]}, kind.name, self.plan.mesh)
+        if rank != 0:
+            self._check_against_lower_ranks(rank, programs)
         self.pass_log += logs
         return programs
 
+    def _check_against_lower_ranks(self, rank: int, programs: dict[StepKind, fx.GraphModule]) -> None:
+        """Check `rank`'s collective order against the first rank of each of its groups, and
+        its point-to-point exchanges against its lower-numbered peers' (each pair is checked
+        when the higher rank is built, so building never recurses upwards)."""
+        orders = {kind: collective_order(gm) for kind, gm in programs.items()}
+        mesh = self.plan.mesh
+        comms = {comm for order in (*orders.values(), *map(collective_order, self.programs(0).values()))
+                 for comm in order}
+        others = {mesh.group_of(axis, rank)[0] for axis, _ in comms}
+        others |= {peer for axis, channel in comms if channel == P2P for peer in mesh.group_of(axis, rank)}
+        for other in sorted(o for o in others if o < rank):
+            for kind in self.kinds:
+                verify_collective_order({other: collective_order(self.programs(other)[kind]), rank: orders[kind]},
+                                        kind.name, mesh)
+
     def programs(self, rank: int) -> dict[StepKind, fx.GraphModule]:
-        """Rank `rank`'s program for every step kind, built (and checked against rank 0's
-        collective order) on first use."""
+        """Rank `rank`'s program for every step kind, built (and checked against lower ranks'
+        collective order, see `_check_against_lower_ranks`) on first use."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
         if rank not in self._per_rank:
@@ -154,7 +165,8 @@ class CompiledModel:
 
     def check_collective_order(self) -> None:
         """Build every rank's programs and check that each communicator sees the same
-        exchanges in the same order on every rank (RuntimeError at the first divergence)."""
+        exchanges in the same order on every rank of a group, and that point-to-point sends
+        and receives pair up (RuntimeError at the first divergence)."""
         for rank in range(self.world_size):
             self.programs(rank)
 

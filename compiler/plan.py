@@ -252,6 +252,10 @@ def _check_patches(plan: "Plan") -> None:
     if len(splits) > 1:
         raise ValueError(f"{' and '.join(splits)}: moedit splits an image's tokens one way at a time; keep one of "
                          "them and give the other ranks to cfg_parallel or expert_parallel")
+    if pf.degree > 1 and (plan.staleness.mode != "sync" or plan.conditional_comm.interval is not None):
+        raise ValueError("pipefusion: runs a stage's MoE layers once per patch, and the DICE staleness modes and "
+                         "conditional_comm cache one value per layer across steps; set staleness.mode: sync and "
+                         "remove conditional_comm, or split the tokens with patch_parallel instead")
     for name, section in (("patch_parallel", pp), ("pipefusion", pf)):
         if section.degree == 1:
             continue
@@ -262,10 +266,6 @@ def _check_patches(plan: "Plan") -> None:
             raise ValueError(f"{name}.warmup_steps ({section.warmup_steps}) must equal staleness.warmup_steps "
                              f"({plan.staleness.warmup_steps}): a step is synchronous for every stale technique "
                              "or for none; set them equal")
-    if pf.degree > 1 and (plan.staleness.mode != "sync" or plan.conditional_comm.interval is not None):
-        raise ValueError("pipefusion: runs a stage's MoE layers once per patch, and the DICE staleness modes and "
-                         "conditional_comm cache one value per layer across steps; set staleness.mode: sync and "
-                         "remove conditional_comm, or split the tokens with patch_parallel instead")
     if pf.degree > 1 and plan.schedule.policy == "overlap":
         raise ValueError("pipefusion: each patch updates the K/V buffers the next patch reads, in the order the "
                          "pass emits; keep schedule.policy at 'program'")

@@ -108,6 +108,7 @@ class _Sizes(fx.Interpreter):
         is_tensor = isinstance(out, torch.Tensor)
         node.meta[META]["bytes"] = out.numel() * out.element_size() if is_tensor else 0
         node.meta[META]["shape"] = tuple(out.shape) if is_tensor else None
+        node.meta[META]["dtype"] = out.dtype if is_tensor else None
         return out
 
 

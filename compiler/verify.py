@@ -84,6 +84,8 @@ def collective_order(gm: fx.GraphModule) -> dict[tuple[str, str], list[str]]:
             kw = node.kwargs
             name = kw.get("name", "counts")
             what = name if kw["layer"] is None else f"layer {kw['layer']} {name}"
+            if node.target in (ops.send_start, ops.recv_start):
+                what = f"{'send to' if node.target is ops.send_start else 'receive from'} {kw['peer']}, tag {kw['tag']}"
             order.setdefault((kw["axis"], kw.get("channel", MAIN)), []).append(what)
     return order
 
@@ -92,8 +94,10 @@ def verify_collective_order(orders: dict[int, dict[tuple[str, str], list[str]]],
     """`orders[rank]` is `collective_order` of that rank's `program`; `layout` the plan's MeshLayout.
     On every communicator, each rank must issue what the first rank of its group there issues
     (ranks of different groups may differ: PipeFusion's stages hold different MoE layers).
-    Point-to-point pairs are left out: a send and its receive differ by construction. Raise
-    RuntimeError at the first exchange where a rank differs, both sequences side by side."""
+    Point-to-point exchanges pair up instead: what a rank sends to a peer, the peer receives
+    from it, tag for tag in one order. Raise RuntimeError at the first exchange where a rank
+    differs, both sequences side by side."""
+    _verify_pairs(orders, program, layout)
     comms = sorted({comm for order in orders.values() for comm in order if comm[1] != P2P})
     for rank in sorted(orders):
         for comm in comms:
@@ -103,6 +107,22 @@ def verify_collective_order(orders: dict[int, dict[tuple[str, str], list[str]]],
             a, b = orders[leader].get(comm, []), orders[rank].get(comm, [])
             if a != b:
                 raise RuntimeError(_divergence(comm, program, leader, a, rank, b))
+
+
+def _verify_pairs(orders: dict, program: str, layout) -> None:
+    for rank, order in orders.items():
+        for (axis, channel), entries in order.items():
+            if channel != P2P:
+                continue
+            group = layout.group_of(axis, rank)
+            for peer in set(group) & set(orders) - {rank}:
+                sent = [e.rpartition("tag ")[2] for e in entries if e.startswith(f"send to {group.index(peer)},")]
+                received = [e.rpartition("tag ")[2] for e in orders[peer].get((axis, channel), [])
+                            if e.startswith(f"receive from {group.index(rank)},")]
+                if sent != received:
+                    raise RuntimeError(f"in the {program} program, rank {rank} sends to rank {peer} on mesh axis "
+                                       f"{axis!r} with tags {sent}, but rank {peer} receives from it with tags "
+                                       f"{received}; point-to-point pairs must match one for one, in order")
 
 
 def _divergence(comm, program: str, rank_a: int, a: list[str], rank_b: int, b: list[str]) -> str:

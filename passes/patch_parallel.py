@@ -52,7 +52,7 @@ def patch_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     region, tokens = token_region(gm, attentions, "patch_parallel")
     if tokens % pp.degree:
         raise PlanError(f"patch_parallel.degree ({pp.degree}) must divide the tokens per image ({tokens}), so that "
-                        "every patch's K/V has one size; choose a divisor of {tokens}")
+                        f"every patch's K/V has one size; choose a divisor of {tokens}")
     index = ctx.plan.mesh.index(AXIS, ctx.rank)
     emit = Emitter(gm, None, prefix="pp")
     split_tokens(gm, region, tokens, emit, AXIS, pp.degree, index)

@@ -69,8 +69,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PlanError(f"pipefusion.patches ({pf.num_patches}) must not exceed the tokens per image ({tokens})")
     for node in attentions:
         check_attention(gm, node, "pipefusion")
-    stage_of_block = {block: s for s in range(pf.degree) for block in blocks[slice(*piece_bounds(len(blocks),
-                                                                                                 pf.degree, s))]}
+    stage_of_block = stages_of_blocks(blocks, pf.degree)
     stage = _Stage(gm, ctx, region, _stages(gm, region, stage_of_block), tokens, attentions)
     inserted = stage.emit(1 if ctx.step.synchronous else pf.num_patches)
     gm.graph.eliminate_dead_code()
@@ -78,6 +77,12 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if s != stage.stage:
             gm.delete_submodule(block)  # with its experts: this rank's module holds its stage only
     return PassResult(gm, True, inserted)
+
+
+def stages_of_blocks(blocks: list[str], degree: int) -> dict[str, int]:
+    """Block path -> its stage: `degree` runs of consecutive blocks, the first ones a block
+    longer when they do not divide evenly."""
+    return {block: s for s in range(degree) for block in blocks[slice(*piece_bounds(len(blocks), degree, s))]}
 
 
 def _stages(gm: fx.GraphModule, region: set[fx.Node], stage_of_block: dict[str, int]) -> dict[fx.Node, int]:
@@ -126,42 +131,66 @@ class _Stage:
 
     def emit(self, patches: int) -> list[Inserted]:
         """Steps 1-3 for every patch, the broadcast of the output, and the old region erased."""
-        gm, stage = self.gm, self.stage
+        gm = self.gm
         emit = Emitter(gm, None, staleness=0 if patches == 1 else 1, prefix="pf")
-        buffers: dict[int, fx.Node] = {}
         last_of_region = [n for n in gm.graph.nodes if n in self.region][-1]
         with gm.graph.inserting_before(last_of_region.next):
-            pieces = [emit.call(Kind.SHARD, shard, self.like, 1, patches, p) if patches > 1 else self.like
-                      for p in range(patches)]
-            receives = {(p, j): emit.call(Kind.RECV_START, ops.recv_start,
-                                          emit.call(Kind.GLUE, token_buffer, pieces[p], _tail(value)),
-                                          peer=stage - 1, tag=p * len(self.received) + j, name="activations",
-                                          layer=None, axis=AXIS, channel=P2P)
-                        for p in range(patches) for j, value in enumerate(self.received)}
-            sends, outputs = [], {value: [] for value in self.leaving}
+            receives = self._post_receives(emit, patches)
+            shared = self._copy_once(patches)
+            buffers: dict[int, fx.Node] = {}  # attention index -> its K/V buffer, as the patches update it
+            sends, outputs = [], []
             for p in range(patches):
-                env = {n: emit.call(Kind.SHARD, shard, n, 1, patches, p) if patches > 1 else n for n in self.entering}
-                env.update({value: emit.call(Kind.RECV_WAIT, ops.wait, receives[p, j])
-                            for j, value in enumerate(self.received)})
-                for node in self.mine:
-                    if kind_of(node) is Kind.ATTENTION:
-                        env[node] = self._attention(emit, node, env[node.args[0]], p, patches, buffers)
-                    else:
-                        env[node] = self._copy(node, env, patches)
-                sends += [emit.call(Kind.SEND_START, ops.send_start, env[value], peer=stage + 1,
+                env = self._run_patch(emit, p, patches, receives, dict(shared), buffers)
+                sends += [emit.call(Kind.SEND_START, ops.send_start, env[value], peer=self.stage + 1,
                                     tag=p * len(self.sent) + j, name="activations sent", layer=None, axis=AXIS,
                                     channel=P2P)
                           for j, value in enumerate(self.sent)]
-                if stage == self.last:
-                    for value in self.leaving:
-                        outputs[value].append(env[value])
+                outputs.append(env)
             for pending in sends:
                 emit.call(Kind.SEND_WAIT, ops.wait, pending)
             for value in self.leaving:
-                self._broadcast(emit, value, outputs[value])
+                self._broadcast(emit, value, [env.get(value) for env in outputs])
         for node in reversed([n for n in gm.graph.nodes if n in self.region]):
             gm.graph.erase_node(node)
         return emit.inserted + self.copies
+
+    def _post_receives(self, emit: Emitter, patches: int) -> dict[tuple[int, int], fx.Node]:
+        """Step 1, posted for every patch when the step starts: (patch, value) -> the receive."""
+        receives = {}
+        for p in range(patches):
+            piece = emit.call(Kind.SHARD, shard, self.like, 1, patches, p) if patches > 1 else self.like
+            for j, value in enumerate(self.received):
+                buffer = emit.call(Kind.GLUE, token_buffer, piece, *_tail(value))
+                receives[p, j] = emit.call(Kind.RECV_START, ops.recv_start, buffer, peer=self.stage - 1,
+                                           tag=p * len(self.received) + j, name="activations", layer=None, axis=AXIS,
+                                           channel=P2P)
+        return receives
+
+    def _copy_once(self, patches: int) -> dict[fx.Node, fx.Node]:
+        """This stage's nodes that read no token value (a block's modulation from the timestep
+        and class, say), copied once for all patches."""
+        per_patch = set(self.entering) | set(self.received)
+        shared = {}
+        for node in self.mine:
+            if kind_of(node) is Kind.ATTENTION or any(a in per_patch for a in node.all_input_nodes):
+                per_patch.add(node)
+            else:
+                shared[node] = self._copy(node, shared, 1)
+        self.per_patch = [n for n in self.mine if n in per_patch]
+        return shared
+
+    def _run_patch(self, emit: Emitter, p: int, patches: int, receives: dict, env: dict,
+                   buffers: dict[int, fx.Node]) -> dict[fx.Node, fx.Node]:
+        """Step 2 for patch `p`: this stage's nodes copied to read patch p's values; returns them."""
+        env.update({n: emit.call(Kind.SHARD, shard, n, 1, patches, p) if patches > 1 else n for n in self.entering})
+        env.update({value: emit.call(Kind.RECV_WAIT, ops.wait, receives[p, j])
+                    for j, value in enumerate(self.received)})
+        for node in self.per_patch:
+            if kind_of(node) is Kind.ATTENTION:
+                env[node] = self._attention(emit, node, env[node.args[0]], p, patches, buffers)
+            else:
+                env[node] = self._copy(node, env, patches)
+        return env
 
     def _copy(self, node: fx.Node, env: dict, patches: int) -> fx.Node:
         """`node` copied for one patch, reading that patch's values."""
@@ -196,18 +225,19 @@ class _Stage:
         out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", qkv, buffers[i])
         return emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
 
-    def _broadcast(self, emit: Emitter, value: fx.Node, pieces: list[fx.Node]) -> None:
-        """The last stage's `value` (joined from its patches) to every stage, for the code after the blocks."""
+    def _broadcast(self, emit: Emitter, value: fx.Node, pieces: list[fx.Node | None]) -> None:
+        """The last stage's `value` (joined from its patches' `pieces`) to every stage, for the code
+        after the blocks."""
         if self.stage == self.last:
             whole = pieces[0] if len(pieces) == 1 else emit.call(Kind.GLUE, torch.cat, pieces, 1)
         else:
-            whole = emit.call(Kind.GLUE, token_buffer, self.like, _tail(value))
+            whole = emit.call(Kind.GLUE, token_buffer, self.like, *_tail(value))
         pending = emit.call(Kind.BROADCAST_START, ops.broadcast_start, whole, root=self.last, name="output",
                             layer=None, axis=AXIS)
         result = emit.call(Kind.BROADCAST_WAIT, ops.wait, pending)
         value.replace_all_uses_with(result, delete_user_cb=lambda user: user not in self.region)
 
 
-def _tail(value: fx.Node) -> tuple[int, ...]:
-    """A token value's dims after [B, N]."""
-    return tuple(meta(value)["shape"][2:])
+def _tail(value: fx.Node) -> tuple[tuple[int, ...], object]:
+    """A token value's dims after [B, N], and its dtype."""
+    return tuple(meta(value)["shape"][2:]), meta(value)["dtype"]

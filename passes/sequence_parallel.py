@@ -39,11 +39,10 @@ from __future__ import annotations
 import operator
 
 import torch.fx as fx
+from torch import nn
 from torch.fx.node import map_arg
 
 from moedit.adapters import attention_adapter_for
-from torch import nn
-
 from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError

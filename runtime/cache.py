@@ -3,8 +3,9 @@
 A stale program reads what an earlier step left: an exchange still in flight (a
 `Pending`: patch parallelism's K/V gathers), or one with what is needed to use it (an
 `InFlight`: the token order, the counts), or a tensor (PipeFusion's K/V buffers). Passes
-insert `cache_write` and `cache_read` ops (moedit/runtime/ops.py); each run has one `StepCache` that every program reads through its `run` input, so a key
-written by the synchronous program at step t is read by the stale program at step t+1.
+insert `cache_write` and `cache_read` ops (moedit/runtime/ops.py); each run has one
+`StepCache` that every program reads through its `run` input, so a key written by the
+synchronous program at step t is read by the stale program at step t+1.
 
 Byte accounting counts every tensor the cache holds (the receive buffers of exchanges in
 flight included; their send buffers belong to the collective) and fails with a clear error

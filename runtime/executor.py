@@ -72,14 +72,15 @@ class Runtime:
                             f"{world}; launch with --nproc_per_node={compiled.world_size} or change the plan's "
                             f"axes ({plan.mesh.describe()}) to multiply to {world}")
         device = torch.device(device) if device is not None else device_for(backend)
-        programs = compiled.programs(rank)  # builds them and checks their collective order against rank 0's
+        programs = compiled.programs(rank)  # builds them and checks their collective order (moedit.verify)
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
         orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
         # Compared before any group is made: ranks that disagree would otherwise hang creating them.
-        _check_collective_order_across_processes(orders, plan.mesh)
-        communicators = {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | {key for order in orders.values() for key in order}
-        mesh = Mesh(plan.mesh, communicators, backend, plan.runtime.timeout_s)
+        used = _check_collective_order_across_processes(orders, plan.mesh)
+        # Every rank creates every group (a collective call), also those only other ranks use
+        # (PipeFusion's stages issue different exchanges).
+        mesh = Mesh(plan.mesh, {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | used, backend, plan.runtime.timeout_s)
         if profile:
             programs = {kind: instrument(gm) for kind, gm in programs.items()}
         for gm in programs.values():
@@ -110,6 +111,8 @@ class Runtime:
 
     def _run(self, *inputs):
         kind = self.compiled.steps.kind_at(self.state.step, self.total_steps)
+        if kind.synchronous and self.state.kind is not None and not self.state.kind.synchronous:
+            self._drain()  # a synchronous program refills the caches without reading the exchanges in them
         self.state.kind = kind
         self.step_log.append(kind)
         out = self.programs[kind](*inputs, run=self.state)
@@ -245,12 +248,14 @@ def _expert_store(plan, programs, device) -> ExpertStore:
     return ExpertStore(experts, device, plan.offload)
 
 
-def _check_collective_order_across_processes(orders: dict, layout) -> None:
-    """Each process built its programs itself (and checked them against its own build of
-    rank 0's); here the ranks compare what they will actually issue (`orders`: per program,
-    `collective_order`), before the first exchange, so a divergence (a calibration that
-    came out differently on one rank, say) is an error on every rank instead of a hang."""
+def _check_collective_order_across_processes(orders: dict, layout) -> set[tuple[str, str]]:
+    """Each process built its programs itself (and checked them against its own builds of
+    other ranks'); here the ranks compare what they will actually issue (`orders`: per
+    program, `collective_order`), before the first exchange, so a divergence (a calibration
+    that came out differently on one rank, say) is an error on every rank instead of a
+    hang. Returns every communicator (axis, channel) some rank uses."""
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, orders)  # on the default group: ours do not exist yet
     for kind in orders:
         verify_collective_order({rank: other[kind] for rank, other in enumerate(gathered)}, kind, layout)
+    return {comm for other in gathered for order in other.values() for comm in order}

@@ -85,16 +85,16 @@ def write_patch(kv: torch.Tensor, qkv: torch.Tensor, index: int, parts: int) -> 
 
 
 def with_piece(gathered: torch.Tensor, qkv: torch.Tensor, index: int) -> torch.Tensor:
-    """Every rank's k and v from an all-gather, [G,2,B,h,n,d] -> [2,B,h,G*n,d], with this rank's
-    piece (`index`) replaced by this step's k and v from qkv [3,B,h,n,d]."""
-    kv = from_ranks(gathered, 3).clone()
-    return write_patch(kv, qkv, index, gathered.shape[0])
+    """Every rank's k and v from an all-gather, [G,2,B,h,n,d] -> [2,B,h,G*n,d] (a copy), with this
+    rank's piece (`index`) replaced by this step's k and v from qkv [3,B,h,n,d]."""
+    gathered[index] = qkv[1:]  # the gathered buffer is done with: overwrite it, then one copy
+    return from_ranks(gathered, 3)
 
 
-def token_buffer(like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-    """An empty [B, n, *tail] tensor with `like`'s batch, token count, dtype and device, for a
-    value arriving from another rank."""
-    return like.new_empty((like.shape[0], like.shape[1], *tail))
+def token_buffer(like: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty [B, n, *tail] tensor of `dtype` with `like`'s batch, token count and device, for
+    a value arriving from another rank."""
+    return like.new_empty((like.shape[0], like.shape[1], *tail), dtype=dtype)
 
 
 def heads_to_ranks(qkv: torch.Tensor, ranks: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from moedit.plan import PlanError
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 from moedit.runtime.sequence_ops import piece_bounds
 from moedit.simulate import replay, simulate
+from moedit.verify import verify_collective_order
 
 LABELS = [1, 2, 3, 4, 5]
 STEPS, CFG = 3, 1.5
@@ -30,6 +31,8 @@ EXACT = {  # world -> name -> (model depth, plan)
         "patch 2": (2, dict(patch_parallel={"degree": 2, **ALL_WARM}, expert_parallel={"degree": 2})),
         "patch 2, experts on 1": (2, dict(patch_parallel={"degree": 2, **ALL_WARM})),
         "pipefusion 2 x 4 patches": (2, dict(pipefusion={"degree": 2, "patches": 4, **ALL_WARM})),
+        "patch 2, overlap schedule": (2, dict(patch_parallel={"degree": 2, **ALL_WARM}, expert_parallel={"degree": 2},
+                                              schedule={"policy": "overlap"})),
         "patch 2 + interweaved": (2, dict(patch_parallel={"degree": 2, **ALL_WARM}, expert_parallel={"degree": 2},
                                           staleness={"mode": "interweaved", **ALL_WARM})),
     },
@@ -85,7 +88,8 @@ PROBE_STEPS = 5
 PROBES = {  # world -> name -> (model depth, plan)
     2: {"patch": (2, dict(patch_parallel={"degree": 2}, expert_parallel={"degree": 2}, staleness={"sync_every": 3})),
         "pipefusion": (2, dict(pipefusion={"degree": 2, "patches": 3}, staleness={"sync_every": 3}))},
-    4: {"patch": (2, dict(patch_parallel={"degree": 4}, expert_parallel={"degree": 4})),
+    4: {"patch": (2, dict(patch_parallel={"degree": 4}, expert_parallel={"degree": 4},  # and DICE on the MoE layers
+                          staleness={"mode": "interweaved"})),
         "pipefusion": (4, dict(pipefusion={"degree": 2, "patches": 4}, expert_parallel={"degree": 2}))},
 }
 
@@ -217,3 +221,12 @@ def test_the_simulator_replays_the_pipeline_and_the_stale_gathers():
         assert prediction.mean_step_s > 0
         sent[name] = prediction.sent_bytes[-1]
     assert 0 < sent["pipefusion"] < sent["patch"]
+
+
+def test_point_to_point_sends_must_meet_their_receives():
+    layout = moedit.Plan(pipefusion={"degree": 2}).mesh
+    sends = {("pipefusion", "p2p"): ["send to 1, tag 0", "send to 1, tag 1"]}
+    verify_collective_order({0: sends, 1: {("pipefusion", "p2p"): ["receive from 0, tag 0",
+                                                                    "receive from 0, tag 1"]}}, "async", layout)
+    with pytest.raises(RuntimeError, match=r"sends to rank 1 .* tags \['0', '1'\], but rank 1 receives .* \['0'\]"):
+        verify_collective_order({0: sends, 1: {("pipefusion", "p2p"): ["receive from 0, tag 0"]}}, "async", layout)
