@@ -107,6 +107,7 @@ class _Stage:
         self.stage, self.last = ctx.plan.mesh.index(AXIS, ctx.rank), ctx.plan.pipefusion.degree - 1
         self.attention_index = {node: i for i, node in enumerate(attentions)}
         self.copies: list[Inserted] = []  # rows for the pass log: the nodes copied for each patch
+        self.per_patch: list[fx.Node] = []  # this stage's nodes that read a patch's values (`_copy_once`)
         nodes = list(gm.graph.nodes)
         self.mine = [n for n in nodes if stage_of.get(n) == self.stage]
         self.received = self._carried(nodes, self.stage - 1) if self.stage > 0 else []
@@ -136,7 +137,7 @@ class _Stage:
         last_of_region = [n for n in gm.graph.nodes if n in self.region][-1]
         with gm.graph.inserting_before(last_of_region.next):
             receives = self._post_receives(emit, patches)
-            shared = self._copy_once(patches)
+            shared = self._copy_once()
             buffers: dict[int, fx.Node] = {}  # attention index -> its K/V buffer, as the patches update it
             sends, outputs = [], []
             for p in range(patches):
@@ -166,7 +167,7 @@ class _Stage:
                                            channel=P2P)
         return receives
 
-    def _copy_once(self, patches: int) -> dict[fx.Node, fx.Node]:
+    def _copy_once(self) -> dict[fx.Node, fx.Node]:
         """This stage's nodes that read no token value (a block's modulation from the timestep
         and class, say), copied once for all patches."""
         per_patch = set(self.entering) | set(self.received)
