@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -33,6 +34,8 @@ from moedit.passes.shortcut import shortcut, shortcut_rewrite, standard_layers
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
 from moedit.runtime.comm import P2P
 from moedit.runtime.executor import Runtime
+from moedit.runtime.expert_ops import swiglu_weights
+from moedit.runtime.kernels import resolve as resolve_kernels
 
 from ._explain import explain
 from .graph import copy_module
@@ -70,6 +73,22 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
         if cc.interval is not None and cc.drop != "threshold" and not cc.slots < layer.top_k:
             raise PlanError(f"conditional_comm.slots ({cc.slots}) must be below the top-k of layer {layer.index} "
                             f"({layer.top_k}): at least one slot per token is always sent")
+
+
+def _kernels(plan: Plan, traced: fx.GraphModule) -> str:
+    """The plan's `kernels`, resolved for this machine and model (see moedit/runtime/kernels)."""
+    try:
+        kernels = resolve_kernels(plan.kernels, torch.cuda.is_available())
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    if kernels == "triton":
+        unfit = [layer.path for layer in layers_of(traced) for expert in layer.adapter.experts(
+            traced.get_submodule(layer.path)) if swiglu_weights(expert) is None]
+        if unfit and plan.kernels == "triton":
+            raise PlanError(f"kernels: triton runs SwiGLU experts (gate_proj, up_proj, down_proj, no bias); the "
+                            f"experts of {sorted(set(unfit))} are not; use kernels: torch")
+        kernels = "torch" if unfit else kernels
+    return kernels
 
 
 def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "CompiledModel":
@@ -110,6 +129,7 @@ class CompiledModel:
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
         self.chunk_basis: dict | None = None  # what expert_parallel.chunks "auto" chose from
         self.pipeline = list(pipeline)
+        self.kernels = _kernels(plan, traced)  # "torch" or "triton"
         self._traced = traced
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
 
@@ -122,7 +142,8 @@ class CompiledModel:
         programs, logs = {}, []
         for kind in self.kinds:
             ctx = PassContext(plan=self.plan, world_size=self.world_size, rank=rank, layers=self.layers, step=kind,
-                              synchronous_layers=self.synchronous_layers, chunks=self.plan.expert_parallel.chunks)
+                              synchronous_layers=self.synchronous_layers, chunks=self.plan.expert_parallel.chunks,
+                              kernels=self.kernels)
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             logs += program_log
         verify_programs(programs)

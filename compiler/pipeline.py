@@ -63,6 +63,7 @@ class PassContext:
     step: StepKind  # the kind of diffusion step this program runs
     synchronous_layers: frozenset[int] = frozenset()  # layers the plan never runs stale (all under mode sync)
     chunks: int = 1  # how many pipelined chunks the synchronous layers' tokens travel in
+    kernels: str = "torch"  # "torch" or "triton" (the plan's `kernels`, resolved for this machine)
 
     @property
     def ep_size(self) -> int:

@@ -183,7 +183,7 @@ class _Replay(fx.Interpreter):
             if module.policy == "threshold":  # scores are not known: assume every slot passes
                 return torch.ones(ids.shape, dtype=torch.bool)
             with self.counter:
-                return module(run, ids, torch.zeros(ids.shape))
+                return module.reference(run, ids, torch.zeros(ids.shape))
         if isinstance(module, expert_ops.LocalExperts):
             received, recv_counts = args[:2]  # (offloading adds the fetch: the copies are not modelled)
             sizes = recv_counts.reshape(-1, len(module._experts)).sum(0).tolist()
@@ -199,6 +199,8 @@ class _Replay(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         run = self.run_state
+        if target in (expert_ops.permute, expert_ops.unpermute):  # costed as the torch code (same traffic)
+            kwargs = {key: value for key, value in kwargs.items() if key != "kernels"}
         if target is expert_ops.permute:
             tokens, expert_ids, *rest = args
             _, order, send_counts = expert_ops.permute(torch.zeros(expert_ids.shape[0], 1), expert_ids, *rest,

@@ -121,7 +121,9 @@ class StaleSlot:
         step's router weights; the result replaces the synchronous routed output."""
         emit, nodes = self.emit, self.view.nodes
         returned = emit.call(Kind.COMBINE_WAIT, ops.wait, emit.field(record, "pending"))
-        routed = emit.call(Kind.UNPERMUTE, unpermute, returned, emit.field(record, "order"), nodes[Kind.WEIGHTS])
+        kernels = nodes[Kind.PERMUTE].kwargs.get("kernels", "torch")  # as expert_parallel chose
+        routed = emit.call(Kind.UNPERMUTE, unpermute, returned, emit.field(record, "order"), nodes[Kind.WEIGHTS],
+                           kernels=kernels)
         nodes[Kind.MERGE].replace_input_with(nodes[Kind.UNPERMUTE], routed)
 
     def dispatch(self, counts_pending: fx.Node) -> fx.Node:

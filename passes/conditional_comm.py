@@ -52,7 +52,7 @@ def _drop_slots(gm: fx.GraphModule, ctx: PassContext, layer, nodes: LayerNodes, 
     """Decide the kept slots right after routing; each permute (one per chunk) takes its share."""
     plan = ctx.plan.conditional_comm
     gm.get_submodule(layer.path).add_module(
-        "ep_drop", DropSlots(plan.drop, plan.slots, plan.threshold, layer=layer.index))
+        "ep_drop", DropSlots(plan.drop, plan.slots, plan.threshold, layer=layer.index, kernels=ctx.kernels))
     permutes = nodes.all(Kind.PERMUTE)
     with gm.graph.inserting_before(nodes[Kind.WEIGHTS].next):
         keep = emit.module(Kind.DROP_SLOTS, f"{layer.path}.ep_drop", nodes[Kind.EXPERT_IDS], nodes[Kind.WEIGHTS],

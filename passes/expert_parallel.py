@@ -78,9 +78,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     ids = local_experts(layer.num_experts, P, ctx.ep_rank)
     experts = layer.adapter.experts(moe)
     moe.add_module("ep_router", Router(layer.adapter, moe))
-    moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids))
+    moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids, kernels=ctx.kernels))
     moe.add_module("ep_merge", Merge(layer.adapter, moe))
-    exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.")
+    exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.", ctx.kernels)
     emit = exchange.emit
     shared_module = layer.adapter.shared_expert(moe)
     shared_path = None if shared_module is None else _submodule_path(moe, layer.path, shared_module)
@@ -109,14 +109,14 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
 class _Exchange:
     """Emits a layer's routed path from permute to unpermute: whole, or in pipelined chunks."""
 
-    def __init__(self, emit: Emitter, layer: MoELayer, world_size: int, prefix: str):
-        self.emit, self.layer = emit, layer
+    def __init__(self, emit: Emitter, layer: MoELayer, world_size: int, prefix: str, kernels: str):
+        self.emit, self.layer, self.kernels = emit, layer, kernels
         self.P, self.L = world_size, layer.num_experts // world_size
         self.path = prefix.__add__
         self.where = {"layer": layer.index, "axis": AXIS}
 
     def _permute(self, tokens, expert_ids):
-        perm = self.emit.call(Kind.PERMUTE, permute, tokens, expert_ids, self.P, self.L)
+        perm = self.emit.call(Kind.PERMUTE, permute, tokens, expert_ids, self.P, self.L, kernels=self.kernels)
         return self.emit.unpack(perm, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS)
 
     def _start(self, name: str, rows, send_splits, recv_splits) -> fx.Node:
@@ -136,7 +136,7 @@ class _Exchange:
         received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
         outputs = emit.module(Kind.EXPERTS, self.path("ep_experts"), received, recv_counts)
         returned = emit.call(Kind.COMBINE_WAIT, ops.wait, self._start("combine", outputs, recv_splits, send_splits))
-        return emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights)
+        return emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights, kernels=self.kernels)
 
     def in_chunks(self, tokens, expert_ids, weights, n: int, during_dispatch) -> fx.Node:
         """The tokens in `n` chunks: one counts exchange for all of them, every dispatch
@@ -176,7 +176,7 @@ class _Exchange:
         for i, (pending, (_, order, _, weights_i)) in enumerate(zip(returning, chunks)):
             emit.chunk = i
             returned = emit.call(Kind.COMBINE_WAIT, ops.wait, pending)
-            routed.append(emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights_i))
+            routed.append(emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights_i, kernels=self.kernels))
         emit.chunk = None
         return emit.call(Kind.GLUE, torch.cat, routed)
 

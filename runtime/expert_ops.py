@@ -20,6 +20,8 @@ import hashlib
 import torch
 from torch import nn
 
+from .kernels import load as load_kernels
+
 # [Note: layer views]
 # The graph nodes below are children of the MoE layer they serve, and they reach that
 # layer's gate and experts through plain Python references rather than as registered
@@ -42,11 +44,12 @@ class Router(nn.Module):
 
 
 def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int,
-            keep: torch.Tensor | None = None):
+            keep: torch.Tensor | None = None, kernels: str = "torch"):
     """Sort each (token, slot) copy by destination rank, then local expert.
 
     `keep` [T,K] (bool), if given, leaves the unmarked slots out (conditional
     communication); `order` then lists only the kept (token * K + slot) positions.
+    `kernels` "triton": the rows are gathered by a kernel (moedit/runtime/kernels).
     """
     flat = expert_ids.reshape(-1)
     key = (flat % world_size) * num_local + flat // world_size
@@ -55,7 +58,10 @@ def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=world_size * num_local + 1)
     order = order[: int(counts[:-1].sum())] if keep is not None else order
-    rows = tokens[order // expert_ids.shape[1]]
+    if kernels == "triton":
+        rows = load_kernels().gather_rows(tokens, order, expert_ids.shape[1])
+    else:
+        rows = tokens[order // expert_ids.shape[1]]
     send_counts = counts[: world_size * num_local].reshape(world_size, num_local)
     return rows, order, send_counts
 
@@ -71,14 +77,21 @@ class DropSlots(nn.Module):
     given world size: each rank draws for its own tokens).
     """
 
-    def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, layer: int = 0):
+    def __init__(self, policy: str, count: int = 1, threshold: float = 0.0, layer: int = 0, kernels: str = "torch"):
         super().__init__()
         self.policy, self.count, self.threshold, self.layer = policy, count, threshold, layer
+        self.kernels = kernels
 
     def extra_repr(self) -> str:
-        return f"policy={self.policy!r}, count={self.count}, threshold={self.threshold}"
+        return f"policy={self.policy!r}, count={self.count}, threshold={self.threshold}, kernels={self.kernels!r}"
 
     def forward(self, run, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        top_k = expert_ids.shape[1]
+        if self.kernels == "triton" and self.policy != "random" and top_k & (top_k - 1) == 0:
+            return load_kernels().drop_slots(weights, self.policy, self.count, self.threshold)
+        return self.reference(run, expert_ids, weights)
+
+    def reference(self, run, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = expert_ids.shape
         keep = torch.ones(num_tokens, top_k, dtype=torch.bool, device=expert_ids.device)
         if self.policy == "low":
@@ -104,24 +117,30 @@ def splits(counts: torch.Tensor) -> list[int]:
 class LocalExperts(nn.Module):
     """The experts this rank holds, run on rows grouped by (source rank, local expert)."""
 
-    def __init__(self, experts: list[nn.Module], expert_ids: list[int]):
+    def __init__(self, experts: list[nn.Module], expert_ids: list[int], kernels: str = "torch"):
         super().__init__()
         object.__setattr__(self, "_experts", list(experts))  # views, see [Note: layer views]
         self.expert_ids = list(expert_ids)  # global ids, for explain() and dumps
         self.offload_layer: int | None = None  # set by the offload pass: the store's layer key
+        self.kernels = kernels  # "triton": one grouped SwiGLU kernel launch per projection
+        self._stacked: tuple | None = None  # (device, dtype, gate, up, down) for the kernels
 
     def extra_repr(self) -> str:
-        return f"global_ids={self.expert_ids}"
+        return f"global_ids={self.expert_ids}, kernels={self.kernels!r}"
 
     def forward(self, received: torch.Tensor, recv_counts: torch.Tensor, fetched=None) -> torch.Tensor:
         """`fetched` (expert offloading, moedit/runtime/offload.py): run the experts on the
-        device copies it made, not on the modules' own weights."""
+        device copies it made, not on the modules' own weights (with torch, not the kernels)."""
         num_local = len(self._experts)
         local_of_row = torch.arange(num_local, device=received.device).repeat(recv_counts.shape[0])
         local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1))
         by_expert = torch.argsort(local_of_row, stable=True)
-        grouped = received[by_expert].split(recv_counts.sum(dim=0).tolist())
+        sizes = recv_counts.sum(dim=0).tolist()
         outputs = torch.empty_like(received)
+        if self.kernels == "triton" and fetched is None:
+            outputs[by_expert] = load_kernels().grouped_swiglu(received[by_expert], sizes, *self._weights(received))
+            return outputs
+        grouped = received[by_expert].split(sizes)
         if fetched is None:
             outputs[by_expert] = torch.cat([expert(rows) for expert, rows in zip(self._experts, grouped)])
             return outputs
@@ -132,14 +151,35 @@ class LocalExperts(nn.Module):
             fetched.release()
         return outputs
 
+    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The experts' weights stacked [L,F,H], [L,F,H], [L,H,F] for the grouped kernel, made once
+        per device and dtype (a second copy of this rank's expert weights)."""
+        if self._stacked is None or self._stacked[:2] != (like.device, like.dtype):
+            weights = [swiglu_weights(expert) for expert in self._experts]
+            self._stacked = (like.device, like.dtype,
+                             *(torch.stack(w).to(like.device, like.dtype).contiguous() for w in zip(*weights)))
+        return self._stacked[2:]
+
+
+def swiglu_weights(expert: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """(gate, up, down) weights of a SwiGLU expert down(silu(gate x) * up x) without biases
+    (`gate_proj`, `up_proj`, `down_proj`, as DiT-MoE's MoeMLP), or None: the kernels run only these."""
+    layers = [getattr(expert, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(layer, nn.Linear) and layer.bias is None for layer in layers):
+        return tuple(layer.weight for layer in layers)
+    return None
+
 
 def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
-              slots: torch.Tensor | None = None) -> torch.Tensor:
+              slots: torch.Tensor | None = None, kernels: str = "torch") -> torch.Tensor:
     """Put expert outputs back in (token, slot) order and sum the slots, weighted. -> [T,H].
 
     `slots` [T*K,H], if given, supplies the outputs of slots that were not sent (their
     positions are absent from `order`); it is updated in place with the returned rows.
+    `kernels` "triton" (without `slots`): one kernel reads each token's rows and sums them.
     """
+    if kernels == "triton" and slots is None:
+        return load_kernels().weighted_sum(returned, order, weights)
     num_tokens, top_k = weights.shape
     if slots is None:
         slots = returned.new_zeros((num_tokens * top_k, returned.shape[-1]))

@@ -35,15 +35,6 @@ def test_invalid_fields_are_named(data, field):
         moedit.Plan(**data)
 
 
-@pytest.mark.parametrize("data", [
-    {"kernels": "triton"},
-])
-def test_unimplemented_sections_are_rejected_not_ignored(data):
-    section = next(iter(data))
-    with pytest.raises(moedit.PlanError, match=f"{section}: not implemented yet"):
-        moedit.Plan(**data)
-
-
 @pytest.mark.parametrize("data, message", [
     ({"staleness": {"mode": "displaced", "warmup_steps": 0}}, "warmup_steps: a stale mode needs at least 1"),
     ({"selective_sync": {"strategy": "deep"}}, "selective_sync: has no effect when staleness.mode is 'sync'"),
