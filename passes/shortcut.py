@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 
+import networkx as nx
 import torch.fx as fx
 
 from moedit.graph import META, Inserted, Kind, LayerNodes, kind_of, meta
@@ -224,19 +225,9 @@ def _early_late_order(gm: fx.GraphModule, layers: list[LayerNodes]) -> list[fx.N
         tier.update({node: (0, -later) for node in _ancestors(start) | {start}})
     tier.update({node: (2, 0) for node in late})
     dag = program_dag(gm, exchange_order=False)  # impure model code and cache accesses keep their order
-    waiting = {node: dag.in_degree(node) for node in nodes}
-    ready = [node for node in nodes if waiting[node] == 0]
-    order = []
-    while ready:
-        node = min(ready, key=lambda n: (n.op != "placeholder", tier[n], position[n]))
-        ready.remove(node)
-        order.append(node)
-        for user in dag.successors(node):
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                ready.append(user)
-    assert len(order) == len(nodes), "the program's graph has a cycle"
-    return order
+    # Kahn's algorithm taking the ready node of lowest (placeholder first, tier, program position)
+    return list(nx.lexicographical_topological_sort(dag, key=lambda n: (n.op != "placeholder", tier[n],
+                                                                        position[n])))
 
 
 def _place_experts(order: list[fx.Node], view: LayerNodes, compute: dict, flight: dict) -> dict:
