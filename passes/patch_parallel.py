@@ -35,7 +35,7 @@ from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
-from moedit.runtime.sequence_ops import KVAttention, with_piece
+from moedit.runtime.sequence_ops import with_piece
 from moedit.tracer import attention_nodes
 
 from .sequence_parallel import check_attention, local_attention, split_tokens, token_region
@@ -68,9 +68,8 @@ def kv_key(attention: int) -> str:
 
 def _stale_attention(gm: fx.GraphModule, node: fx.Node, i: int, index: int, synchronous: bool) -> list[Inserted]:
     """Replace attention leaf `node` (the i-th) by steps 1-4 above."""
-    attn = gm.get_submodule(node.target)
-    scale = check_attention(gm, node, "patch_parallel").scale(attn)
-    local_attention(gm, node, ("sp_attend", KVAttention(scale)))
+    check_attention(gm, node, "patch_parallel")
+    local_attention(gm, node, kv_buffer=True)
     emit = Emitter(gm, None, staleness=0 if synchronous else 1, prefix=f"a{i}")
     with gm.graph.inserting_before(node):
         qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])

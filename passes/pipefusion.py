@@ -45,7 +45,7 @@ from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import P2P
-from moedit.runtime.sequence_ops import KVAttention, kv_of, piece_bounds, shard, token_buffer, write_patch
+from moedit.runtime.sequence_ops import kv_of, piece_bounds, shard, token_buffer, write_patch
 from moedit.tracer import attention_nodes
 
 from .patch_parallel import kv_key
@@ -210,9 +210,7 @@ class _Stage:
         """Attention of patch `p` of `patches` through the layer's K/V buffer (step 2)."""
         i = self.attention_index[node]
         if p == 0:
-            attn = self.gm.get_submodule(node.target)
-            scale = check_attention(self.gm, node, "pipefusion").scale(attn)
-            local_attention(self.gm, node, ("sp_attend", KVAttention(scale)))
+            local_attention(self.gm, node, kv_buffer=True)  # checked by `pipefusion`
         qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", x)
         if patches == 1:  # synchronous: every token, and the buffer refilled
             buffers[i] = emit.call(Kind.GLUE, kv_of, qkv)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import operator
 
 import torch.fx as fx
-from torch import nn
 from torch.fx.node import map_arg
 
 from moedit.adapters import attention_adapter_for
@@ -48,7 +47,7 @@ from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.tracer import attention_nodes
-from moedit.runtime.sequence_ops import (OutputProjection, Projections, attend, attend_block, from_ranks,
+from moedit.runtime.sequence_ops import (KVAttention, OutputProjection, Projections, attend, attend_block, from_ranks,
                                          heads_to_ranks, merge_blocks, merged_output, pad_rows, ranks_to_heads,
                                          ranks_to_tokens, shard, tokens_to_ranks, unpad_rows)
 
@@ -184,25 +183,27 @@ def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str):
     return adapter
 
 
-def local_attention(gm: fx.GraphModule, node: fx.Node, *parts: tuple[str, nn.Module]):
+def local_attention(gm: fx.GraphModule, node: fx.Node, kv_buffer: bool = False) -> float | None:
     """Give attention leaf `node` a copy of its module holding graph nodes for its q/k/v projection
-    (`sp_qkv`) and output projection (`sp_out`), plus `parts` (name, module); returns its adapter."""
+    (`sp_qkv`) and output projection (`sp_out`), and with `kv_buffer` for attention to a K/V
+    buffer (`sp_attend`, patch parallelism and PipeFusion); returns the attention's scale."""
     attn = gm.get_submodule(node.target)
     adapter = attention_adapter_for(attn)
+    scale = adapter.scale(attn)
     local = shallow_copy(attn)
     local.add_module("sp_qkv", Projections(adapter, local))
     local.add_module("sp_out", OutputProjection(adapter, local))
-    for name, module in parts:
-        local.add_module(name, module)
+    if kv_buffer:
+        local.add_module("sp_attend", KVAttention(scale))
     parent, _, name = node.target.rpartition(".")
     setattr(gm.get_submodule(parent), name, local)
-    return adapter
+    return scale
 
 
 def _split_attention(gm: fx.GraphModule, node: fx.Node, index: int, ctx: PassContext) -> list[Inserted]:
     """Replace attention leaf `node` by projections, exchanges and attention over every token."""
     sp = ctx.plan.sequence_parallel
-    scale = local_attention(gm, node).scale(gm.get_submodule(node.target))
+    scale = local_attention(gm, node)
     emit = Emitter(gm, None, prefix=f"a{index}")
     with gm.graph.inserting_before(node):
         qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])
