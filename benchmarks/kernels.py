@@ -27,7 +27,7 @@ import moedit
 from _launch import machine
 from moedit.models import load_model
 from moedit.runtime import expert_ops
-from moedit.runtime.kernels import load, triton_installed
+from moedit.runtime.kernels import triton_installed
 
 SHAPES = {"S/2-8E2A": 256, "XL/2-8E2A": 256}  # model -> tokens per image (256x256 images, patch 2)
 
@@ -59,7 +59,6 @@ def layer_inputs(name: str, tokens: int, device, dtype):
 
 
 def kernel_rows(name: str, tokens: int, repeats: int, device, dtype) -> list[dict]:
-    kernels = load()
     moe, x, ids, weights = layer_inputs(name, tokens, device, dtype)
     experts = list(moe.experts)
     rows, order, counts = expert_ops.permute(x, ids, 1, len(experts))
@@ -83,7 +82,6 @@ def kernel_rows(name: str, tokens: int, repeats: int, device, dtype) -> list[dic
                 row["torch_ms"], row["triton_ms"] = timed(reference, repeats), timed(kernel, repeats)
             out.append(row)
             print(f"  {name} {what}: {row}", flush=True)
-    del kernels
     return out
 
 

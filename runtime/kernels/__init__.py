@@ -23,9 +23,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-IMPLEMENTATIONS = ("torch", "triton")
-
-
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
