@@ -75,14 +75,14 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
                             f"({layer.top_k}): at least one slot per token is always sent")
 
 
-def _kernels(plan: Plan, traced: fx.GraphModule) -> str:
+def _kernels(plan: Plan, traced: fx.GraphModule, layers) -> str:
     """The plan's `kernels`, resolved for this machine and model (see moedit/runtime/kernels)."""
     try:
         kernels = resolve_kernels(plan.kernels, torch.cuda.is_available())
     except ValueError as err:
         raise PlanError(str(err)) from None
     if kernels == "triton":
-        unfit = [layer.path for layer in layers_of(traced) for expert in layer.adapter.experts(
+        unfit = [layer.path for layer in layers for expert in layer.adapter.experts(
             traced.get_submodule(layer.path)) if swiglu_weights(expert) is None]
         if unfit and plan.kernels == "triton":
             raise PlanError(f"kernels: triton runs SwiGLU experts (gate_proj, up_proj, down_proj, no bias); the "
@@ -129,7 +129,7 @@ class CompiledModel:
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
         self.chunk_basis: dict | None = None  # what expert_parallel.chunks "auto" chose from
         self.pipeline = list(pipeline)
-        self.kernels = _kernels(plan, traced)  # "torch" or "triton"
+        self.kernels = _kernels(plan, traced, layers)  # "torch" or "triton"
         self._traced = traced
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
 
