@@ -1,7 +1,7 @@
 """Stale expert-parallel plans against synchronous EP: speed, hidden communication, cache,
 and how far the images move.
 
-    python benchmarks/dice.py [--config digits|comm-bound] [--worlds 2 4] [--steps 20] [--images 16]
+    python benchmarks/dice.py [--config digits|comm-bound] [--worlds 2 4] [--steps 20] [--images 16] [--save]
 
 Configs: `digits`, the trained model (6 blocks, hidden 64, 64 tokens per image); and
 `comm-bound`, the tiny reference config at depth 12 (hidden 32, 16 tokens per image) with
@@ -18,7 +18,7 @@ on this CPU. For each world size, every plan in --plans runs under torchrun on C
     cache MiB     peak staleness-cache bytes on rank 0
     rel L2, PSNR  final images against sync_ep's (same seed)
 
-Prints a table and writes benchmarks/results/dice.json.
+Prints a table; with --save writes benchmarks/results/dice_<config>.json.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from _launch import load_plan, machine, run_plan
 
 PLANS = ["sync_ep", "displaced", "interweaved", "dice"]
 COMM_BOUND = {"depth": 12}  # overrides of the "tiny" reference config
+RUN_TIME = "about 2 min on a 2-core CPU with the defaults"
 
 
 @torch.no_grad()
@@ -72,8 +73,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--out", help="default: benchmarks/results/dice_<config>.json")
+    parser.add_argument("--save", action="store_true", help="write the rows as JSON to --out")
+    parser.add_argument("--out", help="where --save writes (default: benchmarks/results/dice_<config>.json)")
     args = parser.parse_args()
+    print(f"expected run time: {RUN_TIME}", flush=True)
     out = args.out or f"benchmarks/results/dice_{args.config}.json"
     tmp = tempfile.TemporaryDirectory()
     model, extra = "digits", []
@@ -99,7 +102,9 @@ def main() -> None:
                  if "hidden" in r else f"{'-':>8}{'1.00x':>10}{r['cache_mib']:>11.2f}{'-':>9}{'-':>9}")
         print(f"{r['plan']:<13}{r['world_size']:>6}{r['step_ms']:>9.1f}{r['blocked_ms']:>12.1f}{r['a2a_share']:>11.0%}"
               + extra)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if not args.save:
+        return
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": machine(), "config": args.config, "images": args.images, "steps": args.steps,
                    "cfg_scale": args.cfg_scale, "rows": rows}, f, indent=1)

@@ -28,6 +28,7 @@ from moedit.models.scmoe import scmoe
 
 from _launch import machine
 
+RUN_TIME = "about 2 min on a 2-core CPU for S/2 with the defaults (about 1 min on a GPU)"
 
 def measure(model, plan: dict, batch: int, steps: int, device: torch.device) -> dict:
     model = copy.deepcopy(model)  # the runtime moves what it holds to the device: start each row on the host
@@ -62,8 +63,9 @@ def main() -> int:
     parser.add_argument("--resident", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--save", action="store_true")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/offload_<device>.json")
     args = parser.parse_args()
+    print(f"expected run time: {RUN_TIME}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = scmoe(args.model)

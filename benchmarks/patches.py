@@ -30,6 +30,7 @@ PLANS = {  # world -> plan specs (examples/plans/<name>.yaml, @ sets fields; the
         "pipefusion@pipefusion.degree=4,expert_parallel.degree=1", "pipefusion@expert_parallel.degree=2"],
 }
 IMAGES, STEPS = 20, 20
+RUN_TIME = "about 8 min on loopback, 10 min over the shaped link, on a 2-core CPU"
 
 
 def activation_bytes(plan: moedit.Plan, config) -> int:
@@ -46,6 +47,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/patches_<link>.json")
     args = parser.parse_args()
+    print(f"expected run time: {RUN_TIME}", flush=True)
     link = shaped_link(args.link, "patches.py")
     config = load_model("digits").config
     runs = {(world, spec): [] for world, specs in PLANS.items() for spec in specs}

@@ -2,14 +2,14 @@
 time the same plan measures, on loopback or over the shaped link, at 2 and 4 ranks.
 
     python benchmarks/predict.py [--link loopback|shaped] [--worlds 2 4] [--rounds 3]
-                                 [--plans single sync_ep ...] [--timeline DIR]
+                                 [--plans single sync_ep ...] [--timeline DIR] [--save]
 
 The prediction uses the `cpu-local` profile (`--link shaped`: `shaped-link`) that
 `moedit calibrate` measured on this machine (run first, and cached; `--recalibrate` measures
 again). Measured: the plans alternate within each of `--rounds` rounds, digits model, 20
 images with CFG, 20 steps; median [min-max] over rounds of the mean step, first step left
-out. The `single` plan (no expert parallelism) runs on one rank. Prints a table and writes
-benchmarks/results/predict_<link>.json; with --timeline, for each world size the measured
+out. The `single` plan (no expert parallelism) runs on one rank. Prints a table; with --save
+writes benchmarks/results/predict_<link>.json; with --timeline, for each world size the measured
 (profiled, last round) and the predicted timeline of `sync_ep` and `dice` as PNGs under
 DIR/<link>_w<ranks>_<plan>/ (timeline.png, predicted.png).
 """
@@ -33,6 +33,7 @@ from moedit.simulate import replay, simulate
 
 PLANS = ["single", "sync_ep", "sync_ep_chunked", "displaced", "interweaved", "dice"]
 PICTURED = ("sync_ep", "dice")
+RUN_TIME = "about 6 min on a 2-core CPU with the defaults, plus `moedit calibrate` when no profile is cached"
 
 
 def predict(name: str, world: int, hardware: Hardware, images: int, steps: int):
@@ -54,7 +55,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--recalibrate", action="store_true")
     parser.add_argument("--timeline", help="folder for measured and predicted timeline PNGs")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/predict_<link>.json")
     args = parser.parse_args()
+    print(f"expected run time: {RUN_TIME}", flush=True)
     profile = "shaped-link" if args.link == "shaped" else "cpu-local"
     link = shaped_link(args.link, "predict.py")
     try:
@@ -108,6 +111,8 @@ def main() -> int:
               f"{row['error']:>+8.0%}{show(row['measured_blocked_ms']):>20}{row['predicted_blocked_ms']:>11.1f}")
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error: {worst:.0%}")
+    if not args.save:
+        return 0
     out = f"benchmarks/results/predict_{args.link}.json"
     with open(out, "w") as f:
         json.dump({"machine": machine(), "link": where, "profile": hardware.model_dump(), "images": args.images,

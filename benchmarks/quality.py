@@ -29,6 +29,7 @@ from _launch import load_plan, machine, run_plan
 
 BASE = "sync_ep"
 SCMOE = "digits-scmoe"
+RUN_TIME = "about 25 s per plan and seed on a 2-core CPU at 25 steps (every plan, 3 seeds: about 25 min)"
 
 
 def _rows() -> dict[str, tuple[str, str, str]]:
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--name", default="quality", help="file stem of what --save writes")
     parser.add_argument("--save", action="store_true", help="write the table, the raw numbers and the PNG")
     args = parser.parse_args()
+    print(f"expected run time: {RUN_TIME}", flush=True)
     rows = _rows()
     if args.plans:
         unknown = sorted(set(args.plans) - set(rows))
@@ -101,7 +103,8 @@ def main() -> None:
              f"FD-digits of {args.images} real training digits against the test split: {reference_fd:.2f}.", "",
              "FD-digits − sync_ep's is taken per seed (same seeds, same labels), so it is free of the seed-to-seed "
              f"spread of FD itself. Rows named `{SCMOE}: …` run the ScMoE model and compare with its sync_ep row.", "",
-             "| plan | ranks | accuracy | FD-digits | FD − sync_ep's, paired | rel. L2 vs sync_ep | PSNR vs sync_ep (dB) |",
+             "| plan | ranks | accuracy | FD-digits | FD − sync_ep's, paired | rel. L2 vs sync_ep "
+             "| PSNR vs sync_ep (dB) |",
              "|---|---|---|---|---|---|---|"]
     for name in names:
         t, world = table[name], raw[name][0]["world_size"]

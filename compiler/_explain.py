@@ -61,7 +61,8 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         lines.append(f"bytes: global batch {batch_size} images with CFG ({slots} tokens); sent = all-to-all bytes "
                      f"off-rank per step with every slot sent, cache = staleness cache per rank; uniform routing "
                      f"assumed")
-    header = f"{'layer':<6}{'module':<16}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
+    width = max(16, 2 + max(len(layer.path) for layer in compiled.layers))
+    header = f"{'layer':<6}{'module':<{width}}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
     lines += ["", f"layer rows show the {program} program", header, "-" * len(header)]
     total_sent = total_cache = 0.0
     for layer in compiled.layers:
@@ -77,7 +78,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
             cache_bytes = sum(r["share"] for r in rows if r["kind"] in _CACHING) * slots / world * slot_bytes
             total_sent, total_cache = total_sent + sent_bytes, total_cache + cache_bytes
             sent, cache = _mb(sent_bytes), _mb(cache_bytes)
-        lines.append(f"{layer.index:<6}{layer.path:<16}{'async' if stale else 'sync':<7}{stale:<6}"
+        lines.append(f"{layer.index:<6}{layer.path:<{width}}{'async' if stale else 'sync':<7}{stale:<6}"
                      f"{kinds:<90}{sent:>12}{cache:>12}")
     if compiled.chunk_basis is not None:
         basis = compiled.chunk_basis
@@ -102,6 +103,14 @@ def explain(compiled, batch_size: int, steps: int) -> str:
     lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group{stage}):"]
     for rank in range(world):
         lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")
+    packed = [layer.path for layer in compiled.layers if not layer.sharded]
+    if packed:
+        lines.append(f"  not sharded: the experts of {', '.join(packed)} are views of packed parameters, which every "
+                     "rank keeps whole (the ranks split the work, not the weights)")
+    choice = [layer.path for layer in compiled.layers if layer.adapter.empty_slots]
+    if choice and slots is not None:
+        lines.append(f"sent/step of {', '.join(choice)} (empty slots, expert choice) counts all K slots of every "
+                     "token: an upper bound")
     return "\n".join(lines)
 
 

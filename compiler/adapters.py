@@ -2,10 +2,16 @@
 
 An adapter exposes a layer's parts in one canonical form:
 
-    route(moe, tokens [T,H]) -> (expert_ids [T,K] int64, weights [T,K])
+    route(moe, tokens [T,H], *extra) -> (expert_ids [T,K] int64, weights [T,K])
     experts(moe)             -> list of modules, each [n,H] -> [n,H]
     shared_expert(moe)       -> module [T,H] -> [T,H], or None
-    combine(moe, routed, shared) -> [T,H]       (how the two outputs add up)
+    combine(moe, routed, shared, *extra) -> [T,H]   (how the two outputs add up)
+    output(moe, out [B,N,H]) -> what the layer's forward returns (by default `out`)
+
+`extra` are the arguments the layer is called with after its tokens (a timestep
+embedding, a mask), as they are: `route` expands a per-sample value to per-token itself.
+See [Note: adapter shapes] for expert-choice routing (`empty_slots`) and experts whose
+weights are packed into one parameter.
 
 Registering one for a third-party class takes a few lines:
 
@@ -38,10 +44,29 @@ import torch
 from torch import nn
 
 
+# [Note: adapter shapes]
+# Three shapes of MoE layer fit the canonical form without changing it:
+# * Expert-choice routing (each expert picks its tokens, so a token gets 0..E experts): the
+#   adapter sets `empty_slots = True` and `route` returns K = top_k(moe) slots on every call
+#   (E, say), expert id -1 in a slot that holds no expert. expert_parallel then gives the
+#   permute the keep mask `expert_ids >= 0`, so empty slots are never exchanged, and their
+#   outputs are zero (their weights are set to 0). Top-k layers (the default False) get no mask.
+# * Experts packed into one parameter (`w_up [E,H,F]`): `experts` returns small view modules
+#   that read their expert's rows of the packed parameter when called, holding the layer
+#   by a plain reference (not as a submodule, as [Note: layer views] in expert_ops.py). The
+#   outputs are exact, but a rank cannot drop other ranks' rows of a parameter, so every rank
+#   keeps the whole packed parameter (explain() says so); per-expert submodules save memory.
+# * Extra inputs (`moe(x, temb)`): the call's arguments after the tokens reach `route` and
+#   `combine` unchanged; a layer that returns more than its output (`(out, aux_loss)`)
+#   builds it in `output`. Arguments an adapter does not take are an error, never dropped.
+
+
 class MoEAdapter:
     """Describes one MoE layer class in canonical form; subclass and override what differs."""
 
-    def route(self, moe: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    empty_slots: bool = False  # route may return expert id -1 ("no expert"), see [Note: adapter shapes]
+
+    def route(self, moe: nn.Module, tokens: torch.Tensor, *extra) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def experts(self, moe: nn.Module) -> Sequence[nn.Module]:
@@ -50,11 +75,30 @@ class MoEAdapter:
     def shared_expert(self, moe: nn.Module) -> nn.Module | None:
         return None
 
-    def combine(self, moe: nn.Module, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    def combine(self, moe: nn.Module, routed: torch.Tensor, shared: torch.Tensor | None, *extra,
+                **extra_kwargs) -> torch.Tensor:
         return routed if shared is None else routed + shared
+
+    def output(self, moe: nn.Module, out: torch.Tensor):
+        """What the layer's forward returns, given its output [B,N,H]; override for a layer that
+        returns more, e.g. `return out, out.new_zeros(())` for (out, aux_loss)."""
+        return out
 
     def top_k(self, moe: nn.Module) -> int:
         raise NotImplementedError
+
+    def hidden_size(self, moe: nn.Module) -> int:
+        """H; by default the last dim of the first expert's first parameter (its input projection)."""
+        weight = next(self.experts(moe)[0].parameters(), None)
+        if weight is None:
+            raise TypeError(f"{type(self).__name__}: the experts of {type(moe).__name__} hold no parameters (views "
+                            "of packed weights?); override MoEAdapter.hidden_size(moe) to return the hidden size")
+        return weight.shape[-1]
+
+
+def overrides(adapter: MoEAdapter, method: str) -> bool:
+    """Whether `adapter`'s class defines `method` itself rather than inheriting MoEAdapter's."""
+    return getattr(type(adapter), method) is not getattr(MoEAdapter, method)
 
 
 class AttentionAdapter:

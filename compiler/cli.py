@@ -3,6 +3,8 @@
     moedit inspect --model S/2-8E2A --plan examples/plans/sync_ep.yaml --world-size 4
     moedit calibrate [--link shaped]
     moedit plan --model XL/2-8E2A --hardware l40-pcie-8 --ranks 8 [--max-staleness 1] [--json]
+    moedit models [NAME ...]
+    moedit plan-schema
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import sys
 
 import moedit
 from moedit.models import load_model
+from moedit.models.pretrained import NAMES_HELP
+
+MODEL_HELP = f"{NAMES_HELP}; `moedit models` lists each with its size"
 
 
 def _inspect(args) -> None:
@@ -68,11 +73,41 @@ def _plan(args) -> None:
     print(f"\nbest plan written to {args.out}")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def _models(args) -> None:
+    """One row per model name, from the model built on the meta device (no memory, no file read)."""
+    import os
+
+    from moedit.adapters import adapter_for
+    from moedit.models.dit_moe import ALIASES
+    from moedit.models.pretrained import PRETRAINED, checkpoint_path, model_names
+
+    names = args.names or [name for name in model_names() if name not in ALIASES]
+    models = {name: load_model(name, device="meta") for name in names}  # an unknown name fails before any row
+    print(f"{'model':<14}{'params':>10}{'active':>10}{'depth':>7}{'hidden':>8}{'experts':>9}{'top-k':>7}"
+          f"  checkpoint")
+    for name, model in models.items():
+        total = sum(p.numel() for p in model.parameters())
+        idle = sum((len(experts) - adapter.top_k(m)) * sum(p.numel() for p in experts[0].parameters())
+                   for m in model.modules() if (adapter := adapter_for(m)) and (experts := adapter.experts(m)))
+        cfg = model.config
+        shipped = name in PRETRAINED and os.path.isfile(checkpoint_path(name))
+        print(f"{name:<14}{_count(total):>10}{_count(total - idle):>10}{cfg.depth:>7}{cfg.hidden_size:>8}"
+              f"{cfg.num_experts:>9}{cfg.num_experts_per_tok:>7}  {'shipped' if shipped else 'none'}")
+    print("\nactive: parameters one token runs through (its top-k routed experts, the shared expert and the rest).\n"
+          f"aliases: {', '.join(f'{alias} = {name}' for alias, name in ALIASES.items())}.\n"
+          "Reference configs have random weights unless --checkpoint FILE loads a state dict (the public DiT-MoE "
+          "checkpoints: see the links in the DiT-MoE repository's README).")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moedit", description="moedit: parallel inference for MoE-DiT models")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print the per-layer plan table (CompiledModel.explain())")
-    inspect.add_argument("--model", default="digits", help="shipped model name or reference config, e.g. S/2-8E2A")
+    inspect.add_argument("--model", default="digits", help=MODEL_HELP)
     inspect.add_argument("--plan", required=True, help="plan file (YAML or JSON)")
     inspect.add_argument("--world-size", type=int, help="override expert_parallel.degree (the world size of a "
                          "plain expert-parallel plan; with cfg or sequence-parallel axes the world is the larger of "
@@ -85,7 +120,7 @@ def main(argv=None) -> int:
                            help="shaped: also measure a tbf-shaped veth link between two namespaces (root)")
     plan = commands.add_parser("plan", help="predict every candidate plan's step time on a hardware profile and "
                                "write the fastest as a plan file")
-    plan.add_argument("--model", default="XL/2-8E2A", help="reference config or shipped model name")
+    plan.add_argument("--model", default="XL/2-8E2A", help=MODEL_HELP)
     plan.add_argument("--hardware", default="l40-pcie-8", help="profile name (see moedit/hardware/) or YAML file")
     plan.add_argument("--ranks", type=int, default=8)
     plan.add_argument("--max-staleness", type=int, help="leave out plans whose outputs can be more steps old")
@@ -97,12 +132,22 @@ def main(argv=None) -> int:
     plan.add_argument("--top", type=int, default=6, help="how many plans to print")
     plan.add_argument("--out", default="best_plan.yaml", help="where to write the best plan")
     plan.add_argument("--json", action="store_true", help="print every candidate as JSON")
+    models = commands.add_parser("models", help="list every model name with its size and whether a checkpoint ships")
+    models.add_argument("names", nargs="*", metavar="NAME", help=f"only these ({MODEL_HELP})")
+    commands.add_parser("plan-schema", help="print every plan field as a Markdown table (the plan reference in "
+                        "README.md)")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             _inspect(args)
         elif args.command == "plan":
             _plan(args)
+        elif args.command == "models":
+            _models(args)
+        elif args.command == "plan-schema":
+            from moedit.plan import reference_table
+
+            print(reference_table())
         elif args.command == "calibrate":
             from moedit.calibrate import calibrate as run_calibration
 

@@ -38,6 +38,7 @@ from moedit.runtime.expert_ops import swiglu_weights
 from moedit.runtime.kernels import resolve as resolve_kernels
 
 from ._explain import explain
+from .capture import Signature, capture
 from .graph import copy_module
 from .pipeline import PassContext, PassFn, layers_of, run_passes
 from .plan import Plan, PlanError
@@ -70,6 +71,20 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
                 f"by the expert-parallel degree ({plan.expert_parallel.degree}); choose a degree that divides "
                 f"{layer.num_experts}"
             )
+        if cc.interval is not None and layer.adapter.empty_slots:
+            raise PlanError(f"conditional_comm: layer {layer.index} ({layer.path}) routes with empty slots (expert "
+                            "choice): its exchanges never carry all K slots, which is when conditional "
+                            "communication refreshes the slot outputs it reuses; remove conditional_comm from the plan")
+        split = [name for name, section in (("sequence_parallel", plan.sequence_parallel), ("patch_parallel",
+                 plan.patch_parallel), ("pipefusion", plan.pipefusion)) if section.degree > 1]
+        if split and layer.adapter.empty_slots:
+            raise PlanError(f"{split[0]}: layer {layer.index} ({layer.path}) routes with empty slots (expert "
+                            "choice), where the experts choose among the tokens a rank holds; split over ranks, an "
+                            f"image's tokens would be chosen from a part of it; set {split[0]}.degree to 1")
+        if plan.offload.enabled and not layer.sharded:
+            raise PlanError(f"offload: the experts of layer {layer.index} ({layer.path}) are views of packed "
+                            "parameters, not submodules, so they cannot be moved one by one; disable offload, or "
+                            "give the adapter per-expert modules")
         if cc.interval is not None and cc.drop != "threshold" and not cc.slots < layer.top_k:
             raise PlanError(f"conditional_comm.slots ({cc.slots}) must be below the top-k of layer {layer.index} "
                             f"({layer.top_k}): at least one slot per token is always sent")
@@ -91,25 +106,38 @@ def _kernels(plan: Plan, traced: fx.GraphModule, layers) -> str:
     return kernels
 
 
-def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None) -> "CompiledModel":
+def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, example_inputs=None,
+            batch_dims: dict[str, int | None] | None = None) -> "CompiledModel":
     """Trace `model`, apply `plan` to every rank's copy of the graph, and return the result.
 
     `plan` may be a Plan, a path to a YAML/JSON plan, or None for one rank, synchronous.
+    `example_inputs` (a dict of the forward's keyword arguments, or a tuple of positional
+    ones): capture the forward for these inputs' shapes instead of tracing it symbolically,
+    for models whose forward branches or loops on shapes (see moedit/capture.py).
+    `batch_dims`: the batch axis of each forward argument whose batch axis is not the first
+    (by the name the program gives it, e.g. {"encoder_hidden_states_llama3": 1}; None: not
+    split); `Runtime.denoise` splits inputs along it.
     """
     if plan is None:
         plan = Plan()
     elif not isinstance(plan, Plan):
         plan = Plan.from_file(plan)
-    traced = trace(model)
-    if (plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1 or plan.patch_parallel.degree > 1
-            or plan.pipefusion.degree > 1):
-        record_sizes(traced, model)
+    signature = None
+    if example_inputs is None:
+        traced = trace(model)
+        if (plan.schedule.policy == "overlap" or plan.sequence_parallel.degree > 1 or plan.patch_parallel.degree > 1
+                or plan.pipefusion.degree > 1):
+            record_sizes(traced, model)
+    else:
+        args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+        traced, signature = capture(model, args, kwargs)
     layers = layers_of(traced)
     _validate(plan, layers, traced)
     plan, sensitivity = resolve_auto(model, layers, plan)
     plan, chunk_basis = resolve_chunks(plan)
     compiled = CompiledModel(model, plan, traced, layers, sensitivity)
     compiled.chunk_basis = chunk_basis
+    compiled.signature, compiled.batch_dims = signature, dict(batch_dims or {})
     compiled.graph(0)
     return compiled
 
@@ -132,6 +160,27 @@ class CompiledModel:
         self.kernels = _kernels(plan, traced, layers)  # "torch" or "triton"
         self._traced = traced
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
+        self.signature: Signature | None = None  # what the graph was captured for, if it was (moedit/capture.py)
+        self.batch_dims: dict[str, int | None] = {}  # see `compile`
+        self._specialised: dict[Signature, CompiledModel] = {}
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[Signature, list[torch.Tensor]]:
+        """The signature of calling the model with `args` and `kwargs`, and the call's tensors
+        in the order a captured program takes them (moedit/capture.py)."""
+        return Signature.of(self.model, args, kwargs)
+
+    def specialise(self, args: tuple, kwargs: dict) -> "CompiledModel":
+        """This model and plan captured for the signature of `model(*args, **kwargs)` (self if it is
+        the one captured; cached). Only for models compiled with `example_inputs`."""
+        signature, _ = self.bind(args, kwargs)
+        if signature == self.signature:
+            return self
+        if signature not in self._specialised:
+            traced, signature = capture(self.model, args, kwargs)
+            other = CompiledModel(self.model, self.plan, traced, layers_of(traced), self.sensitivity, self.pipeline)
+            other.signature, other.batch_dims = signature, self.batch_dims
+            self._specialised[signature] = other
+        return self._specialised[signature]
 
     @property
     def kinds(self) -> tuple[StepKind, ...]:

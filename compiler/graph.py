@@ -181,10 +181,12 @@ class Emitter:
             args = (self.run, *args)
         return self._node(kind, "call_function", fn, args, kwargs, bytes_per_token, staleness)
 
-    def module(self, kind: Kind, target: str, *args, stateful: bool = False, staleness: int | None = None):
-        """A call_module node for submodule `target`; `stateful` modules receive `run` first."""
+    def module(self, kind: Kind, target: str, *args, stateful: bool = False, staleness: int | None = None,
+               kwargs: dict | None = None):
+        """A call_module node for submodule `target`, called with `args` and `kwargs`; `stateful`
+        modules receive `run` first."""
         args = (self.run, *args) if stateful else args
-        return self._node(kind, "call_module", target, args, None, 0, staleness)
+        return self._node(kind, "call_module", target, args, kwargs, 0, staleness)
 
     def method(self, kind: Kind, name: str, *args):
         return self._node(kind, "call_method", name, args, None, 0, None)

@@ -37,16 +37,19 @@ class MoELayer:
     top_k: int
     hidden_size: int
     element_size: int  # bytes per activation element
+    sharded: bool = True  # the experts are submodules, so a rank drops other ranks' (see [Note: adapter shapes])
 
     @classmethod
     def of(cls, gm: fx.GraphModule, node: fx.Node) -> "MoELayer":
         moe = gm.get_submodule(node.target)
         adapter = adapter_for(moe)
         experts = adapter.experts(moe)
-        weight = next(experts[0].parameters())
+        weight = next(experts[0].parameters(), None)
+        weight = next(moe.parameters()) if weight is None else weight
+        submodules = {id(m) for m in moe.modules()}
         return cls(index=node.meta[META]["layer"], path=node.target, adapter=adapter,
-                   num_experts=len(experts), top_k=adapter.top_k(moe),
-                   hidden_size=weight.shape[-1], element_size=weight.element_size())
+                   num_experts=len(experts), top_k=adapter.top_k(moe), hidden_size=adapter.hidden_size(moe),
+                   element_size=weight.element_size(), sharded=all(id(e) in submodules for e in experts))
 
     @property
     def row_bytes(self) -> int:

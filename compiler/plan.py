@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import typing
+import warnings
 from typing import Literal
 
 import yaml
@@ -44,7 +46,7 @@ class Staleness(_Section):
         "sync", description="sync: exact. displaced: routed outputs 2 steps stale. interweaved: 1 step stale.")
     warmup_steps: int = Field(1, ge=0, description="Leading diffusion steps run synchronously to fill the caches.")
     cooldown_steps: int = Field(0, ge=0, description="Trailing diffusion steps run synchronously.")
-    sync_every: int | None = Field(None, ge=1, description="Run every k-th step synchronously (None: never).")
+    sync_every: int | None = Field(None, ge=1, description="Run every k-th step synchronously (null: never).")
     cache_limit_mb: float | None = Field(None, gt=0, description="Fail if staleness caches would hold more than this.")
 
 
@@ -59,7 +61,7 @@ class SelectiveSync(_Section):
 
 class ConditionalComm(_Section):
     interval: int | None = Field(None, ge=2, description="Send every slot on every `interval`-th step (refresh), "
-                                 "drop slots on the others; None disables.")
+                                 "drop slots on the others; null disables.")
     drop: Literal["low", "high", "random", "threshold"] = Field(
         "low", description="low/high/random: drop `slots` slots per token by score rank or at random; "
                            "threshold: drop every slot whose router weight is below `threshold`.")
@@ -112,7 +114,7 @@ class PipeFusion(_Section):
     patches: int | None = Field(None, ge=1, description="Patches the latent is split into after warm-up; each "
                                 "attention uses the K/V its stage last computed for the other patches, this step's "
                                 "for the patches before and the previous step's for those after (lossy). "
-                                "None: the degree.")
+                                "null: the degree.")
     warmup_steps: int = Field(1, ge=1, description="Leading diffusion steps run synchronously, the whole latent as "
                               "one patch (exact); staleness.cooldown_steps and sync_every apply too.")
 
@@ -140,15 +142,17 @@ class Schedule(_Section):
         "program", description="program: keep the traced order. overlap: reorder each program so exchanges start "
                                "early and are waited on late (results stay bit-identical).")
     profile: str | None = Field(None, description="overlap: a timeline (timeline.json from `moedit.run --timeline`, "
-                                "best of a synchronous plan) whose measured times cost the nodes; None: "
+                                "best of a synchronous plan) whose measured times cost the nodes; null: "
                                 "default estimates by node kind.")
     memory_slack: float = Field(0.25, ge=0, description="overlap: the model's live activations may exceed their "
                                 "peak under the traced order by this fraction.")
 
 
 class Runtime(_Section):
-    timeout_s: float = Field(120.0, gt=0, description="Every collective fails after this many seconds instead of hanging.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: NCCL when CUDA is available, else gloo.")
+    timeout_s: float = Field(120.0, gt=0, description="Every collective fails after this many seconds instead of "
+                             "hanging.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: NCCL when CUDA is available, else "
+                                                     "gloo.")
     check_finite: bool = Field(True, description="Stop all ranks with an error if a step produces NaN or Inf.")
 
 
@@ -160,7 +164,8 @@ class Plan(BaseModel):
     expert_parallel: ExpertParallel = Field(default_factory=ExpertParallel, description="Expert parallelism.")
     staleness: Staleness = Field(default_factory=Staleness, description="DICE / DistriFusion staleness mode.")
     selective_sync: SelectiveSync = Field(default_factory=SelectiveSync, description="DICE selective synchronisation.")
-    conditional_comm: ConditionalComm = Field(default_factory=ConditionalComm, description="DICE conditional communication.")
+    conditional_comm: ConditionalComm = Field(default_factory=ConditionalComm,
+                                              description="DICE conditional communication.")
     shortcut: Shortcut = Field(default_factory=Shortcut, description="ScMoE shortcut connection.")
     sequence_parallel: SequenceParallel = Field(default_factory=SequenceParallel, description="xDiT USP.")
     cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on the two halves of the "
@@ -196,6 +201,12 @@ class Plan(BaseModel):
             raise ValueError("shortcut: expert_parallel.chunks pipelines a layer's exchanges within the layer, the "
                              "shortcut schedule overlaps them with the backbone instead; set chunks to 1")
         _check_patches(self)
+        if self.staleness.mode != "sync" and self.expert_parallel.degree == 1:
+            # A warning, not an error: the outputs are still what the mode promises, and a stale
+            # plan at one rank is how its programs are checked against the model (tests).
+            warnings.warn(f"staleness.mode {self.staleness.mode!r} with expert_parallel.degree 1: every rank holds "
+                          "every expert, so there is no exchange to hide and the MoE outputs are stale for no gain; "
+                          "set staleness.mode: sync, or shard the experts (expert_parallel.degree > 1)")
         return self
 
     def __init__(self, **data):
@@ -346,6 +357,48 @@ class MeshLayout:
     def describe(self) -> str:
         used = [f"{axis} {size}" for axis, size in self.axes.items() if size > 1]
         return " x ".join(used or ["1 rank"]) + f"; experts over {self.ep} rank(s)"
+
+
+def reference_table() -> str:
+    """Every plan field as a Markdown table (field, type, default, description), read from
+    the pydantic models above: `moedit plan-schema` prints it, README.md holds a copy."""
+    rows = ["| field | type | default | description |", "|---|---|---|---|"]
+
+    def add(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            section = field.annotation if isinstance(field.annotation, type) and issubclass(
+                field.annotation, BaseModel) else None
+            kind = "section" if section else "; ".join(filter(None, [_type_name(field.annotation), _bounds(field)]))
+            default = "" if section else f"`{_yaml(field.default)}`"
+            text = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {kind} | {default} | {text} |")
+            if section:
+                add(section, f"{prefix}{name}.")
+
+    add(Plan, "")
+    return "\n".join(rows)
+
+
+def _type_name(annotation) -> str:
+    """int, float or null, one of "sync", "displaced"..., list of int: a type as a plan file spells it."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return ("one of " if len(args) > 1 else "") + ", ".join(f"`{_yaml(a)}`" for a in args)
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type_name(args[0])}"
+    if args:  # a union
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def _yaml(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def _bounds(field) -> str:
+    signs = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    return " and ".join(f"{sign} {getattr(m, key)}" for m in field.metadata for key, sign in signs.items()
+                        if getattr(m, key, None) is not None)
 
 
 def _report(err: ValidationError) -> str:

@@ -44,35 +44,53 @@ class MoeditTracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Trace `model` and annotate its MoE and attention nodes. Raises TraceError."""
-    tracer = MoeditTracer()
+    gm = fx.GraphModule(model, traced_graph(MoeditTracer(), model, model), class_name=type(model).__name__)
+    annotate(gm, model)
+    return gm
+
+
+def traced_graph(tracer: MoeditTracer, root: nn.Module, model: nn.Module) -> fx.Graph:
+    """`tracer.trace(root)`, any failure turned into one actionable TraceError."""
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(root)
+    except TraceError:
+        raise
     except Exception as err:  # fx raises many kinds; each becomes one actionable message
-        where, cls = tracer.failed_in or ("(top level)", type(model))
+        if tracer.failed_in is None:
+            raise TraceError(
+                f"cannot trace {type(model).__name__}.forward symbolically: {type(err).__name__}: {err}. If it "
+                "branches or loops on its inputs' shapes, capture it for example inputs instead: "
+                "moedit.compile(model, plan, example_inputs={...the forward's keyword arguments...}) (README, "
+                "'Models from diffusers')"
+            ) from err
+        where, cls = tracer.failed_in
         raise TraceError(
             f"cannot trace module {where!r} ({cls.__name__}): {type(err).__name__}: {err}. "
             f"If it is a MoE layer, describe it with moedit.register_adapter({cls.__name__}, adapter); "
             f"if it holds data-dependent Python (int(tensor), `if tensor:`), keep it opaque with "
             f"moedit.register_leaf({cls.__name__})"
         ) from err
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Tag the MoE nodes with their layer index (in program order) and the attention nodes,
+    and add the `run` input."""
     layer = 0
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
         if adapter_for(module) is not None:
-            node.meta[META] = {"kind": Kind.MOE, "layer": layer}
+            node.meta.setdefault(META, {}).update(kind=Kind.MOE, layer=layer)
             layer += 1
         elif attention_adapter_for(module) is not None:
-            node.meta[META] = {"kind": Kind.ATTENTION}
+            node.meta.setdefault(META, {}).update(kind=Kind.ATTENTION)
     if layer == 0:
         raise TraceError(
             f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
             "class with moedit.register_adapter(MoEClass, adapter) (see README, 'Adding an adapter')"
         )
     _add_run_input(gm)
-    return gm
 
 
 def _add_run_input(gm: fx.GraphModule) -> None:
@@ -101,15 +119,20 @@ class _Sizes(fx.Interpreter):
     leaves, whose routing is data-dependent, stand in as shape-preserving."""
 
     def run_node(self, node: fx.Node):
-        if kind_of(node) is Kind.MOE:
-            out = torch.empty_like(self.env[node.args[0]])
+        if kind_of(node) is Kind.MOE:  # in the structure the layer returns (its adapter's `output`)
+            moe = self.module.get_submodule(node.target)
+            out = adapter_for(moe).output(moe, torch.empty_like(self.env[node.args[0]]))
         else:
             out = super().run_node(node)
-        is_tensor = isinstance(out, torch.Tensor)
-        node.meta[META]["bytes"] = out.numel() * out.element_size() if is_tensor else 0
-        node.meta[META]["shape"] = tuple(out.shape) if is_tensor else None
-        node.meta[META]["dtype"] = out.dtype if is_tensor else None
+        node.meta[META].update(record(out))
         return out
+
+
+def record(value) -> dict:
+    """What the passes read of a node's output: its "bytes", "shape" and "dtype" (0 / None unless a tensor)."""
+    is_tensor = isinstance(value, torch.Tensor)
+    return {"bytes": value.numel() * value.element_size() if is_tensor else 0,
+            "shape": tuple(value.shape) if is_tensor else None, "dtype": value.dtype if is_tensor else None}
 
 
 def record_sizes(gm: fx.GraphModule, model: nn.Module) -> bool:

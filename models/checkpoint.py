@@ -2,18 +2,68 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 
 import torch
 from torch import nn
 
 # Wrappers the training scripts of DiT and DiT-MoE save around the weights, most preferred first.
 _WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
+# [Note: what a checkpoint may unpickle]
+# torch.load(weights_only=True) rebuilds only tensors and plain containers. DiT-MoE's train.py
+# also saves its argparse.Namespace under "args", so that one class is allowed too, for the
+# length of one load (a context, not torch's process-wide allow-list). Anything else (a
+# custom class, a function) is refused: unpickling it could run arbitrary code.
+_SAFE_GLOBALS = [argparse.Namespace]
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
+
+
+def _read(path: str) -> object:
+    """The object in a `.safetensors` file or a `torch.save` file, unpickled safely."""
+    if path.lower().endswith(".safetensors"):
+        return _read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _UNSUPPORTED.search(str(err))
+        if refused is None:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (UnpicklingError: {err})") from err
+        raise CheckpointError(
+            f"{path} contains a pickled {refused.group(1)}, which moedit refuses to unpickle (only tensors, plain "
+            "containers and argparse.Namespace are allowed: other objects can run code); if you trust the file, "
+            "load it with torch.load(weights_only=False) and save just the weights with "
+            "torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err.__class__.__name__}: {err})") from err
+
+
+def _read_safetensors(path: str) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise CheckpointError(f"reading {path} needs the safetensors package: pip install safetensors") from err
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a safetensors file ({err})") from err
+
+
+def _select(obj, path, weights):
+    """`obj[weights]`, the wrapper the caller asked for."""
+    if not isinstance(obj, dict) or not isinstance(obj.get(weights), dict):
+        found = sorted(k for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
+        raise CheckpointError(f"{path} has no {weights!r} weights; its wrappers: {found or 'none'} "
+                              "(leave weights=None to pick the first of ema, model, state_dict, module)")
+    return obj[weights]
 
 
 def _unwrap(obj, path):
@@ -35,21 +85,22 @@ def _describe(keys, limit=6):
     return ", ".join(keys[:limit]) + more
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, weights: str | None = None) -> nn.Module:
     """Load a state dict saved in DiT-MoE's key layout into `model`, in place.
 
-    Accepts a bare state dict or one wrapped under "ema", "model" or "state_dict";
-    half-precision tensors are cast to the model's dtype. Missing or unexpected keys
-    and shape mismatches raise `CheckpointError` naming the keys.
+    Accepts a `.safetensors` file or a `torch.save` file holding a bare state dict or one
+    wrapped as DiT-MoE's train.py saves it ({"model", "ema", "opt", "args"}): the "ema"
+    weights are chosen, then "model", "state_dict", "module"; `weights="model"` picks one.
+    DDP's "module." prefix is dropped and half-precision tensors are cast to the model's
+    dtype. Missing or unexpected keys and shape mismatches raise `CheckpointError` naming
+    the keys; so does a pickle holding objects other than tensors, plain containers and
+    argparse.Namespace (see [Note: what a checkpoint may unpickle]).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file at {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err.__class__.__name__}: {err})") from err
-    state = _unwrap(obj, path)
+    obj = _read(path)
+    state = _unwrap(obj if weights is None else _select(obj, path, weights), path)
     expected = model.state_dict()
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:

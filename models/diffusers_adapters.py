@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from moedit.adapters import AttentionAdapter, register_attention
+from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+from moedit.adapters import AttentionAdapter, MoEAdapter, register_adapter, register_attention
 
 
 class DiffusersAttentionAdapter(AttentionAdapter):
@@ -52,3 +54,23 @@ class DiffusersAttentionAdapter(AttentionAdapter):
 
 
 register_attention(Attention, DiffusersAttentionAdapter())
+
+
+# HiDream-I1's MoE feed-forward (diffusers' HiDreamImageTransformer2DModel): a DeepSeek-style
+# softmax gate over routed SwiGLU experts, top-k weights not renormalised, plus a shared expert.
+class HiDreamMoEAdapter(MoEAdapter):
+    def route(self, moe, tokens):
+        expert_ids, weights, _ = moe.gate(tokens.unsqueeze(0))  # the gate reads [B, N, H]
+        return expert_ids, weights
+
+    def experts(self, moe):
+        return list(moe.experts)
+
+    def shared_expert(self, moe):
+        return moe.shared_experts
+
+    def top_k(self, moe):
+        return moe.gate.top_k
+
+
+register_adapter(MOEFeedForwardSwiGLU, HiDreamMoEAdapter())

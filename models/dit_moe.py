@@ -31,7 +31,7 @@ _SIZES = {
 }
 _QK_NORM_SIZES = ("XL", "G")
 _NAME = re.compile(r"^(S|B|L|XL|G)/(2|4|8)-(8|16)E2A$")
-_ALIASES = {
+ALIASES = {
     "dit-moe-s": "S/2-8E2A",
     "dit-moe-b": "B/2-8E2A",
     "dit-moe-l": "L/2-8E2A",
@@ -79,19 +79,28 @@ TINY = DiTMoEConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, d
                     num_classes=10, num_experts=8, num_experts_per_tok=2)
 
 
+# Every name `config_for` accepts, in one line (for help texts and errors).
+CONFIG_NAMES = ", ".join([*ALIASES, "tiny", "<S|B|L|XL|G>/<2|4|8>-<8|16>E2A"])
+
+
+def config_names() -> list[str]:
+    """Every name `config_for` accepts: "tiny", each size with each patch and expert count, the aliases."""
+    return ["tiny"] + [f"{size}/{patch}-{experts}E2A" for size in _SIZES for patch in (2, 4, 8)
+                       for experts in (8, 16)] + list(ALIASES)
+
+
 def config_for(name: str, **overrides) -> DiTMoEConfig:
     """`"S/2-8E2A"`, `"dit-moe-s"` or `"tiny"`, with constructor-argument overrides."""
     fields = {f.name for f in dataclasses.fields(DiTMoEConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"unknown DiT-MoE argument(s) {unknown}; accepted: {sorted(fields)}")
-    canonical = _ALIASES.get(name.lower(), name)
+    canonical = ALIASES.get(name.lower(), name)
     if canonical.lower() == "tiny":
         return dataclasses.replace(TINY, **overrides)
     match = _NAME.match(canonical)
     if match is None:
-        known = ", ".join([*_ALIASES, "tiny", "<S|B|L|XL|G>/<2|4|8>-<8|16>E2A"])
-        raise ValueError(f"unknown DiT-MoE config {name!r}; use one of: {known}")
+        raise ValueError(f"unknown DiT-MoE config {name!r}; use one of: {CONFIG_NAMES}")
     size, patch, experts = match.group(1), int(match.group(2)), int(match.group(3))
     depth, hidden, heads = _SIZES[size]
     base = DiTMoEConfig(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,

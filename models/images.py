@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -33,6 +33,31 @@ def grid(images: torch.Tensor, columns: int = 10, pad: int = 1, scale: int = 1) 
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 10, scale: int = 1) -> None:
+def captioned(image: Image.Image, caption: str, pad: int = 4) -> Image.Image:
+    """`image` above a black strip holding `caption` in white, in PIL's default font, wrapped
+    at spaces to the image's width."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(image)
+    lines = [""]
+    for word in caption.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if lines[-1] and measure.textlength(joined, font=font) > image.width - 2 * pad:
+            lines.append(word)
+        else:
+            lines[-1] = joined
+    line_height = font.getbbox("Ag")[3] + 2
+    canvas = Image.new(image.mode, (image.width, image.height + len(lines) * line_height + 2 * pad))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, image.height + pad + i * line_height), line, fill="white", font=font)
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 10, scale: int = 1,
+              caption: str | None = None) -> None:
+    """Write `grid(images, columns, scale=scale)` to `path`, with `caption` (what made the
+    images: labels, plan, steps, ...) in a strip under it if given."""
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    grid(images, columns, scale=scale).save(path)
+    image = grid(images, columns, scale=scale)
+    (captioned(image, caption) if caption else image).save(path)

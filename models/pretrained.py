@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
-from .dit_moe import DiTMoE, DiTMoEConfig, dit_moe
+from .dit_moe import CONFIG_NAMES, DiTMoE, DiTMoEConfig, config_names, dit_moe
 from .scmoe import ScMoEConfig, ScMoEDiT
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,32 @@ PRETRAINED = {
 # keeps FD-digits at its cfg-1.0 level while lifting accuracy from ~90 % to ~99 %; cfg >= 2
 # trades diversity for nothing (FD doubles). 25 Euler steps: 10 and 50 score the same.
 SAMPLING = {"digits": dict(steps=25, cfg_scale=1.5), "digits-scmoe": dict(steps=25, cfg_scale=1.5)}
+# Reference configs sample as the public DiT-MoE checkpoints of their size were trained: S and
+# B with DiT's Gaussian diffusion (DDPM over 250 respaced steps, as DiT-MoE's sample.py), XL and
+# G with rectified flow (50 Euler steps). cfg 1.5 is DiT's FID setting. Other names: rflow, 25 steps.
+REFERENCE_SAMPLING = {"S": dict(sampler="ddpm", steps=250, cfg_scale=1.5),
+                      "B": dict(sampler="ddpm", steps=250, cfg_scale=1.5),
+                      "XL": dict(sampler="rflow", steps=50, cfg_scale=1.5),
+                      "G": dict(sampler="rflow", steps=50, cfg_scale=1.5)}
+_SIZE = re.compile(r"^(?:dit-moe-)?(S|B|L|XL|G)(?:/|$)", re.IGNORECASE)
+
+
+def sampling_defaults(name: str) -> dict:
+    """Sampler, steps and cfg scale for model `name`: a shipped model's (SAMPLING, rectified
+    flow), a reference config's by its size (REFERENCE_SAMPLING), else rflow with 25 steps."""
+    if name in SAMPLING:
+        return dict(sampler="rflow", **SAMPLING[name])
+    size, fallback = _SIZE.match(name), dict(sampler="rflow", steps=25, cfg_scale=1.5)
+    return dict(REFERENCE_SAMPLING.get(size.group(1).upper(), fallback) if size else fallback)
+
+
+# Every name `load_model` accepts, in one line (for --model's help and the unknown-name error).
+NAMES_HELP = f"{', '.join(PRETRAINED)} (trained, shipped) or a reference config with random weights: {CONFIG_NAMES}"
+
+
+def model_names() -> list[str]:
+    """Every name `load_model` accepts: the shipped models, then the reference configs."""
+    return [*PRETRAINED, *config_names()]
 
 
 def checkpoint_path(name: str) -> str:
@@ -85,6 +112,9 @@ def load_model(name: str, checkpoint: str | None = None, device: str | torch.dev
     `checkpoint` names a state-dict file. On the meta device nothing is allocated or
     loaded (enough for compiling and explain())."""
     meta = torch.device(device).type == "meta"
+    if name not in PRETRAINED and name not in config_names() and name.lower() not in config_names():
+        raise ValueError(f"unknown model {name!r}; use one of: {NAMES_HELP} (`moedit models` lists each with its "
+                         "size)")
     if name in PRETRAINED and overrides:
         raise ValueError(f"{name} is a trained model; its config cannot be overridden ({sorted(overrides)})")
     if name in PRETRAINED:

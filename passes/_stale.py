@@ -107,7 +107,7 @@ class StaleSlot:
                                                     ("pending", "order", "send_counts", "recv_counts"))
         received = emit.call(Kind.DISPATCH_WAIT, ops.wait, pending)
         outputs = emit.module(Kind.EXPERTS, owner.path("ep_experts"), received, recv_counts)
-        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         combine = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
                             name="combine", layer=owner.layer.index, axis=AXIS, channel=STALE,
@@ -130,7 +130,7 @@ class StaleSlot:
         """Start this step's dispatch; return its InFlight record."""
         emit, view, nodes = self.emit, self.view, self.view.nodes
         recv_counts = emit.call(Kind.COUNTS_WAIT, ops.wait, counts_pending, staleness=0)
-        send_splits = emit.call(Kind.SEND_SPLITS, splits, nodes[Kind.SEND_COUNTS])
+        send_splits = emit.call(Kind.SEND_SPLITS, splits, nodes[Kind.SEND_COUNTS], recv_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         pending = emit.call(Kind.DISPATCH_START, ops.exchange_start, nodes[Kind.ROWS], send_splits, recv_splits,
                             name="dispatch", layer=view.layer.index, axis=AXIS, channel=STALE,

@@ -3,15 +3,18 @@
 Experts are sharded over the expert-parallel group, expert e on rank e % P (DICE's
 layout). Each MoE leaf becomes, in numbered steps:
 
-    1. route      the gate picks K experts per token (through the layer's adapter)
+    1. route      the gate picks K experts per token (through the layer's adapter, which
+                  also gets the layer's inputs after its tokens)
     2. permute    copies of each token sorted by destination rank and local expert
+                  (empty slots of expert-choice layers left out, see [Note: adapter shapes])
     3. counts     all-to-all of per-expert counts, to size the buffers (waited at once)
     4. dispatch   all-to-all with variable splits, started
     5. shared     the shared expert, while the dispatch is in flight; then wait
     6. experts    this rank's experts on what arrived
     7. combine    all-to-all back, started, then waited on
     8. unpermute  outputs back in token order, weighted by the router and summed,
-                  and merged with the shared expert's output by the adapter
+                  and merged with the shared expert's output by the adapter (which also
+                  builds what the layer returns, if more than its output)
 
 With `expert_parallel.chunks: N`, layers that are synchronous at every step split their
 tokens into N chunks and pipeline steps 2-8 over them (`_Exchange.in_chunks`), the
@@ -21,22 +24,25 @@ Every node is tagged with its `Kind`, so later passes find a layer's values (wei
 rows, order, counts) and steps by kind (`LayerNodes`). The per-rank module holds only
 this rank's experts: the layer is replaced by a shallow copy whose other experts are
 `RemovedExpert` placeholders, so its state dict keeps the original key names, restricted
-to local experts.
+to local experts. Experts that are views of packed parameters (not submodules) cannot be
+dropped that way: every rank keeps the whole parameters (explain() says so).
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from moedit.adapters import overrides
 from moedit.graph import META, Emitter, Inserted, Kind
 from moedit.pipeline import MoELayer, PassContext, PassResult, strip_modules
 from moedit.plan import Plan, PlanError
 from moedit.runtime import ops
-from moedit.runtime.expert_ops import LocalExperts, Merge, RemovedExpert, Router, permute, splits, unpermute
+from moedit.runtime.expert_ops import LocalExperts, Merge, Output, RemovedExpert, Router, permute, splits, unpermute
 from moedit.tracer import moe_nodes
 
 from .schedule import measured_costs
@@ -72,8 +78,36 @@ def _submodule_path(root: nn.Module, root_path: str, target: nn.Module) -> str:
                      "an adapter's shared_expert must return a submodule of the MoE layer")
 
 
+def _call_inputs(gm: fx.GraphModule, node: fx.Node, layer: MoELayer) -> tuple[fx.Node, tuple, dict]:
+    """The MoE call's tokens and its extra inputs (the arguments after the tokens), checked
+    against the adapter: an input it does not take would be dropped (see [Note: adapter shapes])."""
+    adapter, name = layer.adapter, type(layer.adapter).__name__
+    if not node.args:
+        raise TypeError(f"MoE layer {layer.path} is called with keyword arguments only ({', '.join(node.kwargs)}); "
+                        "moedit reads the tokens from the first positional argument: call it as moe(x, ...)")
+    extra, extra_kwargs = node.args[1:], dict(node.kwargs)
+    moe = gm.get_submodule(layer.path)
+    for method, fixed, form in (("route", (moe, None), "moe, tokens"), ("combine", (moe, None, None),
+                                                                        "moe, routed, shared")):
+        try:
+            inspect.signature(getattr(adapter, method)).bind(*fixed, *extra, **extra_kwargs)
+        except TypeError as err:
+            given = ", ".join([str(a) for a in extra] + [f"{k}=" for k in extra_kwargs])
+            raise TypeError(f"MoE layer {layer.path} is called with inputs after its tokens ({given}) that "
+                            f"{name}.{method} does not take ({err}); moedit passes them to route and combine "
+                            f"rather than drop them: add them to the signature, e.g. def {method}(self, {form}, "
+                            "*extra)") from None
+    indexed = [user.name for user in node.users if user.op == "call_function" and user.target is operator.getitem]
+    if indexed and not overrides(adapter, "output"):
+        raise TypeError(f"the output of MoE layer {layer.path} is indexed ({', '.join(indexed)}): if its forward "
+                        f"returns a tuple such as (out, aux_loss), override {name}.output(moe, out) to build it "
+                        "from the output [B,N,H] (it returns `out` unchanged by default)")
+    return node.args[0], extra, extra_kwargs
+
+
 def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContext) -> list[Inserted]:
     P = ctx.ep_size
+    x, extra, extra_kwargs = _call_inputs(gm, node, layer)
     moe = _localize(gm, layer, ctx)
     ids = local_experts(layer.num_experts, P, ctx.ep_rank)
     experts = layer.adapter.experts(moe)
@@ -86,9 +120,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     shared_path = None if shared_module is None else _submodule_path(moe, layer.path, shared_module)
     chunks = ctx.chunks if layer.index in ctx.synchronous_layers else 1
     with gm.graph.inserting_before(node):
-        tokens = emit.method(Kind.TOKENS, "flatten", node.args[0], 0, -2)
-        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, exchange.path("ep_router"), tokens),
-                                          Kind.EXPERT_IDS, Kind.WEIGHTS)
+        tokens = emit.method(Kind.TOKENS, "flatten", x, 0, -2)
+        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, exchange.path("ep_router"), tokens, *extra,
+                                                      kwargs=extra_kwargs), Kind.EXPERT_IDS, Kind.WEIGHTS)
+        # Empty slots (expert-choice routing, see [Note: adapter shapes]) are never exchanged.
+        keep = emit.call(Kind.GLUE, operator.ge, expert_ids, 0) if layer.adapter.empty_slots else None
         shared = []  # the shared expert runs while the dispatch is in flight
 
         def run_shared():
@@ -96,11 +132,16 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
                 shared.append(emit.module(Kind.SHARED, shared_path, tokens))
 
         if chunks == 1:
-            routed = exchange.whole(tokens, expert_ids, weights, run_shared)
+            routed = exchange.whole(tokens, expert_ids, weights, keep, run_shared)
         else:
-            routed = exchange.in_chunks(tokens, expert_ids, weights, chunks, run_shared)
-        merged = emit.module(Kind.MERGE, exchange.path("ep_merge"), routed, *shared)
-        out = emit.method(Kind.OUTPUT, "reshape_as", merged, node.args[0])
+            routed = exchange.in_chunks(tokens, expert_ids, weights, keep, chunks, run_shared)
+        if extra or extra_kwargs:
+            shared = [shared[0] if shared else None, *extra]
+        merged = emit.module(Kind.MERGE, exchange.path("ep_merge"), routed, *shared, kwargs=extra_kwargs)
+        out = emit.method(Kind.OUTPUT, "reshape_as", merged, x)
+        if overrides(layer.adapter, "output"):
+            moe.add_module("ep_output", Output(layer.adapter, moe))
+            out = emit.module(Kind.OUTPUT, exchange.path("ep_output"), out)
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return emit.inserted
@@ -115,8 +156,9 @@ class _Exchange:
         self.path = prefix.__add__
         self.where = {"layer": layer.index, "axis": AXIS}
 
-    def _permute(self, tokens, expert_ids):
-        perm = self.emit.call(Kind.PERMUTE, permute, tokens, expert_ids, self.P, self.L, kernels=self.kernels)
+    def _permute(self, tokens, expert_ids, keep):
+        kept = {} if keep is None else {"keep": keep}
+        perm = self.emit.call(Kind.PERMUTE, permute, tokens, expert_ids, self.P, self.L, **kept, kernels=self.kernels)
         return self.emit.unpack(perm, Kind.ROWS, Kind.ORDER, Kind.SEND_COUNTS)
 
     def _start(self, name: str, rows, send_splits, recv_splits) -> fx.Node:
@@ -124,12 +166,12 @@ class _Exchange:
         return self.emit.call(kind, ops.exchange_start, rows, send_splits, recv_splits, name=name, **self.where,
                               bytes_per_token=self.layer.row_bytes)
 
-    def whole(self, tokens, expert_ids, weights, during_dispatch) -> fx.Node:
+    def whole(self, tokens, expert_ids, weights, keep, during_dispatch) -> fx.Node:
         emit = self.emit
-        rows, order, send_counts = self._permute(tokens, expert_ids)
+        rows, order, send_counts = self._permute(tokens, expert_ids, keep)
         recv_counts = emit.call(Kind.COUNTS_WAIT, ops.wait,
                                 emit.call(Kind.COUNTS_START, ops.counts_start, send_counts, **self.where))
-        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+        send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         pending = self._start("dispatch", rows, send_splits, recv_splits)
         during_dispatch()
@@ -138,7 +180,7 @@ class _Exchange:
         returned = emit.call(Kind.COMBINE_WAIT, ops.wait, self._start("combine", outputs, recv_splits, send_splits))
         return emit.call(Kind.UNPERMUTE, unpermute, returned, order, weights, kernels=self.kernels)
 
-    def in_chunks(self, tokens, expert_ids, weights, n: int, during_dispatch) -> fx.Node:
+    def in_chunks(self, tokens, expert_ids, weights, keep, n: int, during_dispatch) -> fx.Node:
         """The tokens in `n` chunks: one counts exchange for all of them, every dispatch
         started, then per chunk as its rows land: experts, combine started; then the
         combines consumed in order. Chunk k+1's dispatch overlaps chunk k's experts, and
@@ -146,12 +188,13 @@ class _Exchange:
         computes (up to float rounding: the experts see smaller batches)."""
         emit = self.emit
         emit.chunks = n
-        pieces = [emit.call(Kind.GLUE, torch.tensor_split, value, n) for value in (tokens, expert_ids, weights)]
+        values = (tokens, expert_ids, weights) if keep is None else (tokens, expert_ids, weights, keep)
+        pieces = [emit.call(Kind.GLUE, torch.tensor_split, value, n) for value in values]
         chunks = []
         for i in range(n):
             emit.chunk = i
-            token_i, ids_i, weights_i = (emit.call(Kind.GLUE, operator.getitem, piece, i) for piece in pieces)
-            chunks.append((*self._permute(token_i, ids_i), weights_i))
+            token_i, ids_i, weights_i, *keep_i = (emit.call(Kind.GLUE, operator.getitem, piece, i) for piece in pieces)
+            chunks.append((*self._permute(token_i, ids_i, keep_i[0] if keep_i else None), weights_i))
         emit.chunk = None
         counts = emit.call(Kind.GLUE, torch.stack, [send_counts for _, _, send_counts, _ in chunks], 1)  # [P, n, L]
         all_recv = emit.call(Kind.COUNTS_WAIT, ops.wait,
@@ -160,7 +203,7 @@ class _Exchange:
         for i, (rows, order, send_counts, weights_i) in enumerate(chunks):
             emit.chunk = i
             recv_counts = emit.call(Kind.GLUE, operator.getitem, all_recv, (slice(None), i))
-            send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts)
+            send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts)
             recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
             flying.append((self._start("dispatch", rows, send_splits, recv_splits), recv_counts, send_splits,
                            recv_splits))

@@ -53,6 +53,8 @@ def _slot_outputs(adapter, moe, tokens, expert_ids) -> torch.Tensor:
     out = tokens.new_zeros((*expert_ids.shape, tokens.shape[-1]))
     for slot in range(expert_ids.shape[1]):
         for e in expert_ids[:, slot].unique().tolist():
+            if e < 0:  # an empty slot (expert choice): zero
+                continue
             rows = expert_ids[:, slot] == e
             out[rows, slot] = experts[e](tokens[rows])
     return out
@@ -63,15 +65,17 @@ def _stale_hook(layer, delay: int):
     (scaled by the current router weights), as the stale plans do; shared expert current."""
     history: list[torch.Tensor] = []
 
-    def hook(moe, inputs, _output):
-        x = inputs[0]
+    def hook(moe, inputs, kwargs, _output):
+        x, extra = inputs[0], inputs[1:]  # the layer's inputs after its tokens go to route and combine
         tokens = x.flatten(0, -2)
-        expert_ids, weights = layer.adapter.route(moe, tokens)
-        history.append(_slot_outputs(layer.adapter, moe, tokens, expert_ids.long()))
+        expert_ids, weights = layer.adapter.route(moe, tokens, *extra, **kwargs)
+        expert_ids = expert_ids.long()
+        history.append(_slot_outputs(layer.adapter, moe, tokens, expert_ids))
         slots = history[max(0, len(history) - 1 - delay)]
-        routed = (slots * weights.unsqueeze(-1).to(slots.dtype)).sum(1)
+        routed = (slots * weights.masked_fill(expert_ids < 0, 0).unsqueeze(-1).to(slots.dtype)).sum(1)
         shared = layer.adapter.shared_expert(moe)
-        return layer.adapter.combine(moe, routed, None if shared is None else shared(tokens)).reshape(x.shape)
+        merged = layer.adapter.combine(moe, routed, None if shared is None else shared(tokens), *extra, **kwargs)
+        return layer.adapter.output(moe, merged.reshape(x.shape))
 
     return hook
 
@@ -99,7 +103,8 @@ def staleness_sensitivity(model: nn.Module, layers, plan) -> list[float]:
     exact = sample()
     sensitivity = []
     for layer in layers:
-        handle = model.get_submodule(layer.path).register_forward_hook(_stale_hook(layer, delay))
+        hook = _stale_hook(layer, delay)
+        handle = model.get_submodule(layer.path).register_forward_hook(hook, with_kwargs=True)
         try:
             sensitivity.append(((sample() - exact).norm() / exact.norm()).item())
         finally:

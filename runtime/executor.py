@@ -9,8 +9,9 @@ that itself.
 The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
 rank); ranks that differ only in the pipefusion, cfg, patch, ring or ulysses axes get the same
 images and their programs split the work inside (moedit/passes/sequence_parallel.py,
-patch_parallel.py, pipefusion.py). Every rank draws the same initial noise for the whole
-batch from the seed and keeps its shard, so results do not depend on the world size.
+patch_parallel.py, pipefusion.py). Every rank draws the same initial noise (and DDPM's noise
+at every step) for the whole batch from the seed and keeps its shard, so results do not
+depend on the world size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from moedit.plan import PlanError
@@ -31,7 +33,7 @@ from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_
 from .expert_ops import LocalExperts
 from .mesh import Mesh
 from .offload import ExpertStore
-from .sampling import initial_noise, rectified_flow_sample
+from .sampling import SAMPLERS, initial_noise, step_noise
 from .sequence_ops import pad_rows, unpad_rows
 from .state import RunState
 from .timeline import Span, Timeline, instrument
@@ -60,6 +62,8 @@ class Runtime:
         self.blocked_times: list[float] = []  # of which blocked on exchanges
         self.blocked_by: list[dict[str, float]] = []  # the same per step, by exchange name ("dispatch", ...)
         self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
+        self._captures = {compiled: programs}  # a model captured for several signatures: each one's programs
+        self._logged: set = set()  # signatures whose whole-given inputs were logged
 
     @classmethod
     def start(cls, compiled, device=None, profile: bool = False) -> "Runtime":
@@ -81,13 +85,10 @@ class Runtime:
         # Every rank creates every group (a collective call), also those only other ranks use
         # (PipeFusion's stages issue different exchanges).
         mesh = Mesh(plan.mesh, {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | used, backend, plan.runtime.timeout_s)
-        if profile:
-            programs = {kind: instrument(gm) for kind, gm in programs.items()}
-        for gm in programs.values():
-            gm.to(device)
         limit = plan.staleness.cache_limit_mb
         state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), rank, plan.runtime.timeout_s)
         state.timeline = Timeline(rank) if profile else None
+        programs = _ready(programs, device, state.timeline)
         if plan.offload.enabled:
             state.experts = _expert_store(plan, programs, device)
         return cls(compiled, programs, state, rank, world, device)
@@ -109,13 +110,14 @@ class Runtime:
         for pending in self.state.cache.running():
             self.state.wait(pending)
 
-    def _run(self, *inputs):
+    def _run(self, *inputs, **kwargs):
         kind = self.compiled.steps.kind_at(self.state.step, self.total_steps)
         if kind.synchronous and self.state.kind is not None and not self.state.kind.synchronous:
             self._drain()  # a synchronous program refills the caches without reading the exchanges in them
         self.state.kind = kind
         self.step_log.append(kind)
-        out = self.programs[kind](*inputs, run=self.state)
+        out = self.programs[kind](*inputs, **kwargs, run=self.state)
+        self.state.settle()
         if self.state.timeline is not None:
             self.state.timeline.end_step()
         if self.state.cache.limit_bytes is not None:
@@ -151,19 +153,63 @@ class Runtime:
 
     # -- public API ---------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, *inputs) -> torch.Tensor:
-        """One model evaluation on a global batch: every tensor input is split over the ranks
-        along its first (batch) axis; every rank returns the full output.
+    def denoise(self, *args, **kwargs):
+        """One model evaluation on a global batch: takes what the model's forward takes and
+        returns what it returns, on every rank.
+
+        Tensors are split over the ranks along their batch axis: the first, unless `compile`'s
+        `batch_dims` names another for that input (or None: every rank gets all of it). The
+        batch size is the first split tensor's; a tensor whose batch axis has another size is
+        given whole to every rank (logged once). Everything else is passed as it is. Every
+        output tensor is gathered along its first axis. A model compiled with `example_inputs`
+        is captured again for a call of another signature (cached).
 
         For a stale plan each call is one diffusion step: call `reset(steps=N, seed=...)`
         before the first step of every sample."""
-        batch = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor))
-        out = self._run(*self._shard(*inputs))
-        return self._gather(out, batch).cpu()
+        signature, tensors = self.compiled.bind(args, kwargs)
+        axes = [self.compiled.batch_dims.get(name, 0) for name in signature.names]
+        batch = next((t.shape[a] for t, a in zip(tensors, axes) if a is not None and t.dim() > a), None)
+        if batch is None:
+            raise ValueError("denoise needs at least one tensor input with a batch axis to split over the ranks")
+        split = [a is not None and t.dim() > a and t.shape[a] == batch for t, a in zip(tensors, axes)]
+        whole = [f"{name} {list(t.shape)}" for name, t, s, a in zip(signature.names, tensors, split, axes)
+                 if not s and a is not None and t.dim()]
+        if whole and signature not in self._logged:
+            log.warning("denoise: batch of %d; given whole to every rank: %s (if a batch axis is not the first, "
+                        "name it in compile(..., batch_dims=...))", batch, ", ".join(whole))
+            self._logged.add(signature)
+        local = [self._split(t, a) if s else t.to(self.device) for t, a, s in zip(tensors, axes, split)]
+        local_args, local_kwargs = signature.call(local)
+        if self.compiled.signature is None:
+            out = self._run(*local_args, **local_kwargs)
+        else:
+            compiled = self.compiled.specialise(local_args, local_kwargs)
+            self._use(compiled)
+            out = compiled.signature.outputs(self._run(*local))
+        return pytree.tree_map_only(torch.Tensor, lambda o: self._gather(o, batch).cpu(), out)
+
+    def _split(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        layout = self.compiled.plan.mesh
+        return tensor.tensor_split(layout.size(BATCH_AXIS), dim=axis)[layout.index(BATCH_AXIS, self.rank)].to(
+            self.device)
+
+    def _use(self, compiled) -> None:
+        """Run `compiled`'s programs (a capture of the model for another signature) from now on."""
+        if compiled not in self._captures:
+            self._captures[compiled] = _ready(compiled.programs(self.rank), self.device, self.state.timeline)
+        self.programs = self._captures[compiled]
 
     @torch.no_grad()
-    def sample(self, class_labels, steps: int = 50, cfg_scale: float = 1.5, seed: int = 0) -> torch.Tensor:
-        """Rectified-flow sampling of one image per label; every rank returns the full batch."""
+    def sample(self, class_labels, steps: int = 50, cfg_scale: float = 1.5, seed: int = 0,
+               sampler: str = "rflow") -> torch.Tensor:
+        """Sampling of one image per label with `sampler` ("rflow", "ddpm" or "ddim", see
+        moedit.runtime.sampling); every rank returns the full batch.
+
+        All noise (the initial latents, DDPM's noise at every step) is drawn for the global
+        batch from `seed` and sharded, so the images do not depend on the number of ranks."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)} (rflow for rectified-flow "
+                             "models such as DiT-MoE XL and G, ddpm or ddim for Gaussian diffusion such as S and B)")
         cfg = getattr(self.compiled.model, "config", None)
         if cfg is None or not hasattr(cfg, "in_channels"):
             raise TypeError("Runtime.sample needs a model with a DiT-style `config` (in_channels, input_size, "
@@ -177,6 +223,7 @@ class Runtime:
                              "classifier-free guidance; use cfg_scale=1.0")
         z = initial_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         z_local, y_local = self._shard(z, labels)
+        global_noise = step_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         self.reset(steps, seed)
         self.step_times, self.blocked_times, self.blocked_by, self.sent_bytes = [], [], [], []
         bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
@@ -197,8 +244,9 @@ class Runtime:
             bar.update()
 
         try:
-            out = rectified_flow_sample(self._run, z_local, y_local, steps=steps, cfg_scale=cfg_scale,
-                                        null_class=cfg.num_classes, on_step=on_step)
+            out = SAMPLERS[sampler](self._run, z_local, y_local, steps=steps, cfg_scale=cfg_scale,
+                                    null_class=cfg.num_classes, noise=lambda i: self._shard(global_noise(i))[0],
+                                    on_step=on_step)
         finally:
             bar.close()
         self._drain()
@@ -235,6 +283,15 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ready(programs: dict, device: torch.device, timeline: Timeline | None) -> dict:
+    """`programs` instrumented for the timeline (if profiling) and on `device`."""
+    if timeline is not None:
+        programs = {kind: instrument(gm) for kind, gm in programs.items()}
+    for gm in programs.values():
+        gm.to(device)
+    return programs
 
 
 def _expert_store(plan, programs, device) -> ExpertStore:

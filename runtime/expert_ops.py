@@ -4,7 +4,7 @@ Shape legend: T tokens on this rank, K experts per token, H hidden, P ranks in t
 expert-parallel group, L = E / P local experts per rank, R rows received.
 Layout: expert e lives on rank e % P as local expert e // P (DICE's layout).
 
-    route      tokens [T,H]           -> expert_ids [T,K], weights [T,K]
+    route      tokens [T,H]           -> expert_ids [T,K], weights [T,K] (id -1: an empty slot)
     permute    tokens, expert_ids     -> rows [T*K,H] sorted by (rank, local expert),
                                          order [T*K], send_counts [P,L]
     (dispatch) rows                   -> received [R,H], grouped by (source rank, local expert)
@@ -31,16 +31,29 @@ from .kernels import load as load_kernels
 
 
 class Router(nn.Module):
-    """Graph node for a MoE layer's gate, through its adapter. [T,H] -> ([T,K], [T,K])."""
+    """Graph node for a MoE layer's gate, through its adapter. [T,H], *extra -> ([T,K], [T,K]).
+
+    For an adapter with `empty_slots` (expert-choice routing, see [Note: adapter shapes] in
+    moedit/adapters.py) it checks that K is the adapter's top_k, the same on every call (a
+    stale layer unpermutes one step's rows with another step's weights), and zeroes the
+    weights of empty slots (id -1), whose outputs are then zero in any step."""
 
     def __init__(self, adapter, moe: nn.Module):
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "_moe", moe)  # a view, see [Note: layer views]
 
-    def forward(self, tokens):
-        expert_ids, weights = self.adapter.route(self._moe, tokens)
-        return expert_ids.long(), weights
+    def forward(self, tokens, *extra, **extra_kwargs):
+        expert_ids, weights = self.adapter.route(self._moe, tokens, *extra, **extra_kwargs)
+        expert_ids = expert_ids.long()
+        if self.adapter.empty_slots:
+            top_k = self.adapter.top_k(self._moe)
+            if expert_ids.shape[1] != top_k:
+                raise ValueError(f"{type(self.adapter).__name__}.route returned {expert_ids.shape[1]} slots per "
+                                 f"token, but its top_k is {top_k}; a layer with empty slots returns top_k slots "
+                                 "on every call (E for expert choice), -1 where a slot holds no expert")
+            weights = weights.masked_fill(expert_ids < 0, 0)
+        return expert_ids, weights
 
 
 def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int,
@@ -48,7 +61,8 @@ def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num
     """Sort each (token, slot) copy by destination rank, then local expert.
 
     `keep` [T,K] (bool), if given, leaves the unmarked slots out (conditional
-    communication); `order` then lists only the kept (token * K + slot) positions.
+    communication, and the empty slots of expert-choice layers: `expert_ids >= 0`);
+    `order` then lists only the kept (token * K + slot) positions.
     `kernels` "triton": the rows are gathered by a kernel (moedit/runtime/kernels).
     """
     flat = expert_ids.reshape(-1)
@@ -109,9 +123,34 @@ class DropSlots(nn.Module):
         return keep
 
 
-def splits(counts: torch.Tensor) -> list[int]:
-    """Rows per rank, as the Python list an all-to-all takes. [P,L] -> P ints."""
-    return counts.sum(dim=1).tolist()
+def splits(counts: torch.Tensor, *also: torch.Tensor) -> list[int]:
+    """Rows per rank, as the Python list an all-to-all takes. [P,L] -> P ints.
+
+    [Note: one host sync per layer]
+    Count tensors live on the device; the exchanges and the experts need them as Python
+    ints, and every device->host copy stalls the host until the GPU catches up. A layer's
+    send counts are split with its receive counts as `also`, so both come over in one copy,
+    which stays on the tensors (`host_counts`): the receive splits, the experts' group sizes
+    and the expert offloading read it again for free. One sync per layer (per chunk with
+    `expert_parallel.chunks`; conditional communication's trimming in `permute` adds one)."""
+    _to_host(counts, *also)
+    return [sum(row) for row in host_counts(counts)]
+
+
+def host_counts(counts: torch.Tensor) -> list[list[int]]:
+    """`counts` [P, ...] as Python ints, one list per rank; copied from the device once per tensor."""
+    _to_host(counts)
+    flat, width = counts._moedit_host, counts[0].numel() if len(counts) else 0
+    return [flat[i * width: (i + 1) * width] for i in range(len(counts))]
+
+
+def _to_host(*tensors: torch.Tensor) -> None:
+    """Keep on each tensor its values as a flat Python list, made by one device->host copy for all."""
+    missing = [t for t in tensors if not hasattr(t, "_moedit_host")]
+    if missing:
+        flat = torch.cat([t.reshape(-1) for t in missing]).tolist()
+        for t in missing:
+            t._moedit_host, flat = flat[: t.numel()], flat[t.numel():]
 
 
 class LocalExperts(nn.Module):
@@ -133,9 +172,9 @@ class LocalExperts(nn.Module):
         device copies it made, not on the modules' own weights (with torch, not the kernels)."""
         num_local = len(self._experts)
         local_of_row = torch.arange(num_local, device=received.device).repeat(recv_counts.shape[0])
-        local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1))
+        local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1), output_size=len(received))
         by_expert = torch.argsort(local_of_row, stable=True)
-        sizes = recv_counts.sum(dim=0).tolist()
+        sizes = [sum(column) for column in zip(*host_counts(recv_counts))] or [0] * num_local
         outputs = torch.empty_like(received)
         if self.kernels == "triton" and fetched is None:
             outputs[by_expert] = load_kernels().grouped_swiglu(received[by_expert], sizes, *self._weights(received))
@@ -188,15 +227,28 @@ def unpermute(returned: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 
 
 class Merge(nn.Module):
-    """The adapter's merge of routed and shared outputs."""
+    """The adapter's merge of routed and shared outputs (and the layer's extra inputs, if any)."""
 
     def __init__(self, adapter, moe: nn.Module):
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "_moe", moe)  # a view, see [Note: layer views]
 
-    def forward(self, routed, shared=None):
-        return self.adapter.combine(self._moe, routed, shared)
+    def forward(self, routed, shared=None, *extra, **extra_kwargs):
+        return self.adapter.combine(self._moe, routed, shared, *extra, **extra_kwargs)
+
+
+class Output(nn.Module):
+    """What the layer's forward returns, built by its adapter from the output [B,N,H]
+    (a layer that returns (out, aux_loss), say)."""
+
+    def __init__(self, adapter, moe: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_moe", moe)  # a view, see [Note: layer views]
+
+    def forward(self, out):
+        return self.adapter.output(self._moe, out)
 
 
 class OffloadedExpert(nn.Module):

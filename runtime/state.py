@@ -38,6 +38,7 @@ class RunState:
         self.seed = 0  # the sample's seed (random slot dropping draws from it)
         self.blocked_s = 0.0  # seconds spent waiting for exchanges, since the runtime started
         self.blocked_by: collections.Counter = collections.Counter()  # the same, by exchange name
+        self._stalls: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA waits not yet added up
         self.sent_bytes = 0  # bytes this rank's exchanges sent to other ranks, since the runtime started
         self.failed = False  # an exchange failed: the groups may be unusable
         self.timeline: Timeline | None = None  # set when the runtime profiles
@@ -53,11 +54,20 @@ class RunState:
         return self.mesh.group(exchange.axis, exchange.channel)
 
     def wait(self, pending: Pending) -> torch.Tensor:
-        """Block until `pending` has landed; count the time as blocked. A failed or timed-out
-        exchange raises `CollectiveError` naming the exchange, the step and the timeout."""
+        """Wait until `pending` has landed; count the time as blocked. A failed or timed-out
+        exchange raises `CollectiveError` naming the exchange, the step and the timeout.
+
+        On CUDA (NCCL) the wait blocks the compute stream, not the host: the time blocked is
+        the stream's, measured between CUDA events on either side of the wait and added up
+        by `settle()` at the end of the step; on the CPU (gloo) it is the host's."""
         if pending.work is None:
             return pending.output
+        name = pending.exchange.name if pending.exchange else "other"
+        cuda = pending.output.is_cuda
         start = time.perf_counter()
+        if cuda:
+            before = torch.cuda.Event(enable_timing=True)
+            before.record()
         try:
             pending.work.wait()
         except RuntimeError as err:
@@ -68,8 +78,23 @@ class RunState:
                 f"(runtime.timeout_s = {self.timeout_s:g}): a peer rank stalled or died; look for its "
                 f"error first. Backend said: {err}") from err
         finally:
-            waited = time.perf_counter() - start
-            self.blocked_s += waited
-            self.blocked_by[pending.exchange.name if pending.exchange else "other"] += waited
+            if not cuda:
+                self._blocked(name, time.perf_counter() - start)
+        if cuda:
+            after = torch.cuda.Event(enable_timing=True)
+            after.record()
+            self._stalls.append((name, before, after))
         pending.work = None
         return pending.output
+
+    def _blocked(self, name: str, seconds: float) -> None:
+        self.blocked_s += seconds
+        self.blocked_by[name] += seconds
+
+    def settle(self) -> None:
+        """Add the CUDA streams' blocked time of the waits so far (one host sync; nothing on the CPU)."""
+        if self._stalls:
+            self._stalls[-1][2].synchronize()
+            for name, before, after in self._stalls:
+                self._blocked(name, before.elapsed_time(after) / 1e3)
+            self._stalls.clear()

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import moedit
+from _models import tiny_model
 from moedit.models import dit_moe
 from moedit.passes.expert_parallel import local_experts
 from moedit.runtime.expert_ops import LocalExperts, permute, splits, unpermute
@@ -53,3 +55,41 @@ def test_permute_orders_rows_by_rank_then_local_expert():
     assert counts.tolist() == [[2, 1], [1, 2]]
     assert rows[:, 0].tolist() == [0.0, 2.0, 1.0, 1.0, 0.0, 2.0]
     assert sorted(order.tolist()) == list(range(6))
+
+
+class _HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a device tensor's values to the host (a stall on CUDA)."""
+
+    SYNCING = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__bool__,
+               torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        implicit = (getattr(func, "__name__", "") == "repeat_interleave" and isinstance(repeats, torch.Tensor)
+                    and kwargs.get("output_size") is None)  # sizes its output from the values
+        self.count += func in self.SYNCING or implicit
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("plan", [{}, {"staleness": {"mode": "interweaved", "warmup_steps": 1}}],
+                         ids=["sync", "interweaved"])
+def test_a_moe_layer_costs_at_most_one_host_sync_per_step(plan):
+    """Counts, splits, the experts' group sizes: one device->host copy per layer (see splits)."""
+    import warnings
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale plan on one rank warns that it hides nothing
+        compiled = moedit.compile(model, moedit.Plan(**plan))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with compiled.to_runtime() as runner:
+        runner.reset(steps=3)
+        for _ in range(3):
+            with _HostSyncs() as syncs:
+                runner._run(x, t, y)
+            assert syncs.count <= len(compiled.layers)

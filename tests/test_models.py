@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 
@@ -76,6 +78,60 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     torch.save({**state, "pos_embed": torch.zeros(1, 3, 32)}, tmp_path / "shape.pt")
     with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(1, 3, 32\) vs model \(1, 16, 32\)"):
         load_checkpoint(model, tmp_path / "shape.pt")
+
+
+def _train_py_checkpoint(path):
+    """A file written as DiT-MoE's train.py writes it: the DDP-unwrapped model, an EMA copy that
+    differs from it, the optimizer's state after one AdamW step and the argparse.Namespace."""
+    model, ema = _one_block(), _one_block()
+    with torch.no_grad():
+        for param in ema.parameters():
+            param.add_(1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model(torch.randn(2, 4, 8, 8), torch.rand(2) * 999, torch.tensor([1, 2])).square().mean().backward()
+    opt.step()
+    args = argparse.Namespace(model="DiT-S/2", image_size=256, num_classes=1000, epochs=1400, global_batch_size=256,
+                              global_seed=0, vae="ema", num_experts=8, num_experts_per_tok=2, rf=False,
+                              results_dir="results", ckpt=None)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}, path)
+    return model.state_dict(), ema.state_dict()
+
+
+def test_a_train_py_checkpoint_loads_its_ema_weights(tmp_path):
+    trained, ema = _train_py_checkpoint(tmp_path / "0050000.pt")
+    for weights, expected in ((None, ema), ("ema", ema), ("model", trained)):
+        model = load_checkpoint(_one_block(), tmp_path / "0050000.pt", weights=weights)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"no 'state_dict' weights; its wrappers: \['ema', 'model', 'opt'\]"):
+        load_checkpoint(_one_block(), tmp_path / "0050000.pt", weights="state_dict")
+
+
+class _Payload:
+    """Stands for any class a pickle could instantiate (and run code with)."""
+
+
+def test_a_pickle_with_other_objects_is_refused(tmp_path):
+    model = _one_block()
+    torch.save({"ema": model.state_dict(), "extra": _Payload()}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=r"contains a pickled test_models\._Payload, which moedit refuses"):
+        load_checkpoint(model, tmp_path / "ckpt.pt")
+    # The Namespace is allowed only while a checkpoint loads, not in torch's global allow-list.
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+def test_a_safetensors_file_loads(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = _one_block()
+    gen = torch.Generator().manual_seed(3)
+    state = {f"module.{k}": torch.randn(v.shape, generator=gen).half() for k, v in model.state_dict().items()}
+    safetensors.save_file(state, tmp_path / "ckpt.safetensors")
+    load_checkpoint(model, tmp_path / "ckpt.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"module.{key}"].float(), rtol=0, atol=0)
+    (tmp_path / "bad.safetensors").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        load_checkpoint(model, tmp_path / "bad.safetensors")
 
 
 @pytest.mark.parametrize("name, depth, hidden, experts, qk_norm", [

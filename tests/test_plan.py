@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 
@@ -79,3 +80,12 @@ def test_error_messages_point_only_to_files_in_the_repository(tmp_path):
     with pytest.raises(moedit.PlanError) as err:
         moedit.Plan.from_file(tmp_path / "typo.yaml")
     assert ".md" not in str(err.value) and "accepted keys here: mode, warmup_steps" in str(err.value)
+
+
+def test_a_stale_plan_with_experts_on_one_rank_warns_that_it_hides_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dice = moedit.Plan.from_file("examples/plans/dice.yaml").to_dict()  # experts over 2 ranks: no warning
+    with pytest.warns(UserWarning, match=r"staleness.mode 'interweaved' with expert_parallel.degree 1: .*no "
+                                         r"exchange to hide.*set staleness.mode: sync"):
+        moedit.Plan(**{**dice, "expert_parallel": {"degree": 1}})  # as `moedit inspect --world-size 1` builds it

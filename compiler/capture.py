@@ -1,0 +1,251 @@
+"""Shape-specialised capture: models whose forward reads its inputs' shapes.
+
+A model from a library (diffusers' `HiDreamImageTransformer2DModel`, say) prepares its
+inputs in Python that fx cannot trace symbolically: `if x.shape[-2] != x.shape[-1]`,
+loops over the images of a batch, `torch.zeros(batch_size, ...)`. moedit captures such a
+forward the way `torch.compile` with static shapes does: for one input signature (the
+shapes, dtypes and devices of the tensor inputs, and the values of everything else).
+
+    compiled = moedit.compile(model, plan, example_inputs=dict(hidden_states=x, timesteps=t, ...))
+
+While tracing, every fx proxy carries the value the same operation gives on the example
+inputs. Questions about shape, dtype and device are answered from it, so Python that
+branches or loops on them runs once, at capture time, and the graph holds the branch taken;
+everything computed from tensor *values* stays in the graph. A branch on a tensor's values
+(`if (x > 0).any():`) is refused, not specialised: it would silently hold only for the
+example. Constants computed from shapes alone (position ids, masks) are computed once and
+kept in the graph as constants.
+
+The graph's inputs are the tensors found in the call's arguments (nested lists, tuples and
+dicts included, in `torch.utils._pytree` order), named after the forward's parameters; its
+output is the flat list of output tensors, put back into the forward's return structure
+(a tuple, a diffusers `Transformer2DModelOutput`, ...) by `Signature.outputs`. A call with
+another signature is captured again (`moedit.runtime.executor.Runtime.denoise` does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .adapters import adapter_for
+from .graph import META
+from .pipeline import shallow_copy
+from .tracer import MoeditTracer, TraceError, annotate, record, traced_graph
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """What a capture is specialised to: the call's structure, its non-tensor values, and
+    the shape, dtype and device of each tensor."""
+
+    spec: pytree.TreeSpec  # of (args, kwargs) bound to the forward's parameters
+    leaves: tuple  # every leaf of the call, with None in each tensor's place
+    places: tuple[int, ...]  # which leaves are tensors
+    tensors: tuple[tuple[tuple[int, ...], torch.dtype, str], ...]  # their shape, dtype, device type
+    names: tuple[str, ...] = dataclasses.field(compare=False)  # the graph's input names, one per tensor
+    out_spec: list = dataclasses.field(default_factory=list, compare=False)  # [TreeSpec of the output], once captured
+
+    @classmethod
+    def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> tuple["Signature", list[torch.Tensor]]:
+        """The signature of calling `model(*args, **kwargs)` and the call's tensors, in the order a
+        captured program takes them. Raises TypeError if the forward does not take these arguments."""
+        parameters = inspect.signature(model.forward)
+        bound = parameters.bind(*args, **kwargs)
+        with_paths, spec = pytree.tree_flatten_with_path((bound.args, bound.kwargs))
+        places = tuple(i for i, (_, leaf) in enumerate(with_paths) if isinstance(leaf, torch.Tensor))
+        tensors = [with_paths[i][1] for i in places]
+        names = _input_names([with_paths[i][0] for i in places], list(parameters.parameters))
+        signature = cls(spec, tuple(None if i in places else leaf for i, (_, leaf) in enumerate(with_paths)), places,
+                        tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors), names)
+        return signature, tensors
+
+    def call(self, tensors) -> tuple[tuple, dict]:
+        """The forward's (args, kwargs), with `tensors` in the tensors' places."""
+        leaves = list(self.leaves)
+        for place, tensor in zip(self.places, tensors, strict=True):
+            leaves[place] = tensor
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def outputs(self, flat) -> Any:
+        """The forward's return value, from the program's flat output tensors."""
+        return pytree.tree_unflatten(list(flat), self.out_spec[0])
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}"
+                         for name, (shape, dtype, _) in zip(self.names, self.tensors))
+
+
+def _input_names(paths, parameters: list[str]) -> tuple[str, ...]:
+    """Graph input names: the parameter's name, with the keys inside it if nested, e.g.
+    `encoder_hidden_states_0`. A path is (0, position) for args or (1, name) for kwargs, then the keys inside."""
+    names: list[str] = []
+    for path in paths:
+        top = path[1]
+        base = str(top.key) if path[0].idx == 1 else parameters[top.idx] if top.idx < len(parameters) else \
+            f"arg{top.idx}"
+        name = re.sub(r"\W", "_", "_".join([base, *(str(getattr(k, "idx", getattr(k, "key", k))) for k in path[2:])]))
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return tuple(names)
+
+
+class _ShapedProxy(fx.Proxy):
+    """A proxy that answers shape, dtype and device questions from its example value."""
+
+    def _example(self):
+        return self.tracer.examples.get(self.node, _MISSING)
+
+    def _tensor(self, what: str) -> torch.Tensor:
+        example = self._example()
+        if not isinstance(example, torch.Tensor):
+            raise TraceError(f"{self.node.format_node()} has no example tensor to read its {what} from")
+        return example
+
+    shape = property(lambda self: self._tensor("shape").shape)
+    ndim = property(lambda self: self._tensor("ndim").ndim)
+    dtype = property(lambda self: self._tensor("dtype").dtype)
+    device = property(lambda self: self._tensor("device").device)
+    is_cuda = property(lambda self: self._tensor("device").is_cuda)
+
+    def size(self, dim=None):
+        return self._tensor("size").size() if dim is None else self._tensor("size").size(dim)
+
+    def dim(self):
+        return self._tensor("dim").dim()
+
+    def numel(self):
+        return self._tensor("numel").numel()
+
+    def __len__(self):
+        example = self._example()
+        if example is _MISSING:
+            raise TraceError(f"len() of {self.node.format_node()}, which has no example value")
+        return len(example)
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+
+class ShapeTracer(MoeditTracer):
+    """Traces with every proxy's value on the example inputs alongside (see the module docstring)."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inputs = inputs  # placeholder name -> example tensor
+        self.examples: dict[fx.Node, Any] = {}
+        self._eager = 0  # > 0 while computing on example values: module attributes are not proxied
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(proxy, fx.Proxy):
+            self._eager += 1
+            try:
+                self.examples[proxy.node] = self._example(kind, target, args, kwargs)
+            finally:
+                self._eager -= 1
+        return proxy
+
+    def _example(self, kind, target, args, kwargs):
+        if kind == "placeholder":
+            return self.inputs.get(target, _MISSING)
+        if kind == "output":
+            return _MISSING
+        args, kwargs = fx.node.map_aggregate((args, kwargs), self._value)
+        if kind == "get_attr":
+            return _attribute(self.root, target)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        module = self.root.get_submodule(target)
+        if adapter_for(module) is not None and any(_is_meta(a) for a in pytree.tree_leaves((args, kwargs))):
+            return torch.empty_like(args[0])  # routing needs values; a MoE layer keeps the shape
+        return module(*args, **kwargs)
+
+    def _value(self, value):
+        if isinstance(value, fx.Proxy):
+            example = self.examples.get(value.node, _MISSING)
+            if example is _MISSING:
+                raise TraceError(f"{value.node.format_node()} has no example value")
+            return example
+        return value
+
+    def call_module(self, m, forward, args, kwargs):
+        if not any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs))):
+            self._eager += 1  # on example values (or constants): compute, do not record
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self._eager -= 1
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self._eager else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        example = self.examples.get(obj.node, _MISSING)
+        if isinstance(example, torch.Tensor) or example is _MISSING:
+            raise TraceError(f"a Python branch reads the values of {obj.node.format_node()}; capture specialises "
+                             "on shapes, never on values, so keep that code in a leaf module "
+                             "(moedit.register_leaf) or out of the forward")
+        return bool(example)
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Signature]:
+    """Capture `model` for the signature of `model(*args, **kwargs)`: the graph (MoE and attention
+    nodes tagged, `run` input added, each node's example shape and size recorded, as
+    `trace` and `record_sizes` do) and the signature. Raises TraceError."""
+    signature, tensors = Signature.of(model, args, kwargs)
+    examples = [t.clone() for t in tensors]  # capture may write into them
+    root = _specialised(model, signature)
+    tracer = ShapeTracer(dict(zip(signature.names, examples)))
+    with torch.no_grad():
+        graph = traced_graph(tracer, root, model)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    for node in gm.graph.nodes:
+        example = tracer.examples.get(node, _MISSING)
+        node.meta.setdefault(META, {}).update(record(example))
+    annotate(gm, model)
+    return gm, signature
+
+
+def _specialised(model: nn.Module, signature: Signature) -> nn.Module:
+    """A shallow copy of `model` whose forward takes the call's tensors, one parameter each,
+    and returns the output's tensors as a flat tuple (its structure goes to `signature.outputs`)."""
+    original = type(model).forward
+    namespace = {"call": lambda self, tensors: _flat_call(self, original, signature, tensors)}
+    names = ", ".join(signature.names)
+    exec(f"def forward(self, {names}):\n    return call(self, [{names}])\n", namespace)  # a signature fx reads
+    clone = shallow_copy(model)
+    clone.__class__ = type(type(model).__name__, (type(model),), {"forward": namespace["forward"]})
+    return clone
+
+
+def _flat_call(module, forward, signature: Signature, tensors):
+    args, kwargs = signature.call(tensors)
+    flat, spec = pytree.tree_flatten(forward(module, *args, **kwargs))
+    signature.out_spec[:] = [spec]
+    return tuple(flat)
+
+
+def _attribute(root: nn.Module, target: str):
+    value = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _is_meta(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta

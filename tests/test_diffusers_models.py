@@ -1,0 +1,116 @@
+"""An unmodified diffusers MoE transformer (HiDream-I1's, tiny, random weights) compiled by
+shape-specialised capture (moedit/capture.py), and `Runtime.denoise` taking what the
+model's forward takes."""
+
+import pytest
+import torch
+
+import moedit
+from _dist import run_ranks
+from _models import tiny_model
+
+pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install -e '.[test]'")
+
+BATCH_DIMS = {"encoder_hidden_states_llama3": 1}  # HiDream stacks the Llama layers first: [layers, B, n, C]
+
+
+@torch.no_grad()
+def tiny_hidream():
+    from diffusers.models.transformers.transformer_hidream_image import HiDreamImageTransformer2DModel
+
+    import moedit.models.diffusers_adapters  # noqa: F401  (registers the HiDream MoE adapter)
+
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=[0, 1, 2]).eval()
+    gen = torch.Generator().manual_seed(0)
+    for param in model.parameters():  # random everywhere: diffusers zero-initialises nothing here, but be sure
+        param.copy_(torch.randn(param.shape, generator=gen) * (0.5 * param.shape[-1] ** -0.5 if param.dim() > 1
+                                                               else 0.1))
+    return model
+
+
+def hidream_inputs(batch: int = 2, return_dict: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(batch)
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen), timesteps=torch.arange(batch) * 300 + 50,
+                encoder_hidden_states_t5=torch.randn(batch, 5, 8, generator=gen),
+                encoder_hidden_states_llama3=torch.randn(3, batch, 6, 4, generator=gen),
+                pooled_embeds=torch.randn(batch, 8, generator=gen), return_dict=return_dict)
+
+
+def _hidream_worker(rank, world, plan, batches):
+    model = tiny_hidream()
+    compiled = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]),
+                              batch_dims=BATCH_DIMS)
+    with compiled.to_runtime() as runner:
+        outputs = [runner.denoise(**hidream_inputs(b)) for b in batches]
+        outputs.append(runner.denoise(**hidream_inputs(batches[0], return_dict=True)).sample)
+    return [out[0] if isinstance(out, tuple) else out for out in outputs], len(runner._captures)
+
+
+@pytest.mark.parametrize("world,plan", [(1, {}), (2, {"expert_parallel": {"degree": 2}})], ids=["single", "sync_ep 2"])
+def test_hidream_matches_the_unmodified_model(world, plan):
+    model = tiny_hidream()
+    batches = [2, 3]  # 3 over 2 ranks: shards of 2 and 1, the second captured again on its own
+    with torch.no_grad():
+        reference = [model(**hidream_inputs(b))[0] for b in batches]
+        reference.append(model(**hidream_inputs(2, return_dict=True)).sample)
+    assert reference[0].std() > 0.1  # outputs that vary, so the comparison means something
+    for outputs, captures in run_ranks(world, _hidream_worker, plan, batches):
+        for out, ref in zip(outputs, reference, strict=True):
+            assert out.shape == ref.shape
+            assert (out - ref).abs().max() <= 1e-5
+        assert captures >= 2  # programs captured again for another signature
+
+
+def test_hidream_graph_holds_the_blocks_in_order():
+    model = tiny_hidream()
+    compiled = moedit.compile(model, example_inputs=hidream_inputs(), batch_dims=BATCH_DIMS)
+    assert [layer.path for layer in compiled.layers] == ["double_stream_blocks.0.block.ff_i",
+                                                         "single_stream_blocks.0.block.ff_i",
+                                                         "single_stream_blocks.1.block.ff_i"]
+    assert "hidden_states [2, 4, 8, 8] float32" in compiled.signature.describe()
+
+
+def test_symbolic_trace_failure_points_at_example_inputs():
+    with pytest.raises(moedit.TraceError, match=r"HiDreamImageTransformer2DModel\.forward.*example_inputs"):
+        moedit.compile(tiny_hidream())
+
+
+class _ValueBranch(torch.nn.Module):
+    """A model whose forward branches on a tensor's values: capture must refuse, not specialise."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, x, t, y):
+        if (x > 0).any():
+            x = x * 2
+        return self.inner(x, t, y)
+
+
+def test_capture_refuses_a_branch_on_values():
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with pytest.raises(moedit.TraceError, match="reads the values"):
+        moedit.compile(_ValueBranch(), example_inputs=(x, t, y))
+
+
+def _dit_worker(rank, world):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=gen), torch.rand(3, generator=gen), torch.tensor([0, 3, 9])
+    with moedit.compile(model, moedit.Plan(expert_parallel={"degree": world})).to_runtime() as runner:
+        return runner.denoise(x, t, y), runner.denoise(x=x, t=t, y=y), runner.denoise(x, y=y, t=t)
+
+
+def test_denoise_takes_the_forward_arguments_by_keyword():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=gen), torch.rand(3, generator=gen), torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        reference = model(x, t, y)
+    for outputs in run_ranks(2, _dit_worker):
+        for out in outputs:
+            assert (out - reference).abs().max() <= 1e-5
