@@ -212,7 +212,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
     root = _specialised(model, signature)
     tracer = ShapeTracer(dict(zip(signature.names, examples)))
     with torch.no_grad():
-        graph = traced_graph(tracer, root, model)
+        graph = traced_graph(tracer, root, model, signature.describe())
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for node in gm.graph.nodes:
         example = tracer.examples.get(node, _MISSING)

@@ -131,6 +131,10 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, e
     else:
         args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
         traced, signature = capture(model, args, kwargs)
+        unknown = sorted(set(batch_dims or {}) - set(signature.names))
+        if unknown:
+            raise ValueError(f"batch_dims names {unknown}, which are not tensor inputs of the example call; its "
+                             f"tensor inputs: {', '.join(signature.names)}")
     layers = layers_of(traced)
     _validate(plan, layers, traced)
     plan, sensitivity = resolve_auto(model, layers, plan)

@@ -49,13 +49,18 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def traced_graph(tracer: MoeditTracer, root: nn.Module, model: nn.Module) -> fx.Graph:
-    """`tracer.trace(root)`, any failure turned into one actionable TraceError."""
+def traced_graph(tracer: MoeditTracer, root: nn.Module, model: nn.Module,
+                 inputs: str | None = None) -> fx.Graph:
+    """`tracer.trace(root)`, any failure turned into one actionable TraceError. `inputs`: the
+    example inputs' description, when capturing for them (moedit/capture.py)."""
     try:
         return tracer.trace(root)
     except TraceError:
         raise
     except Exception as err:  # fx raises many kinds; each becomes one actionable message
+        if tracer.failed_in is None and inputs is not None:
+            raise TraceError(f"cannot capture {type(model).__name__}.forward for {inputs}: {type(err).__name__}: "
+                             f"{err}") from err
         if tracer.failed_in is None:
             raise TraceError(
                 f"cannot trace {type(model).__name__}.forward symbolically: {type(err).__name__}: {err}. If it "

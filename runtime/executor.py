@@ -178,7 +178,12 @@ class Runtime:
             log.warning("denoise: batch of %d; given whole to every rank: %s (if a batch axis is not the first, "
                         "name it in compile(..., batch_dims=...))", batch, ", ".join(whole))
             self._logged.add(signature)
-        local = [self._split(t, a) if s else t.to(self.device) for t, a, s in zip(tensors, axes, split)]
+        layout = self.compiled.plan.mesh
+        # With fewer samples than data ranks the last ranks get none; a captured forward may not take
+        # an empty batch, so such a rank runs on a copy of sample 0 (joining every exchange) and keeps nothing.
+        stand_in = self.compiled.signature is not None and layout.index(BATCH_AXIS, self.rank) >= batch
+        local = [(t.narrow(a, 0, 1) if stand_in else self._split(t, a)).to(self.device) if s else t.to(self.device)
+                 for t, a, s in zip(tensors, axes, split)]
         local_args, local_kwargs = signature.call(local)
         if self.compiled.signature is None:
             out = self._run(*local_args, **local_kwargs)
@@ -186,17 +191,26 @@ class Runtime:
             compiled = self.compiled.specialise(local_args, local_kwargs)
             self._use(compiled)
             out = compiled.signature.outputs(self._run(*local))
-        return pytree.tree_map_only(torch.Tensor, lambda o: self._gather(o, batch).cpu(), out)
+        return pytree.tree_map_only(torch.Tensor, lambda o: self._gather(o[:0] if stand_in else o, batch).cpu(), out)
 
     def _split(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
         layout = self.compiled.plan.mesh
-        return tensor.tensor_split(layout.size(BATCH_AXIS), dim=axis)[layout.index(BATCH_AXIS, self.rank)].to(
-            self.device)
+        return tensor.tensor_split(layout.size(BATCH_AXIS), dim=axis)[layout.index(BATCH_AXIS, self.rank)]
 
     def _use(self, compiled) -> None:
-        """Run `compiled`'s programs (a capture of the model for another signature) from now on."""
+        """Run `compiled`'s programs (a capture of the model for another signature) from now on.
+        Every rank checked at start that they agree on the exchanges of the first capture's
+        programs; a later capture must issue the same ones, so they still agree without
+        another collective (a rank may capture alone: its shard's shape changed)."""
         if compiled not in self._captures:
-            self._captures[compiled] = _ready(compiled.programs(self.rank), self.device, self.state.timeline)
+            programs = compiled.programs(self.rank)
+            first = next(iter(self._captures.values()))
+            for kind, gm in programs.items():
+                if collective_order(gm) != collective_order(first[kind]):
+                    raise PlanError(f"rank {self.rank}: the capture for {compiled.signature.describe()} issues other "
+                                    f"exchanges in its {kind.name} program than the first capture; the model's "
+                                    "MoE layers must not depend on its input shapes")
+            self._captures[compiled] = _ready(programs, self.device, self.state.timeline)
         self.programs = self._captures[compiled]
 
     @torch.no_grad()

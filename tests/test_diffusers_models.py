@@ -52,7 +52,7 @@ def _hidream_worker(rank, world, plan, batches):
 @pytest.mark.parametrize("world,plan", [(1, {}), (2, {"expert_parallel": {"degree": 2}})], ids=["single", "sync_ep 2"])
 def test_hidream_matches_the_unmodified_model(world, plan):
     model = tiny_hidream()
-    batches = [2, 3]  # 3 over 2 ranks: shards of 2 and 1, the second captured again on its own
+    batches = [2, 3, 1]  # 3 over 2 ranks: shards of 2 and 1, captured again; 1: rank 1 stands in with sample 0
     with torch.no_grad():
         reference = [model(**hidream_inputs(b))[0] for b in batches]
         reference.append(model(**hidream_inputs(2, return_dict=True)).sample)
@@ -64,6 +64,35 @@ def test_hidream_matches_the_unmodified_model(world, plan):
         assert captures >= 2  # programs captured again for another signature
 
 
+def _stale_worker(rank, world, mode):
+    model = tiny_hidream()
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": mode, "warmup_steps": 1})
+    compiled = moedit.compile(model, plan, example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS)
+    with compiled.to_runtime() as runner:
+        runner.reset(steps=4)
+        outputs = [runner.denoise(**hidream_inputs(2))[0] for _ in range(3)]
+        changed = hidream_inputs(2)
+        changed["hidden_states"] = changed["hidden_states"].flip(0)
+        outputs.append(runner.denoise(**changed)[0])
+        return outputs, [kind.name for kind in runner.step_log]
+
+
+@pytest.mark.parametrize("mode", ["interweaved", "displaced"])
+def test_hidream_stale_plans_wire_the_layers_in_order(mode):
+    """The cross-layer passes on a captured graph: with the same input at every step, stale steps
+    reuse exactly what this step computes, so a layer wired to another layer's cache would show;
+    a changed input shows the staleness."""
+    model = tiny_hidream()
+    changed = hidream_inputs(2)
+    changed["hidden_states"] = changed["hidden_states"].flip(0)
+    with torch.no_grad():
+        same, fresh = model(**hidream_inputs(2))[0], model(**changed)[0]
+    outputs, kinds = run_ranks(2, _stale_worker, mode)[0]
+    assert kinds == ["sync", "async", "async", "async"]
+    assert all((out - same).abs().max() <= 1e-5 for out in outputs[:3])
+    assert (outputs[3] - fresh).abs().max() > 1e-3  # the routed outputs of step 3 are older than its input
+
+
 def test_hidream_graph_holds_the_blocks_in_order():
     model = tiny_hidream()
     compiled = moedit.compile(model, example_inputs=hidream_inputs(), batch_dims=BATCH_DIMS)
@@ -71,6 +100,11 @@ def test_hidream_graph_holds_the_blocks_in_order():
                                                          "single_stream_blocks.0.block.ff_i",
                                                          "single_stream_blocks.1.block.ff_i"]
     assert "hidden_states [2, 4, 8, 8] float32" in compiled.signature.describe()
+
+
+def test_batch_dims_must_name_a_tensor_input():
+    with pytest.raises(ValueError, match=r"batch_dims names \['llama3'\].*encoder_hidden_states_llama3"):
+        moedit.compile(tiny_hidream(), example_inputs=hidream_inputs(), batch_dims={"llama3": 1})
 
 
 def test_symbolic_trace_failure_points_at_example_inputs():
