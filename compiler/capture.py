@@ -19,8 +19,10 @@ kept in the graph as constants.
 The graph's inputs are the tensors found in the call's arguments (nested lists, tuples and
 dicts included, in `torch.utils._pytree` order), named after the forward's parameters; its
 output is the flat list of output tensors, put back into the forward's return structure
-(a tuple, a diffusers `Transformer2DModelOutput`, ...) by `Signature.outputs`. A call with
-another signature is captured again (`moedit.runtime.executor.Runtime.denoise` does that).
+(a tuple, a diffusers `Transformer2DModelOutput`, ...) by `CompiledModel.outputs`. A call
+with another signature is captured again (`moedit.runtime.executor.Runtime.denoise` does
+that). MoE layers stand in as shape-preserving while capturing: their experts may live on
+other ranks.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ class Signature:
     places: tuple[int, ...]  # which leaves are tensors
     tensors: tuple[tuple[tuple[int, ...], torch.dtype, str], ...]  # their shape, dtype, device type
     names: tuple[str, ...] = dataclasses.field(compare=False)  # the graph's input names, one per tensor
-    out_spec: list = dataclasses.field(default_factory=list, compare=False)  # [TreeSpec of the output], once captured
 
     @classmethod
     def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> tuple["Signature", list[torch.Tensor]]:
@@ -75,10 +76,6 @@ class Signature:
         for place, tensor in zip(self.places, tensors, strict=True):
             leaves[place] = tensor
         return pytree.tree_unflatten(leaves, self.spec)
-
-    def outputs(self, flat) -> Any:
-        """The forward's return value, from the program's flat output tensors."""
-        return pytree.tree_unflatten(list(flat), self.out_spec[0])
 
     def describe(self) -> str:
         return ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}"
@@ -170,8 +167,9 @@ class ShapeTracer(MoeditTracer):
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         module = self.root.get_submodule(target)
-        if adapter_for(module) is not None and any(_is_meta(a) for a in pytree.tree_leaves((args, kwargs))):
-            return torch.empty_like(args[0])  # routing needs values; a MoE layer keeps the shape
+        adapter = adapter_for(module)
+        if adapter is not None:  # keeps the shape; its experts may live on other ranks (or devices)
+            return adapter.output(module, args[0].clone())
         return module(*args, **kwargs)
 
     def _value(self, value):
@@ -195,49 +193,50 @@ class ShapeTracer(MoeditTracer):
         return attr_val if self._eager else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        example = self.examples.get(obj.node, _MISSING)
-        if isinstance(example, torch.Tensor) or example is _MISSING:
-            raise TraceError(f"a Python branch reads the values of {obj.node.format_node()}; capture specialises "
-                             "on shapes, never on values, so keep that code in a leaf module "
-                             "(moedit.register_leaf) or out of the forward")
-        return bool(example)
+        """A branch on a traced value. Shapes, dtypes and devices never get here (they are answered
+        as Python values), so the branch reads tensor values (`if x.max() > 0`, `.item()`,
+        `.tolist()`): refused, since it would hold only for the example."""
+        raise TraceError(f"a Python branch reads the values of {obj.node.format_node()}; capture specialises "
+                         "on shapes, never on values, so keep that code in a leaf module (moedit.register_leaf) "
+                         "or out of the forward")
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Signature]:
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Signature, pytree.TreeSpec]:
     """Capture `model` for the signature of `model(*args, **kwargs)`: the graph (MoE and attention
     nodes tagged, `run` input added, each node's example shape and size recorded, as
-    `trace` and `record_sizes` do) and the signature. Raises TraceError."""
+    `trace` and `record_sizes` do), the signature, and the structure of the forward's return
+    value (the graph returns its tensors flat). Raises TraceError."""
     signature, tensors = Signature.of(model, args, kwargs)
     examples = [t.clone() for t in tensors]  # capture may write into them
-    root = _specialised(model, signature)
+    out_spec: list[pytree.TreeSpec] = []
+    root = _specialised(model, signature, out_spec)
     tracer = ShapeTracer(dict(zip(signature.names, examples)))
     with torch.no_grad():
         graph = traced_graph(tracer, root, model, signature.describe())
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for node in gm.graph.nodes:
-        example = tracer.examples.get(node, _MISSING)
-        node.meta.setdefault(META, {}).update(record(example))
+        node.meta.setdefault(META, {}).update(record(tracer.examples.get(node, _MISSING)))
     annotate(gm, model)
-    return gm, signature
+    return gm, signature, out_spec[0]
 
 
-def _specialised(model: nn.Module, signature: Signature) -> nn.Module:
+def _specialised(model: nn.Module, signature: Signature, out_spec: list) -> nn.Module:
     """A shallow copy of `model` whose forward takes the call's tensors, one parameter each,
-    and returns the output's tensors as a flat tuple (its structure goes to `signature.outputs`)."""
+    and returns the output's tensors as a flat tuple (their structure goes to `out_spec`)."""
     original = type(model).forward
-    namespace = {"call": lambda self, tensors: _flat_call(self, original, signature, tensors)}
+
+    def flat_call(module, tensors):
+        args, kwargs = signature.call(tensors)
+        flat, spec = pytree.tree_flatten(original(module, *args, **kwargs))
+        out_spec[:] = [spec]
+        return tuple(flat)
+
+    namespace = {"_moedit_call": flat_call}
     names = ", ".join(signature.names)
-    exec(f"def forward(self, {names}):\n    return call(self, [{names}])\n", namespace)  # a signature fx reads
+    exec(f"def forward(self, {names}):\n    return _moedit_call(self, [{names}])\n", namespace)  # a signature fx reads
     clone = shallow_copy(model)
     clone.__class__ = type(type(model).__name__, (type(model),), {"forward": namespace["forward"]})
     return clone
-
-
-def _flat_call(module, forward, signature: Signature, tensors):
-    args, kwargs = signature.call(tensors)
-    flat, spec = pytree.tree_flatten(forward(module, *args, **kwargs))
-    signature.out_spec[:] = [spec]
-    return tuple(flat)
 
 
 def _attribute(root: nn.Module, target: str):
@@ -245,7 +244,3 @@ def _attribute(root: nn.Module, target: str):
     for atom in target.split("."):
         value = getattr(value, atom)
     return value
-
-
-def _is_meta(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_meta

@@ -15,10 +15,12 @@ graph.py), so one compiled model serves any number of runtimes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from moedit.passes.conditional_comm import conditional_comm
@@ -46,6 +48,8 @@ from .steps import StepKind, StepPlan
 from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
 
+
+log = logging.getLogger(__name__)
 
 PIPELINE: list[PassFn] = [shortcut_rewrite, cfg_parallel, sequence_parallel, patch_parallel, expert_parallel, displace,
                           interweave, conditional_comm, pipefusion, shortcut, schedule, offload]
@@ -130,7 +134,12 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, e
             record_sizes(traced, model)
     else:
         args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-        traced, signature = capture(model, args, kwargs)
+        if plan.cfg_parallel:
+            raise PlanError("cfg_parallel halves the batch inside the program, but a captured forward holds the "
+                            "batch size it was captured for; remove cfg_parallel: a CFG batch (cond and uncond "
+                            "concatenated, as diffusers pipelines call the transformer) is split over the ranks by "
+                            "Runtime.denoise like any batch")
+        traced, signature, out_spec = capture(model, args, kwargs)
         unknown = sorted(set(batch_dims or {}) - set(signature.names))
         if unknown:
             raise ValueError(f"batch_dims names {unknown}, which are not tensor inputs of the example call; its "
@@ -142,6 +151,8 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, e
     compiled = CompiledModel(model, plan, traced, layers, sensitivity)
     compiled.chunk_basis = chunk_basis
     compiled.signature, compiled.batch_dims = signature, dict(batch_dims or {})
+    if signature is not None:
+        compiled.out_spec = out_spec
     compiled.graph(0)
     return compiled
 
@@ -166,6 +177,7 @@ class CompiledModel:
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
         self.signature: Signature | None = None  # what the graph was captured for, if it was (moedit/capture.py)
         self.batch_dims: dict[str, int | None] = {}  # see `compile`
+        self.out_spec: pytree.TreeSpec | None = None  # a captured graph's return structure (it returns tensors flat)
         self._specialised: dict[Signature, CompiledModel] = {}
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[Signature, list[torch.Tensor]]:
@@ -180,11 +192,17 @@ class CompiledModel:
         if signature == self.signature:
             return self
         if signature not in self._specialised:
-            traced, signature = capture(self.model, args, kwargs)
+            traced, signature, out_spec = capture(self.model, args, kwargs)
             other = CompiledModel(self.model, self.plan, traced, layers_of(traced), self.sensitivity, self.pipeline)
-            other.signature, other.batch_dims = signature, self.batch_dims
+            other.signature, other.batch_dims, other.out_spec = signature, self.batch_dims, out_spec
             self._specialised[signature] = other
+            log.info("captured %s again, for %s (%d captures)", type(self.model).__name__, signature.describe(),
+                     len(self._specialised) + 1)
         return self._specialised[signature]
+
+    def outputs(self, flat) -> object:
+        """What the model's forward returns, from a captured program's flat output tensors."""
+        return pytree.tree_unflatten(list(flat), self.out_spec)
 
     @property
     def kinds(self) -> tuple[StepKind, ...]:

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from moedit.plan import PlanError
+
 log = logging.getLogger(__name__)
 
 MAIN = "main"  # the channel of exchanges consumed within the step that issues them
@@ -93,7 +95,7 @@ def init_process_group(backend: str, timeout_s: float, world_size: int) -> None:
     elif world_size == 1:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        raise RuntimeError(
+        raise PlanError(
             f"this plan needs {world_size} ranks but no process group exists; launch with "
             f"`torchrun --nproc_per_node={world_size} ...` or call torch.distributed.init_process_group first"
         )

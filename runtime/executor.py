@@ -63,7 +63,6 @@ class Runtime:
         self.blocked_by: list[dict[str, float]] = []  # the same per step, by exchange name ("dispatch", ...)
         self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
         self._captures = {compiled: programs}  # a model captured for several signatures: each one's programs
-        self._logged: set = set()  # signatures whose whole-given inputs were logged
 
     @classmethod
     def start(cls, compiled, device=None, profile: bool = False) -> "Runtime":
@@ -135,9 +134,7 @@ class Runtime:
 
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
-        layout = self.compiled.plan.mesh
-        shards, index = layout.size(BATCH_AXIS), layout.index(BATCH_AXIS, self.rank)
-        return [t.tensor_split(shards)[index].to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
+        return [self._split(t).to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
 
     def _all_gather(self, name: str, tensor: torch.Tensor, axis: str = BATCH_AXIS) -> list[torch.Tensor]:
         exchange = Exchange(name, None, axis)
@@ -157,43 +154,55 @@ class Runtime:
         """One model evaluation on a global batch: takes what the model's forward takes and
         returns what it returns, on every rank.
 
-        Tensors are split over the ranks along their batch axis: the first, unless `compile`'s
-        `batch_dims` names another for that input (or None: every rank gets all of it). The
-        batch size is the first split tensor's; a tensor whose batch axis has another size is
-        given whole to every rank (logged once). Everything else is passed as it is. Every
-        output tensor is gathered along its first axis. A model compiled with `example_inputs`
-        is captured again for a call of another signature (cached).
+        Tensors are split over the data ranks along their batch axis: the first, unless
+        `compile`'s `batch_dims` names another for that input, or None to give every rank all
+        of it. The batch size is the first split tensor's; with more than one data rank, a
+        tensor whose batch axis has another size is an error that names it (mark it in
+        `batch_dims`). 0-dim tensors and everything else are passed as they are. Output
+        tensors are gathered along their first axis (0-dim ones are this rank's) and returned
+        on the first input tensor's device. A model compiled with `example_inputs` is captured
+        again for a call of another signature (cached).
 
         For a stale plan each call is one diffusion step: call `reset(steps=N, seed=...)`
         before the first step of every sample."""
         signature, tensors = self.compiled.bind(args, kwargs)
         axes = [self.compiled.batch_dims.get(name, 0) for name in signature.names]
-        batch = next((t.shape[a] for t, a in zip(tensors, axes) if a is not None and t.dim() > a), None)
-        if batch is None:
+        has_batch = [a is not None and t.dim() > a for t, a in zip(tensors, axes)]
+        if not any(has_batch):
             raise ValueError("denoise needs at least one tensor input with a batch axis to split over the ranks")
-        split = [a is not None and t.dim() > a and t.shape[a] == batch for t, a in zip(tensors, axes)]
-        whole = [f"{name} {list(t.shape)}" for name, t, s, a in zip(signature.names, tensors, split, axes)
-                 if not s and a is not None and t.dim()]
-        if whole and signature not in self._logged:
-            log.warning("denoise: batch of %d; given whole to every rank: %s (if a batch axis is not the first, "
-                        "name it in compile(..., batch_dims=...))", batch, ", ".join(whole))
-            self._logged.add(signature)
+        batch = next(t.shape[a] for t, a, b in zip(tensors, axes, has_batch) if b)
         layout = self.compiled.plan.mesh
+        split = layout.size(BATCH_AXIS) > 1
+        odd = [f"{name} {list(t.shape)} (axis {a})" for name, t, a, b in zip(signature.names, tensors, axes, has_batch)
+               if b and t.shape[a] != batch]
+        if odd and split:
+            raise ValueError(f"denoise: the batch has {batch} samples ({signature.names[has_batch.index(True)]}), but "
+                             f"{', '.join(odd)} has another size on its batch axis; name each such input in "
+                             "compile(..., batch_dims={name: its batch axis, or None to give it whole to every rank})")
         # With fewer samples than data ranks the last ranks get none; a captured forward may not take
         # an empty batch, so such a rank runs on a copy of sample 0 (joining every exchange) and keeps nothing.
         stand_in = self.compiled.signature is not None and layout.index(BATCH_AXIS, self.rank) >= batch
-        local = [(t.narrow(a, 0, 1) if stand_in else self._split(t, a)).to(self.device) if s else t.to(self.device)
-                 for t, a, s in zip(tensors, axes, split)]
+        local = []
+        for tensor, axis, batched in zip(tensors, axes, has_batch):
+            if batched and split:
+                tensor = tensor.narrow(axis, 0, 1) if stand_in else self._split(tensor, axis)
+            local.append(tensor.to(self.device))
         local_args, local_kwargs = signature.call(local)
         if self.compiled.signature is None:
             out = self._run(*local_args, **local_kwargs)
         else:
             compiled = self.compiled.specialise(local_args, local_kwargs)
             self._use(compiled)
-            out = compiled.signature.outputs(self._run(*local))
-        return pytree.tree_map_only(torch.Tensor, lambda o: self._gather(o[:0] if stand_in else o, batch).cpu(), out)
+            out = compiled.outputs(self._run(*local))
+        device = tensors[0].device
 
-    def _split(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        def gather(o: torch.Tensor) -> torch.Tensor:
+            return o.to(device) if o.dim() == 0 else self._gather(o[:0] if stand_in else o, batch).to(device)
+
+        return pytree.tree_map_only(torch.Tensor, gather, out)
+
+    def _split(self, tensor: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        """This rank's part of `tensor` along `axis` (the data axis's shards may differ by one)."""
         layout = self.compiled.plan.mesh
         return tensor.tensor_split(layout.size(BATCH_AXIS), dim=axis)[layout.index(BATCH_AXIS, self.rank)]
 

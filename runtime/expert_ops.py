@@ -140,8 +140,13 @@ def splits(counts: torch.Tensor, *also: torch.Tensor) -> list[int]:
 def host_counts(counts: torch.Tensor) -> list[list[int]]:
     """`counts` [P, ...] as Python ints, one list per rank; copied from the device once per tensor."""
     _to_host(counts)
-    flat, width = counts._moedit_host, counts[0].numel() if len(counts) else 0
+    flat, width = counts._moedit_host, counts.shape[1:].numel()
     return [flat[i * width: (i + 1) * width] for i in range(len(counts))]
+
+
+def rows_per_expert(recv_counts: torch.Tensor) -> list[int]:
+    """Rows each local expert receives, from all ranks: [P, L] counts -> L ints (host copy, see splits)."""
+    return [sum(column) for column in zip(*host_counts(recv_counts))]
 
 
 def _to_host(*tensors: torch.Tensor) -> None:
@@ -174,7 +179,7 @@ class LocalExperts(nn.Module):
         local_of_row = torch.arange(num_local, device=received.device).repeat(recv_counts.shape[0])
         local_of_row = torch.repeat_interleave(local_of_row, recv_counts.reshape(-1), output_size=len(received))
         by_expert = torch.argsort(local_of_row, stable=True)
-        sizes = [sum(column) for column in zip(*host_counts(recv_counts))] or [0] * num_local
+        sizes = rows_per_expert(recv_counts)
         outputs = torch.empty_like(received)
         if self.kernels == "triton" and fetched is None:
             outputs[by_expert] = load_kernels().grouped_swiglu(received[by_expert], sizes, *self._weights(received))

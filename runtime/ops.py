@@ -34,7 +34,7 @@ from torch.fx.node import has_side_effect
 
 from .cache import InFlight
 from .comm import MAIN, P2P, Exchange, Pending, WorkGroup
-from .expert_ops import host_counts, unpermute
+from .expert_ops import rows_per_expert, unpermute
 from .offload import Fetch
 from .state import RunState
 
@@ -172,7 +172,7 @@ def slot_outputs(run: RunState, returned: torch.Tensor, order: torch.Tensor, wei
 def expert_fetch(run: RunState, recv_counts: torch.Tensor, *, layer: int, expert_ids: list[int]) -> Fetch:
     """Offloading: start copying this rank's experts that receive rows ([P, L] counts) to the
     device; the experts node runs on the copies (see moedit/runtime/offload.py)."""
-    rows = [sum(column) for column in zip(*host_counts(recv_counts))]  # read once per layer, see splits
+    rows = rows_per_expert(recv_counts)
     return run.experts.fetch(layer, [e for e, n in zip(expert_ids, rows) if n])
 
 

@@ -58,6 +58,14 @@ def test_torchrun_entry_with_the_wrong_world_size_fails_fast(tmp_path):
     assert "compiled for 2 ranks but the process group has 1" in proc.stderr
 
 
+def test_a_multi_rank_plan_without_torchrun_is_one_error_line(tmp_path):
+    cmd = [sys.executable, "-m", "moedit.run", "--model", "tiny", "--plan", "examples/plans/sync_ep.yaml", "--out",
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs 2 ranks but no process group exists; launch with `torchrun --nproc_per_node=2" in proc.stderr
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("moedit.run started work before refusing its arguments")
 

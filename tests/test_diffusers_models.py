@@ -46,7 +46,14 @@ def _hidream_worker(rank, world, plan, batches):
     with compiled.to_runtime() as runner:
         outputs = [runner.denoise(**hidream_inputs(b)) for b in batches]
         outputs.append(runner.denoise(**hidream_inputs(batches[0], return_dict=True)).sample)
-    return [out[0] if isinstance(out, tuple) else out for out in outputs], len(runner._captures)
+    captures, refused = len(runner._captures), None
+    forgot = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]))  # no batch_dims
+    with forgot.to_runtime() as runner:
+        try:
+            runner.denoise(**hidream_inputs(batches[0]))
+        except ValueError as err:
+            refused = str(err)
+    return [out[0] if isinstance(out, tuple) else out for out in outputs], captures, refused
 
 
 @pytest.mark.parametrize("world,plan", [(1, {}), (2, {"expert_parallel": {"degree": 2}})], ids=["single", "sync_ep 2"])
@@ -57,11 +64,15 @@ def test_hidream_matches_the_unmodified_model(world, plan):
         reference = [model(**hidream_inputs(b))[0] for b in batches]
         reference.append(model(**hidream_inputs(2, return_dict=True)).sample)
     assert reference[0].std() > 0.1  # outputs that vary, so the comparison means something
-    for outputs, captures in run_ranks(world, _hidream_worker, plan, batches):
+    for outputs, captures, refused in run_ranks(world, _hidream_worker, plan, batches):
         for out, ref in zip(outputs, reference, strict=True):
             assert out.shape == ref.shape
             assert (out - ref).abs().max() <= 1e-5
         assert captures >= 2  # programs captured again for another signature
+        if world > 1:  # without batch_dims the Llama states' batch axis (1) is not the first: refused, never merged
+            assert refused is not None and "encoder_hidden_states_llama3 [3, 2, 6, 4] (axis 0)" in refused
+        else:
+            assert refused is None  # one data rank splits nothing
 
 
 def _stale_worker(rank, world, mode):
@@ -115,20 +126,22 @@ def test_symbolic_trace_failure_points_at_example_inputs():
 class _ValueBranch(torch.nn.Module):
     """A model whose forward branches on a tensor's values: capture must refuse, not specialise."""
 
-    def __init__(self):
+    def __init__(self, test):
         super().__init__()
-        self.inner = tiny_model()
+        self.inner, self.test = tiny_model(), test
 
     def forward(self, x, t, y):
-        if (x > 0).any():
+        if self.test(x):
             x = x * 2
         return self.inner(x, t, y)
 
 
-def test_capture_refuses_a_branch_on_values():
+@pytest.mark.parametrize("test", [lambda x: (x > 0).any(), lambda x: x.abs().max().item() > 3,
+                                  lambda x: x.flatten().tolist()[0] > 0], ids=["tensor", "item", "tolist"])
+def test_capture_refuses_a_branch_on_values(test):
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     with pytest.raises(moedit.TraceError, match="reads the values"):
-        moedit.compile(_ValueBranch(), example_inputs=(x, t, y))
+        moedit.compile(_ValueBranch(test), example_inputs=(x, t, y))
 
 
 def _dit_worker(rank, world):
@@ -148,3 +161,44 @@ def test_denoise_takes_the_forward_arguments_by_keyword():
     for outputs in run_ranks(2, _dit_worker):
         for out in outputs:
             assert (out - reference).abs().max() <= 1e-5
+
+
+def test_the_readme_hidream_adapter_is_the_shipped_one():
+    """README's 11-line HiDream adapter is models/diffusers_adapters.py's, line for line."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parent.parent
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+                 if "class HiDreamMoEAdapter" in b)
+    shipped = {line.strip() for line in (root / "models" / "diffusers_adapters.py").read_text().splitlines()}
+    lines = [line.strip().replace("moedit.", "") for line in block.splitlines() if line.strip()]
+    assert len(lines) == 11 and [line for line in lines if line not in shipped] == []
+
+
+def test_cfg_parallel_is_refused_for_a_captured_model():
+    with pytest.raises(moedit.PlanError, match="remove cfg_parallel"):
+        moedit.compile(tiny_hidream(), moedit.Plan(cfg_parallel=True, expert_parallel={"degree": 2}),
+                       example_inputs=hidream_inputs(), batch_dims=BATCH_DIMS)
+
+
+class _WithLoss(torch.nn.Module):
+    """A model that also returns a 0-dim tensor (an auxiliary loss, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, x, t, y):
+        out = self.inner(x, t, y)
+        return out, out.pow(2).mean()
+
+
+def test_denoise_returns_0_dim_outputs_as_they_are():
+    model = _WithLoss()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        out, loss = model(x, t, y)
+    with moedit.compile(model, example_inputs=(x, t, y)).to_runtime() as runner:
+        got, got_loss = runner.denoise(x, t, y)
+    assert (got - out).abs().max() <= 1e-5 and got_loss.dim() == 0 and abs(got_loss - loss) <= 1e-5
