@@ -26,7 +26,7 @@ import yaml
 import moedit
 from moedit.models import CheckpointError, load_model
 from moedit.models.images import save_grid
-from moedit.models.pretrained import NAMES_HELP, sampling_defaults
+from moedit.models.pretrained import NAMES_HELP, PRETRAINED, sampling_defaults
 
 from .comm import CollectiveError
 from .sampling import SAMPLERS
@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     args.cfg_scale = defaults["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
     logging.basicConfig(level=logging.INFO,
                         format=f"[rank {os.environ.get('RANK', '0')}] %(asctime)s %(name)s: %(message)s")
+    if args.model in PRETRAINED and args.sampler != defaults["sampler"] and _rank() == 0:
+        log.warning("--sampler %s: %s was trained for %s sampling, so expect noise, not images", args.sampler,
+                    args.model, defaults["sampler"])
     try:
         if _rank() == 0:  # the only rank that writes
             check_out(args.out)
