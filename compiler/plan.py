@@ -15,7 +15,7 @@ import warnings
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class PlanError(ValueError):
@@ -48,6 +48,14 @@ class Staleness(_Section):
     cooldown_steps: int = Field(0, ge=0, description="Trailing diffusion steps run synchronously.")
     sync_every: int | None = Field(None, ge=1, description="Run every k-th step synchronously (null: never).")
     cache_limit_mb: float | None = Field(None, gt=0, description="Fail if staleness caches would hold more than this.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _dice_is_a_plan(cls, mode):
+        if mode == "dice":
+            raise ValueError("'dice' is a whole plan, not a staleness mode: start from examples/plans/dice.yaml "
+                             "(mode interweaved, the deeper half of the layers synchronous, conditional communication)")
+        return mode
 
 
 class SelectiveSync(_Section):

@@ -29,7 +29,7 @@ from moedit.models.images import save_grid
 from moedit.models.pretrained import NAMES_HELP, PRETRAINED, sampling_defaults
 
 from .comm import CollectiveError
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, respaced_timesteps
 from .timeline import chrome_trace, draw
 
 log = logging.getLogger("moedit.run")
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
             check_out(args.out)
         if args.steps < 1 or args.num_images < 1:
             raise ValueError(f"--steps ({args.steps}) and --num-images ({args.num_images}) must be at least 1")
+        if args.sampler != "rflow":
+            respaced_timesteps(args.steps)  # Gaussian diffusion takes at most its training steps
         plan = moedit.Plan.from_file(args.plan)
         model = load_model(args.model, args.checkpoint, **parse_overrides(args.set))
         labels = args.labels or [i % model.config.num_classes for i in range(args.num_images)]

@@ -87,6 +87,12 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, caps
     assert err.startswith(f"moedit.run: error: --out {tmp_path / out}") and err.count("\n") == 1, err
 
 
+def test_more_diffusion_steps_than_training_steps_are_refused_before_any_work(tmp_path, capsys, run_alone):
+    assert run_alone(["--model", "tiny", "--plan", "examples/plans/single.yaml", "--out", str(tmp_path),
+                      "--sampler", "ddim", "--steps", "2000"]) == 2
+    assert "moedit.run: error: Gaussian diffusion takes 1..1000 steps" in capsys.readouterr().err
+
+
 def test_labels_outside_the_model_classes_are_refused_before_compiling(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(launch.moedit, "compile", _no_work)

@@ -30,6 +30,8 @@ def test_shipped_plans_load():
     ({"expert_parallel": {"degree": 2, "layout": "x"}}, "expert_parallel.layout: unknown key; accepted keys here: deg"),
     ({"expert_parallel": {"degree": 0}}, "expert_parallel.degree"),
     ({"runtime": {"backend": "mpi"}}, "runtime.backend"),
+    ({"staleness": {"mode": "dice"}}, "staleness.mode: 'dice' is a whole plan, not a staleness mode: start from "
+                                      "examples/plans/dice.yaml"),
 ])
 def test_invalid_fields_are_named(data, field):
     with pytest.raises(moedit.PlanError, match=field.replace(".", r"\.")):
