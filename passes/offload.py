@@ -23,7 +23,7 @@ from moedit.graph import Emitter, Kind, LayerNodes, kind_of, meta
 from moedit.pipeline import PassContext, PassResult, strip_modules
 from moedit.plan import PlanError
 from moedit.runtime import ops
-from moedit.runtime.expert_ops import OffloadedExpert
+from moedit.runtime.expert_ops import OffloadedExpert, splits
 from moedit.runtime.offload import budget_in_experts, expert_bytes
 
 
@@ -40,13 +40,24 @@ def offload(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         emit = Emitter(gm, layer.index)
         for experts in LayerNodes(gm, layer.index).all(Kind.EXPERTS):
             counts = experts.args[1]
-            with gm.graph.inserting_after(counts):
+            with gm.graph.inserting_after(_host_copy(counts, experts)):
                 fetch = emit.call(Kind.FETCH, ops.expert_fetch, counts, layer=layer.index,
                                   expert_ids=list(local.expert_ids))
             experts.args = (*experts.args[:2], fetch)
         inserted += emit.inserted
     _check_budget(gm, ctx, local_count)
     return PassResult(gm, True, inserted)
+
+
+def _host_copy(counts: fx.Node, experts: fx.Node) -> fx.Node:
+    """Where the fetch goes: after the send splits between `counts` and `experts`, if any, which
+    bring these counts to the host together with the send counts (one sync; see `splits`)."""
+    node = counts.next
+    while node is not experts:
+        if node.target is splits and counts in node.args:
+            return node
+        node = node.next
+    return counts
 
 
 def _unregister(gm: fx.GraphModule, path: str, local) -> None:

@@ -75,6 +75,8 @@ class Runtime:
                             f"{world}; launch with --nproc_per_node={compiled.world_size} or change the plan's "
                             f"axes ({plan.mesh.describe()}) to multiply to {world}")
         device = torch.device(device) if device is not None else device_for(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and the timing events use the current device's streams
         programs = compiled.programs(rank)  # builds them and checks their collective order (moedit.verify)
         # Groups of our own, so the plan's timeout bounds every collective even when the
         # caller created the default group with another one.
@@ -108,6 +110,7 @@ class Runtime:
         """Wait for every exchange still in flight (a stale step's last dispatch, say)."""
         for pending in self.state.cache.running():
             self.state.wait(pending)
+        self.state.settle()
 
     def _run(self, *inputs, **kwargs):
         kind = self.compiled.steps.kind_at(self.state.step, self.total_steps)
@@ -141,6 +144,7 @@ class Runtime:
         parts = [torch.empty_like(tensor) for _ in range(self.compiled.plan.mesh.size(axis))]
         work = dist.all_gather(parts, tensor, group=self.state.group(exchange), async_op=True)
         self.state.wait(self.state.issued(Pending(parts[0], work, exchange)))
+        self.state.settle()
         return parts
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:

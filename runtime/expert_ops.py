@@ -70,7 +70,9 @@ def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num
     if keep is not None:
         key = torch.where(keep.reshape(-1), key, world_size * num_local)  # dropped slots sort last
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=world_size * num_local + 1)
+    # not bincount: on CUDA it reads the keys' min and max on the host, two syncs (see splits)
+    counts = torch.zeros(world_size * num_local + 1, dtype=torch.long, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key))
     order = order[: int(counts[:-1].sum())] if keep is not None else order
     if kernels == "triton":
         rows = load_kernels().gather_rows(tokens, order, expert_ids.shape[1])
@@ -115,7 +117,10 @@ class DropSlots(nn.Module):
         elif self.policy == "random":
             key = f"{run.seed},{run.step},{self.layer},{run.rank}".encode()
             generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=7).digest()))
-            scores = torch.rand(num_tokens, top_k, generator=generator).to(expert_ids.device)
+            scores = torch.rand(num_tokens, top_k, generator=generator)
+            if expert_ids.is_cuda:  # a pageable copy would stall the host
+                scores = scores.pin_memory()
+            scores = scores.to(expert_ids.device, non_blocking=True)
             keep.scatter_(1, scores.topk(self.count, dim=1).indices, False)
         else:
             keep = weights >= self.threshold
@@ -132,7 +137,7 @@ def splits(counts: torch.Tensor, *also: torch.Tensor) -> list[int]:
     send counts are split with its receive counts as `also`, so both come over in one copy,
     which stays on the tensors (`host_counts`): the receive splits, the experts' group sizes
     and the expert offloading read it again for free. One sync per layer (per chunk with
-    `expert_parallel.chunks`; conditional communication's trimming in `permute` adds one)."""
+    `expert_parallel.chunks`; trimming `order` in `permute` for a keep mask adds one)."""
     _to_host(counts, *also)
     return [sum(row) for row in host_counts(counts)]
 

@@ -57,17 +57,19 @@ class RunState:
         """Wait until `pending` has landed; count the time as blocked. A failed or timed-out
         exchange raises `CollectiveError` naming the exchange, the step and the timeout.
 
-        On CUDA (NCCL) the wait blocks the compute stream, not the host: the time blocked is
-        the stream's, measured between CUDA events on either side of the wait and added up
-        by `settle()` at the end of the step; on the CPU (gloo) it is the host's."""
+        Under NCCL the wait blocks the compute stream (the current stream of the tensor's device),
+        not the host: the time blocked is the stream's, measured between CUDA events on either
+        side of the wait and added up by `settle()`; under gloo it is the host's."""
         if pending.work is None:
             return pending.output
         name = pending.exchange.name if pending.exchange else "other"
-        cuda = pending.output.is_cuda
+        # NCCL's wait only orders the stream (gloo's blocks the host, even with CUDA tensors)
+        stream = (torch.cuda.current_stream(pending.output.device) if pending.output.is_cuda and pending.exchange
+                  and dist.get_backend(self.group(pending.exchange)) == "nccl" else None)
         start = time.perf_counter()
-        if cuda:
+        if stream is not None:
             before = torch.cuda.Event(enable_timing=True)
-            before.record()
+            before.record(stream)
         try:
             pending.work.wait()
         except RuntimeError as err:
@@ -78,11 +80,11 @@ class RunState:
                 f"(runtime.timeout_s = {self.timeout_s:g}): a peer rank stalled or died; look for its "
                 f"error first. Backend said: {err}") from err
         finally:
-            if not cuda:
+            if stream is None:
                 self._blocked(name, time.perf_counter() - start)
-        if cuda:
+        if stream is not None:
             after = torch.cuda.Event(enable_timing=True)
-            after.record()
+            after.record(stream)
             self._stalls.append((name, before, after))
         pending.work = None
         return pending.output

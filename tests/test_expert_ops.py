@@ -61,7 +61,8 @@ class _HostSyncs(torch.overrides.TorchFunctionMode):
     """Counts the calls that copy a device tensor's values to the host (a stall on CUDA)."""
 
     SYNCING = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__bool__,
-               torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu}
+               torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu,
+               torch.bincount, torch.Tensor.bincount}  # bincount reads its input's min and max on the host
 
     def __init__(self):
         super().__init__()
@@ -76,8 +77,9 @@ class _HostSyncs(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("plan", [{}, {"staleness": {"mode": "interweaved", "warmup_steps": 1}}],
-                         ids=["sync", "interweaved"])
+@pytest.mark.parametrize("plan", [{}, {"staleness": {"mode": "interweaved", "warmup_steps": 1}},
+                                  {"offload": {"enabled": True, "resident_experts": 8}}],
+                         ids=["sync", "interweaved", "offload"])
 def test_a_moe_layer_costs_at_most_one_host_sync_per_step(plan):
     """Counts, splits, the experts' group sizes: one device->host copy per layer (see splits)."""
     import warnings

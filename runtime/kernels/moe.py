@@ -12,6 +12,8 @@ for its FLOP counter), they cannot run under the interpreter.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -98,16 +100,18 @@ def _grouped_matmul(x, w, v, out, tile_group, tile_row, group_end, N, D, SWIGLU:
 def grouped_matmul(x: torch.Tensor, sizes: list[int], w: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x [R,D] in consecutive groups of `sizes`; group g times w[g] [N,D] transposed,
     or with `v` silu(x w[g]^T) * (x v[g]^T): one launch for every group."""
-    ends = torch.tensor(sizes).cumsum(0)
-    tiles = [(g, start) for g, size in enumerate(sizes) for start in range(int(ends[g]) - size, int(ends[g]), ROWS)]
+    ends = list(itertools.accumulate(sizes))
+    tiles = [(g, start) for g, size in enumerate(sizes) for start in range(ends[g] - size, ends[g], ROWS)]
     out = x.new_empty((x.shape[0], w.shape[1]))
     if not tiles:
         return out
-    tile_group, tile_row = (torch.tensor(column, dtype=torch.int32, device=x.device) for column in zip(*tiles))
+    # the tile table and the group ends in one host->device copy, pinned on CUDA so it does not stall the host
+    table = torch.tensor([g for g, _ in tiles] + [row for _, row in tiles] + ends, dtype=torch.int32)
+    table = (table.pin_memory() if x.is_cuda else table).to(x.device, non_blocking=True)
+    tile_group, tile_row, group_ends = table.split([len(tiles), len(tiles), len(ends)])
     grid = (len(tiles), triton.cdiv(w.shape[1], COLS))
-    _grouped_matmul[grid](x.contiguous(), w, w if v is None else v, out, tile_group, tile_row,
-                          ends.to(device=x.device, dtype=torch.int32), w.shape[1], w.shape[2], v is not None,
-                          ROWS, COLS, DEPTH)
+    _grouped_matmul[grid](x.contiguous(), w, w if v is None else v, out, tile_group, tile_row, group_ends,
+                          w.shape[1], w.shape[2], v is not None, ROWS, COLS, DEPTH)
     return out
 
 
