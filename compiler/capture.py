@@ -14,7 +14,8 @@ branches or loops on them runs once, at capture time, and the graph holds the br
 everything computed from tensor *values* stays in the graph. A branch on a tensor's values
 (`if (x > 0).any():`) is refused, not specialised: it would silently hold only for the
 example. Constants computed from shapes alone (position ids, masks) are computed once and
-kept in the graph as constants.
+kept in the graph as constants; a module with weights called on them is recorded, not
+computed, so weights loaded after compiling still count.
 
 The graph's inputs are the tensors found in the call's arguments (nested lists, tuples and
 dicts included, in `torch.utils._pytree` order), named after the forward's parameters; its
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import re
 from typing import Any
 
@@ -181,8 +183,12 @@ class ShapeTracer(MoeditTracer):
         return value
 
     def call_module(self, m, forward, args, kwargs):
-        if not any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs))):
-            self._eager += 1  # on example values (or constants): compute, do not record
+        """A module called on values only (example values, or constants made from shapes) is
+        computed, not recorded, unless it holds weights: those are recorded with constant
+        inputs, so that weights loaded after compiling still count."""
+        values_only = not any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
+        if self._eager or values_only and next(itertools.chain(m.parameters(), m.buffers()), None) is None:
+            self._eager += 1
             try:
                 return forward(*args, **kwargs)
             finally:

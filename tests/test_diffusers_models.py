@@ -202,3 +202,26 @@ def test_denoise_returns_0_dim_outputs_as_they_are():
     with moedit.compile(model, example_inputs=(x, t, y)).to_runtime() as runner:
         got, got_loss = runner.denoise(x, t, y)
     assert (got - out).abs().max() <= 1e-5 and got_loss.dim() == 0 and abs(got_loss - loss) <= 1e-5
+
+
+class _LearnedPositions(torch.nn.Module):
+    """A learned embedding of position ids made from shapes alone (constants at capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.positions = tiny_model(), torch.nn.Embedding(64, 4)
+
+    def forward(self, x, t, y):
+        ids = torch.arange(x.shape[-2] * x.shape[-1]).reshape(x.shape[-2], x.shape[-1])
+        return self.inner(x + self.positions(ids).permute(2, 0, 1), t, y)
+
+
+def test_weights_loaded_after_compiling_count_even_on_constant_inputs():
+    model = _LearnedPositions()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    compiled = moedit.compile(model, example_inputs=(x, t, y))
+    with torch.no_grad():
+        model.positions.weight.add_(1.0)  # as a checkpoint loaded after compiling would
+        reference = model(x, t, y)
+    with compiled.to_runtime() as runner:
+        assert (runner.denoise(x, t, y) - reference).abs().max() <= 1e-5
