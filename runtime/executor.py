@@ -88,7 +88,7 @@ class Runtime:
         mesh = Mesh(plan.mesh, {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | used, backend, plan.runtime.timeout_s)
         limit = plan.staleness.cache_limit_mb
         state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), rank, plan.runtime.timeout_s)
-        state.timeline = Timeline(rank) if profile else None
+        state.timeline = Timeline(rank, device if backend == "nccl" else None) if profile else None
         programs = _ready(programs, device, state.timeline)
         if plan.offload.enabled:
             state.experts = _expert_store(plan, programs, device)

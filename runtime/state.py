@@ -86,6 +86,8 @@ class RunState:
             after = torch.cuda.Event(enable_timing=True)
             after.record(stream)
             self._stalls.append((name, before, after))
+            if self.timeline is not None:
+                self.timeline.waited(pending.work, after)
         pending.work = None
         return pending.output
 

@@ -7,7 +7,8 @@ With profiling on (`compiled.to_runtime(profile=True)`), a rank records, per dif
                      inserts a `mark` before the first node of each region)
     one lane per     each exchange from issue to landing ("L3 dispatch"), landing as first
     communicator     seen complete by the rank (at the next region boundary or wait): an
-                     async collective's completion is invisible to torch's profiler
+                     async collective's completion is invisible to torch's profiler (under
+                     NCCL: until the wait that consumed it, on the GPU's clock; see Timeline)
 
 Every span also runs under `torch.profiler.record_function`, so a torch profiler trace of
 the same run shows moedit's regions beside torch's own events. `chrome_trace` merges every
@@ -54,19 +55,34 @@ def exchange_name(exchange: Exchange) -> str:
 class Timeline:
     """One rank's spans, recorded on the thread that runs the programs.
 
-    An exchange's landing is noticed at the first `mark` (or wait) after it completed: a
-    callback on the work's future would run Python on the communication thread, and the
-    GIL it takes there slowed the compute being measured by half."""
+    On the CPU (gloo) a span's ends are host times, and an exchange's landing is noticed at
+    the first `mark` (or wait) after it completed: a callback on the work's future would run
+    Python on the communication thread, and the GIL it takes there slowed the compute being
+    measured by half. Under NCCL (`device` a CUDA device) the host runs ahead of the GPU, so
+    the ends are CUDA events on the compute stream instead, put on the host clock at the end
+    of each step (one sync); an exchange runs from the stream's position at its issue to the
+    end of the wait that consumed it (it landed by then: exactly then if the stream was
+    blocked on it)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, device: torch.device | None = None):
         self.rank = rank
+        self.device = device if device is not None and device.type == "cuda" else None
         self.spans: list[Span] = []
-        self._open: tuple[str, float, int, object] | None = None  # name, start, step, record_function
-        self._flying: list[tuple[Exchange, object, float, int]] = []  # exchange, work, issued, step
+        self._open: tuple[str, object, int, object] | None = None  # name, start, step, record_function
+        self._flying: list[tuple[Exchange, object, object, int]] = []  # exchange, work, issued, step
+        self._ended: list[tuple[str, str, object, object, int]] = []  # spans whose ends are not host times yet
+
+    def _now(self):
+        """A host time, or under NCCL a CUDA event at the compute stream's current position."""
+        if self.device is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def mark(self, name: str, step: int) -> None:
         """End the open compute span and open one called `name`."""
-        now = time.perf_counter()
+        now = self._now()
         self._close(now)
         self._landings(now)
         scope = torch.profiler.record_function(name)
@@ -74,32 +90,57 @@ class Timeline:
         self._open = (name, now, step, scope)
 
     def end_step(self) -> None:
-        now = time.perf_counter()
+        now = self._now()
         self._close(now)
         self._landings(now)
+        self._resolve()
 
-    def _close(self, now: float) -> None:
+    def _close(self, now) -> None:
         if self._open is not None:
             name, start, step, scope = self._open
             scope.__exit__(None, None, None)
-            self.spans.append(Span(COMPUTE, name, start, now, step))
+            self._ended.append((COMPUTE, name, start, now, step))
             self._open = None
 
     def issued(self, exchange: Exchange, work, step: int) -> None:
-        """Record `exchange` from now until its work is seen complete."""
-        self._flying.append((exchange, work, time.perf_counter(), step))
+        """Record `exchange` from now until its work is seen complete (or, under NCCL, waited for)."""
+        self._flying.append((exchange, work, self._now(), step))
 
-    def _landings(self, now: float) -> None:
+    def waited(self, work, event) -> None:
+        """Under NCCL: the compute stream has `work`'s result from `event` on."""
+        for i, (exchange, other, start, step) in enumerate(self._flying):
+            if other is work:
+                self._ended.append((lane_of(exchange), exchange_name(exchange), start, event, step))
+                del self._flying[i]
+                return
+
+    def _landings(self, now) -> None:
+        if self.device is not None:
+            return  # see `waited`
         flying = []
         for exchange, work, start, step in self._flying:
             if work.is_completed():
-                self.spans.append(Span(lane_of(exchange), exchange_name(exchange), start, now, step))
+                self._ended.append((lane_of(exchange), exchange_name(exchange), start, now, step))
             else:
                 flying.append((exchange, work, start, step))
         self._flying = flying
 
+    def _resolve(self) -> None:
+        """Put the ended spans on the host clock."""
+        if self.device is None:
+            self.spans += [Span(*ended) for ended in self._ended]
+        elif self._ended:
+            last = self._now()
+            last.synchronize()
+            now = time.perf_counter()
+            self.spans += [Span(lane, name, now - start.elapsed_time(last) / 1e3, now - end.elapsed_time(last) / 1e3,
+                                step) for lane, name, start, end, step in self._ended]
+        self._ended = []
+
     def snapshot(self) -> list[Span]:
-        self._landings(time.perf_counter())
+        if self.device is None:
+            self._landings(time.perf_counter())
+        self._resolve()
         return sorted(self.spans, key=lambda s: s.start)
 
 
