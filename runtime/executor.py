@@ -76,6 +76,8 @@ class Runtime:
                             f"axes ({plan.mesh.describe()}) to multiply to {world}")
         device = torch.device(device) if device is not None else device_for(backend)
         if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)  # NCCL and the timing events use the current device's streams
         programs = compiled.programs(rank)  # builds them and checks their collective order (moedit.verify)
         # Groups of our own, so the plan's timeout bounds every collective even when the

@@ -64,13 +64,15 @@ class Timeline:
     end of the wait that consumed it (it landed by then: exactly then if the stream was
     blocked on it)."""
 
-    def __init__(self, rank: int, device: torch.device | None = None):
+    def __init__(self, rank: int, device: torch.device | str | None = None):
         self.rank = rank
+        device = None if device is None else torch.device(device)
         self.device = device if device is not None and device.type == "cuda" else None
         self.spans: list[Span] = []
         self._open: tuple[str, object, int, object] | None = None  # name, start, step, record_function
         self._flying: list[tuple[Exchange, object, object, int]] = []  # exchange, work, issued, step
         self._ended: list[tuple[str, str, object, object, int]] = []  # spans whose ends are not host times yet
+        self._seen: dict[int, float] = {}  # under NCCL: id(work) -> host time it was first seen complete
 
     def _now(self):
         """A host time, or under NCCL a CUDA event at the compute stream's current position."""
@@ -107,16 +109,21 @@ class Timeline:
         self._flying.append((exchange, work, self._now(), step))
 
     def waited(self, work, event) -> None:
-        """Under NCCL: the compute stream has `work`'s result from `event` on."""
+        """Under NCCL: the compute stream has `work`'s result from `event` on (it landed by then,
+        or by the host time it was first seen complete, whichever is earlier)."""
         for i, (exchange, other, start, step) in enumerate(self._flying):
             if other is work:
-                self._ended.append((lane_of(exchange), exchange_name(exchange), start, event, step))
+                seen = self._seen.pop(id(work), None)
+                self._ended.append((lane_of(exchange), exchange_name(exchange), start, (event, seen), step))
                 del self._flying[i]
                 return
 
     def _landings(self, now) -> None:
-        if self.device is not None:
-            return  # see `waited`
+        if self.device is not None:  # the span ends at `waited`; note when the host first sees it done
+            for _, work, _, _ in self._flying:
+                if id(work) not in self._seen and work.is_completed():
+                    self._seen[id(work)] = time.perf_counter()
+            return
         flying = []
         for exchange, work, start, step in self._flying:
             if work.is_completed():
@@ -125,22 +132,33 @@ class Timeline:
                 flying.append((exchange, work, start, step))
         self._flying = flying
 
-    def _resolve(self) -> None:
-        """Put the ended spans on the host clock."""
+    def _resolve(self, in_flight: bool = False) -> None:
+        """Put the ended spans on the host clock (with `in_flight`, under NCCL, also the exchanges
+        not yet waited for, ending now, named so)."""
         if self.device is None:
             self.spans += [Span(*ended) for ended in self._ended]
-        elif self._ended:
+        elif self._ended or in_flight and self._flying:
             last = self._now()
             last.synchronize()
             now = time.perf_counter()
-            self.spans += [Span(lane, name, now - start.elapsed_time(last) / 1e3, now - end.elapsed_time(last) / 1e3,
-                                step) for lane, name, start, end, step in self._ended]
+
+            def host(stamp) -> float:
+                if isinstance(stamp, tuple):  # (the wait's event, the host time it was first seen complete)
+                    event, seen = stamp
+                    return min(host(event), seen) if seen is not None else host(event)
+                return now - stamp.elapsed_time(last) / 1e3
+
+            self.spans += [Span(lane, name, host(start), host(end), step) for lane, name, start, end, step
+                           in self._ended]
+            if in_flight:
+                self.spans += [Span(lane_of(exchange), f"{exchange_name(exchange)} (in flight)", host(start), now,
+                                    step) for exchange, _, start, step in self._flying]
         self._ended = []
 
     def snapshot(self) -> list[Span]:
         if self.device is None:
             self._landings(time.perf_counter())
-        self._resolve()
+        self._resolve(in_flight=True)
         return sorted(self.spans, key=lambda s: s.start)
 
 

@@ -1,6 +1,7 @@
 """Overlap without changing results: chunked layers, the scheduler, the timeline."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -171,3 +172,57 @@ def test_a_profiled_run_records_every_region_and_exchange(spawn, tmp_path):
 def test_profiling_is_off_unless_asked():
     compiled = moedit.compile(dit_moe("tiny"), _plan(1, {}))
     assert not any(kind_of(n) is Kind.GLUE and "mark" in n.name for n in compiled.graph(0).graph.nodes)
+
+
+class _ClockEvent:
+    """Stands in for torch.cuda.Event on a CPU: records the host clock (the timeline's CUDA-mode
+    bookkeeping, not CUDA, is what is tested here)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+class _Work:
+    def __init__(self):
+        self.done = False
+
+    def is_completed(self):
+        return self.done
+
+
+def test_the_nccl_timeline_puts_event_stamped_spans_on_the_host_clock(monkeypatch):
+    from moedit.runtime.comm import Exchange
+    from moedit.runtime.timeline import Timeline
+
+    monkeypatch.setattr(torch.cuda, "Event", _ClockEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    timeline = Timeline(0, "cuda:0")
+    dispatch, stale = _Work(), _Work()
+    timeline.mark("L0 route", 0)
+    timeline.issued(Exchange("dispatch", 0, "ep"), dispatch, 0)
+    timeline.issued(Exchange("combine", 1, "ep", "stale"), stale, 0)
+    timeline.mark("L0 shared", 0)
+    dispatch.done = True
+    timeline.mark("L0 wait dispatch", 0)  # the host sees the dispatch complete here
+    seen = time.perf_counter()
+    time.sleep(0.01)
+    wait_end = _ClockEvent()
+    wait_end.record()
+    timeline.waited(dispatch, wait_end)
+    timeline.end_step()
+    spans = timeline.snapshot()
+    compute = [s for s in spans if s.lane == "compute"]
+    assert [s.name for s in compute] == ["L0 route", "L0 shared", "L0 wait dispatch"]
+    assert all(a.end == b.start for a, b in zip(compute, compute[1:]))  # contiguous
+    landed = next(s for s in spans if s.name == "L0 dispatch")
+    assert landed.end <= seen  # landed by the time the host saw it done, before the wait ended
+    assert next(s for s in spans if s.lane == "ep stale").name == "L1 combine (in flight)"
