@@ -199,11 +199,17 @@ class _Exchange:
         counts = emit.call(Kind.GLUE, torch.stack, [send_counts for _, _, send_counts, _ in chunks], 1)  # [P, n, L]
         all_recv = emit.call(Kind.COUNTS_WAIT, ops.wait,
                              emit.call(Kind.COUNTS_START, ops.counts_start, counts, **self.where))
-        flying = []
-        for i, (rows, order, send_counts, weights_i) in enumerate(chunks):
+        received_counts = []
+        for i in range(n):
             emit.chunk = i
-            recv_counts = emit.call(Kind.GLUE, operator.getitem, all_recv, (slice(None), i))
-            send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts)
+            received_counts.append(emit.call(Kind.GLUE, operator.getitem, all_recv, (slice(None), i)))
+        # the first chunk's splits bring every chunk's counts to the host in one copy (see splits)
+        later = [t for (_, _, send_counts, _), recv_counts in zip(chunks[1:], received_counts[1:])
+                 for t in (send_counts, recv_counts)]
+        flying = []
+        for i, ((rows, order, send_counts, weights_i), recv_counts) in enumerate(zip(chunks, received_counts)):
+            emit.chunk = i
+            send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts, *(later if i == 0 else ()))
             recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
             flying.append((self._start("dispatch", rows, send_splits, recv_splits), recv_counts, send_splits,
                            recv_splits))

@@ -136,8 +136,9 @@ def splits(counts: torch.Tensor, *also: torch.Tensor) -> list[int]:
     ints, and every device->host copy stalls the host until the GPU catches up. A layer's
     send counts are split with its receive counts as `also`, so both come over in one copy,
     which stays on the tensors (`host_counts`): the receive splits, the experts' group sizes
-    and the expert offloading read it again for free. One sync per layer (per chunk with
-    `expert_parallel.chunks`; trimming `order` in `permute` for a keep mask adds one)."""
+    and the expert offloading read it again for free. One sync per layer (with
+    `expert_parallel.chunks`, the first chunk's splits bring every chunk's counts; trimming
+    `order` in `permute` for a keep mask adds one)."""
     _to_host(counts, *also)
     return [sum(row) for row in host_counts(counts)]
 
@@ -156,7 +157,7 @@ def rows_per_expert(recv_counts: torch.Tensor) -> list[int]:
 
 def _to_host(*tensors: torch.Tensor) -> None:
     """Keep on each tensor its values as a flat Python list, made by one device->host copy for all."""
-    missing = [t for t in tensors if not hasattr(t, "_moedit_host")]
+    missing = list({id(t): t for t in tensors if not hasattr(t, "_moedit_host")}.values())
     if missing:
         flat = torch.cat([t.reshape(-1) for t in missing]).tolist()
         for t in missing:

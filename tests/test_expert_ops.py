@@ -78,8 +78,9 @@ class _HostSyncs(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("plan", [{}, {"staleness": {"mode": "interweaved", "warmup_steps": 1}},
-                                  {"offload": {"enabled": True, "resident_experts": 8}}],
-                         ids=["sync", "interweaved", "offload"])
+                                  {"offload": {"enabled": True, "resident_experts": 8}},
+                                  {"expert_parallel": {"degree": 1, "chunks": 2}}],
+                         ids=["sync", "interweaved", "offload", "chunks"])
 def test_a_moe_layer_costs_at_most_one_host_sync_per_step(plan):
     """Counts, splits, the experts' group sizes: one device->host copy per layer (see splits)."""
     import warnings
