@@ -69,8 +69,12 @@ class Signature:
         tensors = [with_paths[i][1] for i in places]
         names = _input_names([with_paths[i][0] for i in places], list(parameters.parameters))
         signature = cls(spec, tuple(None if i in places else leaf for i, (_, leaf) in enumerate(with_paths)), places,
-                        tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors), names)
+                        _tensor_meta(tensors), names)
         return signature, tensors
+
+    def with_tensors(self, tensors) -> "Signature":
+        """The signature of this call with `tensors` in the tensors' places."""
+        return dataclasses.replace(self, tensors=_tensor_meta(tensors))
 
     def call(self, tensors) -> tuple[tuple, dict]:
         """The forward's (args, kwargs), with `tensors` in the tensors' places."""
@@ -82,6 +86,10 @@ class Signature:
     def describe(self) -> str:
         return ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}"
                          for name, (shape, dtype, _) in zip(self.names, self.tensors))
+
+
+def _tensor_meta(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors)
 
 
 def _input_names(paths, parameters: list[str]) -> tuple[str, ...]:

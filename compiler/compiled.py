@@ -185,14 +185,13 @@ class CompiledModel:
         in the order a captured program takes them (moedit/capture.py)."""
         return Signature.of(self.model, args, kwargs)
 
-    def specialise(self, args: tuple, kwargs: dict) -> "CompiledModel":
-        """This model and plan captured for the signature of `model(*args, **kwargs)` (self if it is
-        the one captured; cached). Only for models compiled with `example_inputs`."""
-        signature, _ = self.bind(args, kwargs)
+    def specialise(self, signature: Signature, tensors: list[torch.Tensor]) -> "CompiledModel":
+        """This model and plan captured for `signature` with `tensors` as its example (self if it
+        is the one captured; cached). Only for models compiled with `example_inputs`."""
         if signature == self.signature:
             return self
         if signature not in self._specialised:
-            traced, signature, out_spec = capture(self.model, args, kwargs)
+            traced, signature, out_spec = capture(self.model, *signature.call(tensors))
             other = CompiledModel(self.model, self.plan, traced, layers_of(traced), self.sensitivity, self.pipeline)
             other.signature, other.batch_dims, other.out_spec = signature, self.batch_dims, out_spec
             self._specialised[signature] = other

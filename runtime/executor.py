@@ -193,11 +193,11 @@ class Runtime:
             if batched and split:
                 tensor = tensor.narrow(axis, 0, 1) if stand_in else self._split(tensor, axis)
             local.append(tensor.to(self.device))
-        local_args, local_kwargs = signature.call(local)
         if self.compiled.signature is None:
+            local_args, local_kwargs = signature.call(local)
             out = self._run(*local_args, **local_kwargs)
         else:
-            compiled = self.compiled.specialise(local_args, local_kwargs)
+            compiled = self.compiled.specialise(signature.with_tensors(local), local)
             self._use(compiled)
             out = compiled.outputs(self._run(*local))
         device = tensors[0].device
