@@ -48,18 +48,22 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _refuse(err) -> int:
-    """Report a user error once (see [Note: one report per error]); returns the exit status, 2."""
+def _let_rank_0_report() -> None:
+    """On ranks other than 0, give torchrun time to stop this rank (see [Note: one report per error])."""
     if _rank() != 0:
         time.sleep(REPORT_WAIT_S)
+
+
+def _refuse(err) -> int:
+    """Report a user error once (see [Note: one report per error]); returns the exit status, 2."""
+    _let_rank_0_report()
     print(f"moedit.run: error{f' on rank {_rank()}' if _rank() else ''}: {err}", file=sys.stderr)
     return 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors too: see [Note: one report per error]
-        if _rank() != 0:
-            time.sleep(REPORT_WAIT_S)
+        _let_rank_0_report()
         super().error(message)
 
 
