@@ -15,7 +15,8 @@ everything computed from tensor *values* stays in the graph. A branch on a tenso
 (`if (x > 0).any():`) is refused, not specialised: it would silently hold only for the
 example. Constants computed from shapes alone (position ids, masks) are computed once and
 kept in the graph as constants; a module with weights called on them is recorded, not
-computed, so weights loaded after compiling still count.
+computed, so weights loaded after compiling still count; and a shape-made tensor that an
+input's values are written into stops being a constant (see [Note: writes into constants]).
 
 The graph's inputs are the tensors found in the call's arguments (nested lists, tuples and
 dicts included, in `torch.utils._pytree` order), named after the forward's parameters; its
@@ -38,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .adapters import adapter_for
 from .graph import META
@@ -142,6 +144,86 @@ class _ShapedProxy(fx.Proxy):
         return iter([self[i] for i in range(len(self))])
 
 
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                               "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                               "__irshift__", "__imatmul__"})
+
+
+def _written_by(func, args: tuple, kwargs: dict):
+    """The tensor an in-place call writes into (`out=`, `t[i] = v`, `t.add_(v)`), else None."""
+    if isinstance(kwargs.get("out"), torch.Tensor):
+        return kwargs["out"]
+    name = getattr(func, "__name__", "")
+    in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+    return args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    with torch._C.DisableTorchFunction():  # a question about the tensor, not a call to trace
+        return tensor.untyped_storage().data_ptr() if tensor.untyped_storage().nbytes() else None
+
+
+class _WrittenConstants(TorchFunctionMode):
+    """[Note: writes into constants]
+    Python that builds a tensor from shapes alone (`out = torch.zeros(b, n, c)`) runs eagerly
+    while capturing: fx sees no proxy in it, so the tensor is a constant. HiDream's patchify
+    then writes the latents into it (`out[:, :, :n] = x`): fx records the write, but every
+    later read of `out` is plain eager code again, and would fold the example's latents into
+    the graph for good. This mode watches every torch call while capturing: the first write
+    of a traced value into a real tensor puts a copy of that tensor's storage into the graph
+    (`clone` of the constant, fresh at every call), and from then on every call that reads
+    that storage -- the tensor itself or any view of it -- reads the graph's copy instead
+    (the view as `as_strided` of the copy). Writes into the model's own parameters or buffers
+    are refused: a captured program keeps no module state."""
+
+    def __init__(self, tracer: "ShapeTracer"):
+        super().__init__()
+        self.tracer = tracer
+        self.copies: dict[int, tuple[torch.Tensor, fx.Proxy]] = {}  # storage -> (its base tensor, the graph's copy)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.tracer._eager or getattr(func, "__name__", "") == "__get__":  # example values; .shape and the like
+            return func(*args, **kwargs)
+        traced = any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
+        target = _written_by(func, args, kwargs)
+        if traced and target is not None and _storage(target) not in (None, *self.copies):
+            self._adopt(target)
+        if not self.copies:
+            return func(*args, **kwargs)
+        args, kwargs = self.substitute((args, kwargs))
+        if any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs))):
+            return fx.Proxy.__torch_function__(func, types, args, kwargs)  # the call may be a method of a Tensor
+        return func(*args, **kwargs)
+
+    def _adopt(self, tensor: torch.Tensor) -> None:
+        with torch._C.DisableTorchFunction():
+            base = tensor if tensor._base is None else tensor._base
+        if any(base is t for t in itertools.chain(self.tracer.root.parameters(), self.tracer.root.buffers())):
+            raise TraceError("the forward writes traced values into one of the model's parameters or buffers (shape "
+                             f"{list(base.shape)}); a captured program keeps no module state: write into a new tensor")
+        if not base.is_contiguous():
+            raise TraceError(f"the forward writes traced values into a non-contiguous tensor made from shapes alone "
+                             f"(shape {list(base.shape)}); make it with torch.zeros/empty (contiguous)")
+        constant = self.tracer.create_arg(base)  # a get_attr of the tensor as it is now
+        self.tracer.examples[constant] = base
+        self.copies[_storage(base)] = (base, self.tracer.proxy(constant).clone())
+
+    def _read(self, tensor: torch.Tensor):
+        found = self.copies.get(_storage(tensor))
+        if found is None:
+            return tensor
+        base, copy = found
+        with torch._C.DisableTorchFunction():
+            view = tuple(tensor.shape), tensor.stride(), tensor.storage_offset() - base.storage_offset()
+            whole = view == (tuple(base.shape), base.stride(), 0)
+        return copy if whole else torch.as_strided(copy, *view)
+
+    def substitute(self, tree):
+        """`tree` with every tensor whose storage the graph holds a copy of replaced by that copy."""
+        return pytree.tree_map_only(torch.Tensor, self._read, tree)
+
+
 class ShapeTracer(MoeditTracer):
     """Traces with every proxy's value on the example inputs alongside (see the module docstring)."""
 
@@ -150,9 +232,19 @@ class ShapeTracer(MoeditTracer):
         self.inputs = inputs  # placeholder name -> example tensor
         self.examples: dict[fx.Node, Any] = {}
         self._eager = 0  # > 0 while computing on example values: module attributes are not proxied
+        self.written = _WrittenConstants(self)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
+
+    def create_arg(self, a):
+        """As fx's, but a tensor whose storage the graph holds a copy of is read from that copy:
+        an operand of `proxy + tensor` reaches fx here, not through a torch call."""
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            read = self.written.substitute(a)
+            if isinstance(read, fx.Proxy):
+                return read.node
+        return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -194,6 +286,8 @@ class ShapeTracer(MoeditTracer):
         """A module called on values only (example values, or constants made from shapes) is
         computed, not recorded, unless it holds weights: those are recorded with constant
         inputs, so that weights loaded after compiling still count."""
+        if not self._eager:
+            args, kwargs = self.written.substitute((args, kwargs))
         values_only = not any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
         if self._eager or values_only and next(itertools.chain(m.parameters(), m.buffers()), None) is None:
             self._eager += 1
@@ -225,7 +319,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
     out_spec: list[pytree.TreeSpec] = []
     root = _specialised(model, signature, out_spec)
     tracer = ShapeTracer(dict(zip(signature.names, examples)))
-    with torch.no_grad():
+    with torch.no_grad(), tracer.written:
         graph = traced_graph(tracer, root, model, signature.describe())
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for node in gm.graph.nodes:
