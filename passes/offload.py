@@ -19,7 +19,7 @@ import math
 
 import torch.fx as fx
 
-from moedit.graph import Emitter, Kind, LayerNodes, kind_of, meta
+from moedit.graph import META, Emitter, Kind, kind_of, meta
 from moedit.pipeline import PassContext, PassResult, strip_modules
 from moedit.plan import PlanError
 from moedit.runtime import ops
@@ -37,13 +37,17 @@ def offload(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _unregister(gm, layer.path, local)
         local.offload_layer = layer.index
         local_count[layer.index] = len(local.expert_ids)
-        emit = Emitter(gm, layer.index)
-        for experts in LayerNodes(gm, layer.index).all(Kind.EXPERTS):
-            counts = experts.args[1]
-            with gm.graph.inserting_after(_host_copy(counts, experts)):
-                fetch = emit.call(Kind.FETCH, ops.expert_fetch, counts, layer=layer.index,
-                                  expert_ids=list(local.expert_ids))
-            experts.args = (*experts.args[:2], fetch)
+    for experts in [node for node in gm.graph.nodes if kind_of(node) is Kind.EXPERTS]:
+        # The store's key is the layer whose experts the node calls, read off the module it calls:
+        # under interweaving, layer j's slot runs layer j-1's experts (its `owner`).
+        local = gm.get_submodule(experts.target)
+        emit = Emitter(gm, meta(experts)["layer"])
+        counts = experts.args[1]
+        with gm.graph.inserting_after(_host_copy(counts, experts)):
+            fetch = emit.call(Kind.FETCH, ops.expert_fetch, counts, layer=local.offload_layer,
+                              expert_ids=list(local.expert_ids))
+        fetch.meta[META]["owner"] = local.offload_layer
+        experts.args = (*experts.args[:2], fetch)
         inserted += emit.inserted
     _check_budget(gm, ctx, local_count)
     return PassResult(gm, True, inserted)
@@ -73,9 +77,9 @@ def _check_budget(gm: fx.GraphModule, ctx: PassContext, local_count: dict[int, i
     for node in gm.graph.nodes:
         kind = kind_of(node)
         if kind is Kind.FETCH:
-            fetched[meta(node)["layer"]] = local_count[meta(node)["layer"]]
+            fetched[node.kwargs["layer"]] = local_count[node.kwargs["layer"]]
         elif kind is Kind.EXPERTS:
-            fetched.pop(meta(node)["layer"], None)
+            fetched.pop(gm.get_submodule(node.target).offload_layer, None)
         if sum(fetched.values()) > most:
             most, when = sum(fetched.values()), sorted(fetched)
     size = max(expert_bytes(e) for layer in ctx.layers for e in gm.get_submodule(f"{layer.path}.ep_experts")._experts)
