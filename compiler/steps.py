@@ -70,6 +70,12 @@ class StepPlan:
         return tuple(StepKind(s, d) for d in drop for s in sync)
 
     @property
+    def carries_state(self) -> bool:
+        """Whether a step reads what earlier steps of its sample left (staleness caches, K/V buffers,
+        cached slot outputs), so that a runtime must know where each sample begins."""
+        return self.stale or self.refresh_every is not None
+
+    @property
     def needs_total(self) -> bool:
         """Whether `kind_at` must know how many steps the sample has (for cool-down steps)."""
         return self.stale and self.cooldown_steps > 0

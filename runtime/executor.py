@@ -1,10 +1,18 @@
 """The step executor: runs one rank's compiled programs, one per diffusion step.
 
-A plan compiles one program per step kind (`moedit.steps`); before every step the
-executor asks the compiled model's `StepPlan` which kind the step is, and runs that
-program with the run's state as its `run` input. It owns the step counter: `reset()`
-starts a sample (and says how many steps it has, for cool-down steps), `sample()` does
-that itself.
+The runtime runs a `RankProgram` (moedit/program.py, [Note: compiler and runtime]): one
+program per step kind (`moedit.steps`); before every step the executor asks its `StepPlan`
+which kind the step is, and runs that program with the run's state as its `run` input. It
+owns the step counter: `reset(steps=N)` starts a sample of N steps, `sample()` does that
+itself.
+
+[Note: samples]
+A plan whose steps read what earlier steps left (staleness caches, K/V buffers, cached slot
+outputs) must know where a sample begins: step 0 of a new sample runs the synchronous
+program and reads nothing of the last one. `Runtime.denoise` cannot tell that from its
+arguments, so for such plans it refuses a call outside a sample opened by `reset(steps=N)`:
+the first call before any `reset`, and the (N+1)-th call of a sample of N steps, each with a
+message naming `reset`. Plans that carry nothing across steps need no `reset`.
 
 The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
 rank); ranks that differ only in the pipefusion, cfg, patch, ring or ulysses axes get the same
@@ -16,6 +24,7 @@ depend on the world size.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -24,9 +33,11 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from moedit.plan import PlanError
+from moedit.plan import Plan, PlanError
+from moedit.program import RankProgram
+from moedit.signature import Signature
 from moedit.steps import StepKind
-from moedit.verify import collective_order, verify_collective_order
+from moedit.verify import verify_collective_order
 
 from .cache import StepCache
 from .comm import MAIN, Exchange, Pending, device_for, init_process_group, pick_backend
@@ -44,63 +55,77 @@ BATCH_AXIS = "data"  # the axis the global batch is split over
 WORLD = "world"  # every rank: the runtime's own checks
 
 
+def join(plan: Plan) -> tuple[str, int]:
+    """Join (or start) the default process group a runtime of `plan` runs in; return its
+    backend and this process's rank. A group of another size than the plan's is a PlanError."""
+    backend = pick_backend(plan.runtime.backend)
+    init_process_group(backend, plan.runtime.timeout_s, plan.world_size)
+    world = dist.get_world_size()
+    if world != plan.world_size:
+        raise PlanError(f"the plan was compiled for {plan.world_size} ranks but the process group has {world}; "
+                        f"launch with --nproc_per_node={plan.world_size} or change the plan's axes "
+                        f"({plan.mesh.describe()}) to multiply to {world}")
+    return backend, dist.get_rank()
+
+
 class Runtime:
     """One rank's view of a compiled model inside a process group. Every rank must call
     `close()` (or use the runtime as a context manager)."""
 
-    def __init__(self, compiled, programs: dict[StepKind, torch.nn.Module], state: RunState, rank: int,
-                 world_size: int, device: torch.device):
-        self.compiled = compiled
-        self.programs = programs  # step kind -> this rank's program (shared with other runtimes)
+    def __init__(self, program: RankProgram, state: RunState, device: torch.device):
+        self.program = program  # what the compiler built for this rank (for a captured model: its first capture)
+        self.programs = program.programs  # step kind -> the program this rank runs now, on `device`
         self.state = state  # everything this run owns; passed to every program as `run`
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = program.rank
+        self.world_size = program.plan.world_size
         self.device = device
-        self.total_steps: int | None = None  # of the current sample, if known
+        self.total_steps: int | None = None  # of the current sample, once reset(steps=N) opened one
         self.step_log: list[StepKind] = []  # the kind each step of the current sample ran
         self.step_times: list[float] = []  # seconds per diffusion step of the last sample()
         self.blocked_times: list[float] = []  # of which blocked on exchanges
         self.blocked_by: list[dict[str, float]] = []  # the same per step, by exchange name ("dispatch", ...)
         self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
-        self._captures = {compiled: programs}  # a model captured for several signatures: each one's programs
+        # a captured model: the programs for each global call signature met so far (see `prepare`)
+        self._captures: dict[Signature, RankProgram] = {}
 
     @classmethod
-    def start(cls, compiled, device=None, profile: bool = False) -> "Runtime":
-        plan = compiled.plan
-        backend = pick_backend(plan.runtime.backend)
-        init_process_group(backend, plan.runtime.timeout_s, compiled.world_size)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if world != compiled.world_size:
-            raise PlanError(f"the plan was compiled for {compiled.world_size} ranks but the process group has "
-                            f"{world}; launch with --nproc_per_node={compiled.world_size} or change the plan's "
-                            f"axes ({plan.mesh.describe()}) to multiply to {world}")
+    def start(cls, program: RankProgram, backend: str, device=None, profile: bool = False) -> "Runtime":
+        """The runtime of `program` in the process group `join` joined, on `device` (default: the
+        backend's device for this rank), recording a timeline with `profile`."""
+        plan = program.plan
         device = torch.device(device) if device is not None else device_for(backend)
         if device.type == "cuda":
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)  # NCCL and the timing events use the current device's streams
-        programs = compiled.programs(rank)  # builds them and checks their collective order (moedit.verify)
-        # Groups of our own, so the plan's timeout bounds every collective even when the
-        # caller created the default group with another one.
-        orders = {kind.name: collective_order(gm) for kind, gm in programs.items()}
+        if program.kernels == "triton" and device.type != "cuda":
+            raise PlanError(f"the programs were compiled with kernels: triton, which run on CUDA tensors, but this "
+                            f"runtime runs on {device}; compile with kernels: torch")
         # Compared before any group is made: ranks that disagree would otherwise hang creating them.
-        used = _check_collective_order_across_processes(orders, plan.mesh)
-        # Every rank creates every group (a collective call), also those only other ranks use
-        # (PipeFusion's stages issue different exchanges).
+        used = _check_collective_order_across_processes(program.orders, plan.mesh)
+        # Groups of our own, so the plan's timeout bounds every collective even when the caller
+        # created the default group with another one. Every rank creates every group (a collective
+        # call), also those only other ranks use (PipeFusion's stages issue different exchanges).
         mesh = Mesh(plan.mesh, {(BATCH_AXIS, MAIN), (WORLD, MAIN)} | used, backend, plan.runtime.timeout_s)
-        limit = plan.staleness.cache_limit_mb
-        state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), rank, plan.runtime.timeout_s)
-        state.timeline = Timeline(rank, device if backend == "nccl" else None) if profile else None
-        programs = _ready(programs, device, state.timeline)
-        if plan.offload.enabled:
-            state.experts = _expert_store(plan, programs, device)
-        return cls(compiled, programs, state, rank, world, device)
+        try:
+            limit = plan.staleness.cache_limit_mb
+            state = RunState(mesh, StepCache(None if limit is None else int(limit * 2**20)), program.rank,
+                             plan.runtime.timeout_s)
+            state.timeline = Timeline(program.rank, device if backend == "nccl" else None) if profile else None
+            program = dataclasses.replace(program, programs=_ready(program.programs, device, state.timeline))
+            if plan.offload.enabled:
+                state.experts = _expert_store(plan, program.programs, device)
+        except BaseException:
+            mesh.close()  # the groups are made: leave them, or they outlive the failed start
+            raise
+        return cls(program, state, device)
 
     # -- step control ---------------------------------------------------------------
     def reset(self, steps: int | None = None, seed: int = 0) -> None:
-        """Start a new sample of `steps` diffusion steps (needed by plans with cool-down
-        steps): finish exchanges in flight, empty the caches, step 0, and seed `seed` for
-        anything random in the plan (conditional_comm.drop: random)."""
+        """Start a new sample of `steps` diffusion steps: finish exchanges in flight, empty the
+        caches, step 0, and seed `seed` for anything random in the plan (conditional_comm.drop:
+        random). Plans that carry state across steps need it before every sample, with `steps`
+        (see [Note: samples]); `sample()` calls it itself."""
         self._drain()
         self.state.cache.entries.clear()
         if self.state.experts is not None:
@@ -115,7 +140,16 @@ class Runtime:
         self.state.settle()
 
     def _run(self, *inputs, **kwargs):
-        kind = self.compiled.steps.kind_at(self.state.step, self.total_steps)
+        steps = self.program.steps
+        if steps.carries_state and self.total_steps is None:
+            raise RuntimeError("this plan's steps read what earlier steps left (staleness caches, K/V buffers or "
+                               "cached slot outputs), so a sample must be opened first: call runner.reset(steps=N, "
+                               "seed=...) before its first step (see [Note: samples] in moedit/runtime/executor.py)")
+        if steps.carries_state and self.state.step >= self.total_steps:
+            raise RuntimeError(f"the sample opened by reset(steps={self.total_steps}) has run all its steps; call "
+                               "runner.reset(steps=N, seed=...) before the first step of the next sample, so that "
+                               "its step 0 reads nothing the last sample left")
+        kind = steps.kind_at(self.state.step, self.total_steps)
         if kind.synchronous and self.state.kind is not None and not self.state.kind.synchronous:
             self._drain()  # a synchronous program refills the caches without reading the exchanges in them
         self.state.kind = kind
@@ -143,7 +177,7 @@ class Runtime:
 
     def _all_gather(self, name: str, tensor: torch.Tensor, axis: str = BATCH_AXIS) -> list[torch.Tensor]:
         exchange = Exchange(name, None, axis)
-        parts = [torch.empty_like(tensor) for _ in range(self.compiled.plan.mesh.size(axis))]
+        parts = [torch.empty_like(tensor) for _ in range(self.program.plan.mesh.size(axis))]
         work = dist.all_gather(parts, tensor, group=self.state.group(exchange), async_op=True)
         self.state.wait(self.state.issued(Pending(parts[0], work, exchange)))
         self.state.settle()
@@ -151,7 +185,7 @@ class Runtime:
 
     def _gather(self, local: torch.Tensor, batch: int) -> torch.Tensor:
         """Concatenate every data shard (shards may differ in size by one)."""
-        parts = self._all_gather("gather of the output batch", pad_rows(local, batch, self.compiled.plan.mesh.data))
+        parts = self._all_gather("gather of the output batch", pad_rows(local, batch, self.program.plan.mesh.data))
         return unpad_rows(torch.stack(parts), batch)
 
     # -- public API ---------------------------------------------------------------------
@@ -171,13 +205,38 @@ class Runtime:
 
         For a stale plan each call is one diffusion step: call `reset(steps=N, seed=...)`
         before the first step of every sample."""
-        signature, tensors = self.compiled.bind(args, kwargs)
-        axes = [self.compiled.batch_dims.get(name, 0) for name in signature.names]
+        call = self._shard_call(args, kwargs)
+        if self.program.signature is None:
+            local_args, local_kwargs = call.signature.call(call.local)
+            out = self._run(*local_args, **local_kwargs)
+        else:
+            program = self._captured_for(call)
+            out = program.outputs(self._run(*call.local))
+        device = call.tensors[0].device
+
+        def gather(o: torch.Tensor) -> torch.Tensor:
+            return o.to(device) if o.dim() == 0 else self._gather(o[:0] if call.stand_in else o, call.batch).to(device)
+
+        return pytree.tree_map_only(torch.Tensor, gather, out)
+
+    def prepare(self, *args, **kwargs) -> None:
+        """Have the programs for a call like `denoise(*args, **kwargs)` ready, without running a
+        step: for a captured model, capture it for this call's shapes if no earlier call had
+        them. `denoise` does this itself; call it on every rank to keep the capture out of the
+        timing of the first step."""
+        call = self._shard_call(args, kwargs)
+        if self.program.signature is not None:
+            self._captured_for(call)
+
+    def _shard_call(self, args: tuple, kwargs: dict) -> "_Call":
+        """Bind a call to the model's forward and cut this rank's part of its batch."""
+        signature, tensors = Signature.of(self.program.model, args, kwargs)
+        axes = [self.program.batch_dims.get(name, 0) for name in signature.names]
         has_batch = [a is not None and t.dim() > a for t, a in zip(tensors, axes)]
         if not any(has_batch):
             raise ValueError("denoise needs at least one tensor input with a batch axis to split over the ranks")
         batch = next(t.shape[a] for t, a, b in zip(tensors, axes, has_batch) if b)
-        layout = self.compiled.plan.mesh
+        layout = self.program.plan.mesh
         split = layout.size(BATCH_AXIS) > 1
         odd = [f"{name} {list(t.shape)} (axis {a})" for name, t, a, b in zip(signature.names, tensors, axes, has_batch)
                if b and t.shape[a] != batch]
@@ -187,46 +246,40 @@ class Runtime:
                              "compile(..., batch_dims={name: its batch axis, or None to give it whole to every rank})")
         # With fewer samples than data ranks the last ranks get none; a captured forward may not take
         # an empty batch, so such a rank runs on a copy of sample 0 (joining every exchange) and keeps nothing.
-        stand_in = self.compiled.signature is not None and layout.index(BATCH_AXIS, self.rank) >= batch
+        stand_in = self.program.signature is not None and layout.index(BATCH_AXIS, self.rank) >= batch
         local = []
         for tensor, axis, batched in zip(tensors, axes, has_batch):
             if batched and split:
                 tensor = tensor.narrow(axis, 0, 1) if stand_in else self._split(tensor, axis)
             local.append(tensor.to(self.device))
-        if self.compiled.signature is None:
-            local_args, local_kwargs = signature.call(local)
-            out = self._run(*local_args, **local_kwargs)
-        else:
-            compiled = self.compiled.specialise(signature.with_tensors(local), local)
-            self._use(compiled)
-            out = compiled.outputs(self._run(*local))
-        device = tensors[0].device
+        return _Call(signature, tensors, local, batch, stand_in)
 
-        def gather(o: torch.Tensor) -> torch.Tensor:
-            return o.to(device) if o.dim() == 0 else self._gather(o[:0] if stand_in else o, batch).to(device)
-
-        return pytree.tree_map_only(torch.Tensor, gather, out)
+    def _captured_for(self, call: "_Call") -> RankProgram:
+        """The captured programs for `call`, made current. Keyed by the *global* call's signature,
+        which every rank sees alike, so every rank captures again at the same call, before its
+        step begins (a rank's own shard may differ in size by one). A later capture must issue
+        the first one's exchanges: every rank checked at start that they agree on those, so
+        they still agree."""
+        if call.signature not in self._captures:
+            local = call.signature.with_tensors(call.local)
+            program = self.program if local == self.program.signature else self.program.specialise(local, call.local)
+            if program is not self.program:
+                for kind, order in program.orders.items():
+                    if order != self.program.orders[kind]:
+                        raise PlanError(f"rank {self.rank}: the capture for {local.describe()} issues other exchanges "
+                                        f"in its {kind} program than the first capture; the model's MoE layers must "
+                                        "not depend on its input shapes")
+                program = dataclasses.replace(program, programs=_ready(program.programs, self.device,
+                                                                       self.state.timeline))
+            self._captures[call.signature] = program
+        program = self._captures[call.signature]
+        self.programs = program.programs
+        return program
 
     def _split(self, tensor: torch.Tensor, axis: int = 0) -> torch.Tensor:
         """This rank's part of `tensor` along `axis` (the data axis's shards may differ by one)."""
-        layout = self.compiled.plan.mesh
+        layout = self.program.plan.mesh
         return tensor.tensor_split(layout.size(BATCH_AXIS), dim=axis)[layout.index(BATCH_AXIS, self.rank)]
-
-    def _use(self, compiled) -> None:
-        """Run `compiled`'s programs (a capture of the model for another signature) from now on.
-        Every rank checked at start that they agree on the exchanges of the first capture's
-        programs; a later capture must issue the same ones, so they still agree without
-        another collective (a rank may capture alone: its shard's shape changed)."""
-        if compiled not in self._captures:
-            programs = compiled.programs(self.rank)
-            first = next(iter(self._captures.values()))
-            for kind, gm in programs.items():
-                if collective_order(gm) != collective_order(first[kind]):
-                    raise PlanError(f"rank {self.rank}: the capture for {compiled.signature.describe()} issues other "
-                                    f"exchanges in its {kind.name} program than the first capture; the model's "
-                                    "MoE layers must not depend on its input shapes")
-            self._captures[compiled] = _ready(programs, self.device, self.state.timeline)
-        self.programs = self._captures[compiled]
 
     @torch.no_grad()
     def sample(self, class_labels, steps: int = 50, cfg_scale: float = 1.5, seed: int = 0,
@@ -239,7 +292,7 @@ class Runtime:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)} (rflow for rectified-flow "
                              "models such as DiT-MoE XL and G, ddpm or ddim for Gaussian diffusion such as S and B)")
-        cfg = getattr(self.compiled.model, "config", None)
+        cfg = getattr(self.program.model, "config", None)
         if cfg is None or not hasattr(cfg, "in_channels"):
             raise TypeError("Runtime.sample needs a model with a DiT-style `config` (in_channels, input_size, "
                             "num_classes); call Runtime.denoise inside your own sampler instead")
@@ -261,7 +314,7 @@ class Runtime:
 
         def on_step(i, latents):
             nonlocal last, blocked, sent, by_name
-            if self.compiled.plan.runtime.check_finite:
+            if self.program.plan.runtime.check_finite:
                 self._check_finite(latents, i)
             now = time.perf_counter()
             self.step_times.append(now - last)
@@ -345,3 +398,14 @@ def _check_collective_order_across_processes(orders: dict, layout) -> set[tuple[
     for kind in orders:
         verify_collective_order({rank: other[kind] for rank, other in enumerate(gathered)}, kind, layout)
     return {comm for other in gathered for order in other.values() for comm in order}
+
+
+@dataclasses.dataclass
+class _Call:
+    """A `denoise` call bound to the model's forward, and this rank's part of it."""
+
+    signature: Signature  # of the global call
+    tensors: list[torch.Tensor]  # the call's tensors, global
+    local: list[torch.Tensor]  # this rank's part of each, on the runtime's device
+    batch: int  # samples in the global batch
+    stand_in: bool  # this rank holds no sample and runs on a copy of sample 0

@@ -57,6 +57,7 @@ def _exact_worker(rank, world):
     for name, (depth, plan) in EXACT[world].items():
         compiled = moedit.compile(tiny_model(depth=depth), moedit.Plan(**plan))
         with compiled.to_runtime() as runtime:
+            runtime.reset(steps=1)  # a one-step sample (see [Note: samples] in moedit/runtime/executor.py)
             results[name] = {"denoise": runtime.denoise(*_batch()),
                              "sample": runtime.sample(LABELS, STEPS, CFG, seed=7)}
     return results

@@ -27,6 +27,7 @@ def _batch():
 
 def _run(model, plan) -> dict:
     with moedit.compile(model, moedit.Plan(**plan)).to_runtime() as runtime:
+        runtime.reset(steps=1)  # one step: stale plans open a sample first (moedit/runtime/executor.py)
         return {"denoise": runtime.denoise(*_batch()), "sample": runtime.sample(LABELS, STEPS, CFG, seed=7)}
 
 

@@ -157,6 +157,7 @@ def test_conditional_comm_on_stale_layers(spawn, mode):
 def _cache_limit_worker(rank, world):
     plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "displaced", "cache_limit_mb": 0.01})
     runtime = moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime()
+    runtime.reset(steps=1)
     try:
         runtime.denoise(*_inputs(0))
     except MemoryError as err:
@@ -206,3 +207,29 @@ def test_random_slot_dropping_is_reproducible(spawn):
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         torch.testing.assert_close(drop_again, drop_a, rtol=0, atol=0)
         assert not torch.equal(drop_other, drop_a), "the run's seed must choose the dropped slots"
+
+
+def _second_sample_worker(rank, world):
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "interweaved", "warmup_steps": 1})
+    refused = []
+    with moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime() as runtime:
+        for attempt in ("before any reset", "after the sample's last step"):
+            try:
+                runtime.denoise(*_inputs(0))
+            except RuntimeError as err:
+                refused.append((attempt, str(err)))
+            runtime.reset(steps=2)
+            first = [runtime.denoise(*_inputs(step)) for step in range(2)]
+        runtime.reset(steps=2)  # the next sample, opened as it must be: its steps equal the first sample's
+        again = [runtime.denoise(*_inputs(step)) for step in range(2)]
+    return refused, first, again, [kind.name for kind in runtime.step_log]
+
+
+def test_a_second_sample_without_reset_is_refused_naming_reset(spawn):
+    """A stale plan's step 0 must not read the caches the last sample left ([Note: samples])."""
+    refused, first, again, kinds = spawn(2, _second_sample_worker)[0]
+    assert [attempt for attempt, _ in refused] == ["before any reset", "after the sample's last step"]
+    assert all("runner.reset(steps=N" in message for _, message in refused)
+    assert kinds == ["sync", "async"]
+    for a, b in zip(first, again):
+        assert (a - b).abs().max() == 0
