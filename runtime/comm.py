@@ -71,11 +71,48 @@ class CollectiveError(RuntimeError):
 
 
 def pick_backend(requested: str) -> str:
+    """The backend a runtime of a plan with `runtime.backend: requested` runs on.
+
+    A default process group that already exists decides it (moedit joins that group rather
+    than creating one, see `init_process_group`): "auto" takes its backend, and an explicit
+    request that contradicts it is refused, since tensors placed for the other backend would
+    fail in the first collective. Without a group, "auto" is NCCL when CUDA is available.
+    """
+    existing = default_group_backend()
+    if existing is not None:
+        if requested not in ("auto", existing):
+            raise ValueError(f"runtime.backend is {requested!r} but the default process group already exists with "
+                             f"{existing}; set runtime.backend to {existing!r} or 'auto', or create the group with "
+                             f"{requested}")
+        return existing
     if requested == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if requested == "nccl" and not torch.cuda.is_available():
         raise ValueError("runtime.backend is 'nccl' but CUDA is not available; use 'gloo' or 'auto'")
     return requested
+
+
+def expected_backend(requested: str) -> str:
+    """The backend `pick_backend` will choose when the runtime starts, as far as it can be told
+    now, without its errors (a plan may be compiled where it will not run)."""
+    try:
+        return pick_backend(requested)
+    except ValueError:
+        return requested
+
+
+def default_group_backend() -> str | None:
+    """"nccl" or "gloo": the backend of the existing default process group (None if there is none).
+    A group with a backend per device type ("cpu:gloo,cuda:nccl") runs moedit's CUDA tensors on
+    NCCL, so it counts as NCCL."""
+    if not dist.is_initialized():
+        return None
+    name = str(dist.get_backend()).lower()
+    for backend in ("nccl", "gloo"):
+        if backend in name:
+            return backend
+    raise ValueError(f"runtime.backend: the default process group uses {name!r}; moedit runs on gloo or nccl, so "
+                     "create the group with one of them")
 
 
 def init_process_group(backend: str, timeout_s: float, world_size: int) -> None:

@@ -3,6 +3,8 @@ Triton's interpreter, and `kernels: triton` against `kernels: torch` at 2 ranks.
 
 Skipped where Triton is not installed (it is in the test extra on Linux x86_64)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -57,6 +59,26 @@ def test_grouped_swiglu_equals_each_expert_run_alone(kernels, sizes):
     with torch.no_grad():
         torch.testing.assert_close(kernels.grouped_swiglu(x, sizes, gate, up, down), torch.cat(expected), rtol=0,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "ieee"), (torch.bfloat16, "tf32"),
+                                              (torch.float16, "tf32")])
+def test_float32_expert_matmuls_are_ieee_and_half_ones_keep_the_tensor_cores(kernels, monkeypatch, dtype, precision):
+    """On a GPU `tl.dot` on float32 defaults to TF32 (drift ~1e-3 against torch); Triton's
+    interpreter ignores the precision (numpy matmul), so no CPU result can show it: this
+    checks the argument every launch passes and that every `tl.dot` in the kernel takes it."""
+    launched = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args: launched.append(args[-1])
+
+    monkeypatch.setattr(kernels, "_grouped_matmul", Launcher())
+    x, w = torch.randn(5, 8).to(dtype), torch.randn(2, 4, 8).to(dtype)
+    kernels.grouped_swiglu(x, [2, 3], w, w, w.transpose(1, 2).contiguous())
+    assert launched == [precision, precision]  # the gate/up launch and the down launch
+    source = inspect.getsource(kernels)
+    assert source.count("tl.dot(") == source.count("input_precision=PRECISION)") == 2
 
 
 @pytest.mark.parametrize("policy", ["low", "high", "threshold"])

@@ -27,14 +27,35 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve(requested: str, cuda: bool) -> str:
-    """`kernels: auto` -> "triton" on CUDA with Triton installed, else "torch"; `triton` needs Triton."""
+def resolve(requested: str, cuda: bool, backend: str = "auto") -> tuple[str, str | None]:
+    """The plan's `kernels` for this machine: "torch" or "triton", and, when `auto` chose torch
+    although CUDA is available, why (None otherwise).
+
+    The kernels run on the tensors the ranks exchange, which are CUDA tensors only under NCCL
+    (`backend`: the plan's runtime.backend, resolved as the runtime will, see
+    `moedit.runtime.comm.pick_backend`). So `auto` is "triton" on CUDA with Triton installed
+    and an NCCL backend; `triton` needs Triton, and is refused under gloo unless the run is a
+    CPU-only one under Triton's interpreter (backend auto, no CUDA: the tests).
+    """
+    from moedit.runtime.comm import expected_backend
+
+    resolved = expected_backend(backend)
     if requested == "auto":
-        return "triton" if cuda and triton_installed() else "torch"
+        if not cuda:
+            return "torch", None
+        if resolved != "nccl":
+            return "torch", (f"runtime.backend {backend!r} runs on {resolved}, whose ranks exchange CPU tensors, "
+                             "which the Triton kernels (compiled for CUDA) cannot run on")
+        if not triton_installed():
+            return "torch", "Triton is not installed (pip install -e \".[kernels]\", Linux x86_64)"
+        return "triton", None
     if requested == "triton" and not triton_installed():
         raise ValueError("kernels: triton needs Triton; install it with `pip install -e \".[kernels]\"` (Linux "
                          "x86_64), or use kernels: torch")
-    return requested
+    if requested == "triton" and resolved == "gloo" and (cuda or backend == "gloo"):
+        raise ValueError(f"kernels: triton runs on CUDA tensors, but runtime.backend {backend!r} runs on gloo, whose "
+                         "ranks exchange CPU tensors; use runtime.backend: nccl, or kernels: torch")
+    return requested, None
 
 
 def load():

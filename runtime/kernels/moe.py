@@ -72,9 +72,10 @@ def weighted_sum(returned: torch.Tensor, order: torch.Tensor, weights: torch.Ten
 
 @triton.jit
 def _grouped_matmul(x, w, v, out, tile_group, tile_row, group_end, N, D, SWIGLU: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One tile of rows of one group g: out = x @ w[g]^T, or with SWIGLU
-    silu(x @ w[g]^T) * (x @ v[g]^T). x [R,D], w and v [G,N,D], out [R,N]."""
+    silu(x @ w[g]^T) * (x @ v[g]^T). x [R,D], w and v [G,N,D], out [R,N]. PRECISION: `tl.dot`'s
+    input_precision (see `dot_precision`)."""
     tile = tl.program_id(0)
     g = tl.load(tile_group + tile)
     rows = tl.load(tile_row + tile) + tl.arange(0, BLOCK_M)
@@ -87,14 +88,27 @@ def _grouped_matmul(x, w, v, out, tile_group, tile_row, group_end, N, D, SWIGLU:
         a = tl.load(x + rows[:, None] * D + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
         w_mask = (d < D)[:, None] & (cols < N)[None, :]
         b = tl.load(w + g * N * D + cols[None, :] * D + d[:, None], mask=w_mask, other=0.0)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
         if SWIGLU:
             c = tl.load(v + g * N * D + cols[None, :] * D + d[:, None], mask=w_mask, other=0.0)
-            gate += tl.dot(a, c)
+            gate += tl.dot(a, c, input_precision=PRECISION)
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * gate  # silu(x w^T) * (x v^T)
     tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty),
              mask=live[:, None] & (cols < N)[None, :])
+
+
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for inputs of `dtypes`: "ieee" when any is float32, else "tf32".
+
+    Triton's default for float32 inputs is TF32 on the tensor cores (10-bit mantissas, drift
+    ~1e-3), where the torch reference (`kernels: torch`) computes in full float32 unless the
+    user opted into TF32; "ieee" keeps the two equal. bfloat16 and float16 inputs go to the
+    tensor cores as they are, and the precision setting does not apply to them, so they keep
+    the default ("tf32") and its speed. Triton's interpreter ignores the setting (numpy
+    matmul), so no CPU test can tell the two apart; tests/test_kernels.py checks the argument.
+    """
+    return "ieee" if torch.float32 in dtypes else "tf32"
 
 
 def grouped_matmul(x: torch.Tensor, sizes: list[int], w: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +125,7 @@ def grouped_matmul(x: torch.Tensor, sizes: list[int], w: torch.Tensor, v: torch.
     tile_group, tile_row, group_ends = table.split([len(tiles), len(tiles), len(ends)])
     grid = (len(tiles), triton.cdiv(w.shape[1], COLS))
     _grouped_matmul[grid](x.contiguous(), w, w if v is None else v, out, tile_group, tile_row, group_ends,
-                          w.shape[1], w.shape[2], v is not None, ROWS, COLS, DEPTH)
+                          w.shape[1], w.shape[2], v is not None, ROWS, COLS, DEPTH, dot_precision(x.dtype, w.dtype))
     return out
 
 
