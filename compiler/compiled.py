@@ -14,6 +14,7 @@ graph.py), so one compiled model serves any number of runtimes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,15 +36,17 @@ from moedit.passes.sequence_parallel import cfg_parallel, sequence_parallel
 from moedit.passes.shortcut import shortcut, shortcut_rewrite, standard_layers
 from moedit.passes.selective_sync import resolve_auto, synchronous_layers
 from moedit.runtime.comm import P2P
-from moedit.runtime.executor import Runtime
+from moedit.runtime.executor import Runtime, join
 from moedit.runtime.expert_ops import swiglu_weights
 from moedit.runtime.kernels import resolve as resolve_kernels
 
 from ._explain import explain
-from .capture import Signature, capture
+from .capture import capture
 from .graph import copy_module
 from .pipeline import PassContext, PassFn, layers_of, run_passes
 from .plan import Plan, PlanError
+from .program import RankProgram
+from .signature import Signature
 from .steps import StepKind, StepPlan
 from .tracer import record_sizes, trace
 from .verify import collective_order, verify_collective_order, verify_programs
@@ -186,11 +189,6 @@ class CompiledModel:
         self.out_spec: pytree.TreeSpec | None = None  # a captured graph's return structure (it returns tensors flat)
         self._specialised: dict[Signature, CompiledModel] = {}
 
-    def bind(self, args: tuple, kwargs: dict) -> tuple[Signature, list[torch.Tensor]]:
-        """The signature of calling the model with `args` and `kwargs`, and the call's tensors
-        in the order a captured program takes them (moedit/capture.py)."""
-        return Signature.of(self.model, args, kwargs)
-
     def specialise(self, signature: Signature, tensors: list[torch.Tensor]) -> "CompiledModel":
         """This model and plan captured for `signature` with `tensors` as its example (self if it
         is the one captured; cached). Only for models compiled with `example_inputs`."""
@@ -204,10 +202,6 @@ class CompiledModel:
             log.info("captured %s again, for %s (%d captures)", type(self.model).__name__, signature.describe(),
                      len(self._specialised) + 1)
         return self._specialised[signature]
-
-    def outputs(self, flat) -> object:
-        """What the model's forward returns, from a captured program's flat output tensors."""
-        return pytree.tree_unflatten(list(flat), self.out_spec)
 
     @property
     def kinds(self) -> tuple[StepKind, ...]:
@@ -292,10 +286,21 @@ class CompiledModel:
         mesh = self.plan.mesh
         return local_experts(self.layers[0].num_experts, mesh.ep, mesh.index("ep", rank))
 
+    def rank_program(self, rank: int) -> RankProgram:
+        """What the runtime of rank `rank` runs (see [Note: compiler and runtime] in program.py)."""
+        specialise = None if self.signature is None else functools.partial(self._specialised_program, rank)
+        return RankProgram(rank=rank, plan=self.plan, steps=self.steps, programs=self.programs(rank),
+                           kernels=self.kernels, model=self.model, signature=self.signature,
+                           batch_dims=self.batch_dims, out_spec=self.out_spec, specialise=specialise)
+
+    def _specialised_program(self, rank: int, signature: Signature, tensors: list[torch.Tensor]) -> RankProgram:
+        return self.specialise(signature, tensors).rank_program(rank)
+
     def to_runtime(self, device=None, profile: bool = False) -> Runtime:
         """Join (or start) the process group and return this rank's `Runtime`. With `profile`,
         it records a timeline of every compute region and exchange (`Runtime.timeline()`).
 
         Runtimes of one compiled model share its programs and the model's weights, and
         nothing else: they must run on one device (starting one moves the weights there)."""
-        return Runtime.start(self, device=device, profile=profile)
+        backend, rank = join(self.plan)
+        return Runtime.start(self.rank_program(rank), backend, device=device, profile=profile)
