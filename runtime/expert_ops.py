@@ -210,6 +210,12 @@ class LocalExperts(nn.Module):
                              *(torch.stack(w).to(like.device, like.dtype).contiguous() for w in zip(*weights)))
         return self._stacked[2:]
 
+    def release(self) -> None:
+        """Drop the stacked copy of the experts' weights the Triton kernels run on (`_weights`), a
+        second copy of this rank's expert weights. The experts themselves are the model's and
+        stay; a later forward with the kernels stacks them again."""
+        self._stacked = None
+
 
 def swiglu_weights(expert: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """(gate, up, down) weights of a SwiGLU expert down(silu(gate x) * up x) without biases

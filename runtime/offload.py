@@ -59,8 +59,12 @@ class ExpertStore:
         self.events: dict = {}  # key -> the CUDA event its copy recorded
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.copies = self.hits = self.peak_resident = 0
+        self.released = False
 
     def fetch(self, layer: int, needed: list[int]) -> "Fetch":
+        if self.released:
+            raise RuntimeError("ExpertStore.fetch after release(): the runtime that owned this store was closed; "
+                               "start a new runtime")
         keys = [(layer, e) for e in needed]
         for key in keys:  # all of them in use first, so that making room never evicts one of them
             self.in_use[key] += 1
@@ -108,6 +112,18 @@ class ExpertStore:
     def forget_fetches(self) -> None:
         """Release every expert still marked in use (a step that failed between a fetch and its experts)."""
         self.in_use.clear()
+
+    def release(self) -> None:
+        """Drop every copy the store holds: the resident experts' device copies (on CUDA their
+        memory returns to the caching allocator once the compute stream is done with them), their
+        copy events, and the host copies (pinned ones on CUDA; on the CPU they are the model's own
+        weights, of which only the references go). The store cannot fetch afterwards."""
+        self.resident.clear()
+        self.events.clear()
+        self.in_use.clear()
+        self.host = {}
+        self.stream = None
+        self.released = True
 
 
 class Fetch:

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.fx as fx
 
-from moedit.graph import META, VALUES, Kind, copy_module, kind_of, meta, run_input
+from moedit.graph import VALUES, Kind, copy_module, kind_of, meta, run_input, tag
 
 from . import ops
 from .comm import MAIN, Exchange
@@ -95,7 +95,31 @@ class Timeline:
         now = self._now()
         self._close(now)
         self._landings(now)
+        self._retire_seen()
         self._resolve()
+
+    def _retire_seen(self) -> None:
+        """Under NCCL: end the exchanges the host has seen complete but no wait consumed yet (a
+        stale exchange waited for a step later, or one waited on the host) at the time they were
+        first seen complete, and forget them, so that the in-flight list holds only exchanges
+        still in flight. A later wait's event could not end them earlier: the host synchronises
+        with the stream at the end of the step, after it saw them complete."""
+        if self.device is None:
+            return
+        flying = []
+        for exchange, work, start, step in self._flying:
+            seen = self._seen.pop(id(work), None)
+            if seen is None:
+                flying.append((exchange, work, start, step))
+            else:
+                self._ended.append((lane_of(exchange), exchange_name(exchange), start, seen, step))
+        self._flying = flying
+
+    def forget_in_flight(self) -> None:
+        """Drop the exchanges still recorded as in flight (a new sample: the runtime finished or
+        abandoned them); the spans recorded so far stay."""
+        self._flying.clear()
+        self._seen.clear()
 
     def _close(self, now) -> None:
         if self._open is not None:
@@ -132,9 +156,11 @@ class Timeline:
                 flying.append((exchange, work, start, step))
         self._flying = flying
 
-    def _resolve(self, in_flight: bool = False) -> None:
-        """Put the ended spans on the host clock (with `in_flight`, under NCCL, also the exchanges
-        not yet waited for, ending now, named so)."""
+    def _resolve(self, in_flight: bool = False) -> list[Span]:
+        """Put the ended spans on the host clock, and return (with `in_flight`, under NCCL) the
+        exchanges not yet waited for as spans ending now, named so. Those are drawn, not kept:
+        they stay in flight, and a later snapshot draws them where they are then."""
+        drawn = []
         if self.device is None:
             self.spans += [Span(*ended) for ended in self._ended]
         elif self._ended or in_flight and self._flying:
@@ -143,6 +169,8 @@ class Timeline:
             now = time.perf_counter()
 
             def host(stamp) -> float:
+                if isinstance(stamp, float):  # a host time already (an exchange retired when seen complete)
+                    return stamp
                 if isinstance(stamp, tuple):  # (the wait's event, the host time it was first seen complete)
                     event, seen = stamp
                     return min(host(event), seen) if seen is not None else host(event)
@@ -151,15 +179,16 @@ class Timeline:
             self.spans += [Span(lane, name, host(start), host(end), step) for lane, name, start, end, step
                            in self._ended]
             if in_flight:
-                self.spans += [Span(lane_of(exchange), f"{exchange_name(exchange)} (in flight)", host(start), now,
-                                    step) for exchange, _, start, step in self._flying]
+                drawn = [Span(lane_of(exchange), f"{exchange_name(exchange)} (in flight)", host(start), now, step)
+                         for exchange, _, start, step in self._flying]
         self._ended = []
+        return drawn
 
     def snapshot(self) -> list[Span]:
         if self.device is None:
             self._landings(time.perf_counter())
-        self._resolve(in_flight=True)
-        return sorted(self.spans, key=lambda s: s.start)
+        drawn = self._resolve(in_flight=True)
+        return sorted(self.spans + drawn, key=lambda s: s.start)
 
 
 # -- instrumenting a program ------------------------------------------------------
@@ -178,9 +207,9 @@ def region(node: fx.Node) -> str | None:
         return None
     if kind is Kind.ATTENTION:
         return node.target
-    if kind is not None and "layer" in info:
-        layer = info.get("owner", info["layer"])  # a slot may run another layer's experts
-        who = f"L{layer}" if layer is not None else info.get("where", "dense")  # "a3": attention 3
+    if kind is not None and (info.layer is not None or info.where is not None):
+        layer = info.serves  # a slot may run another layer's experts
+        who = f"L{layer}" if layer is not None else info.where  # "a3": attention 3
         if node.target is ops.wait:
             return f"{who} wait {kind.value.removesuffix('_wait')}"
         return f"{who} {kind.value.removesuffix('_start')}"
@@ -199,7 +228,7 @@ def instrument(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         current = label
         with gm.graph.inserting_before(node):
-            gm.graph.call_function(mark, (run, label)).meta[META] = {"kind": Kind.GLUE}
+            tag(gm.graph.call_function(mark, (run, label)), kind=Kind.GLUE)
     gm.recompile()
     return gm
 

@@ -96,3 +96,13 @@ def test_a_moe_layer_costs_at_most_one_host_sync_per_step(plan):
             with _HostSyncs() as syncs:
                 runner._run(x, t, y)
             assert syncs.count <= len(compiled.layers)
+
+
+def test_release_drops_the_stacked_weights_and_the_kernels_stack_them_again():
+    experts = list(tiny_model().blocks[0].moe.experts[:2])
+    local = LocalExperts(experts, [0, 1])
+    like = torch.zeros(1, experts[0].gate_proj.in_features)
+    first = local._weights(like)
+    local.release()
+    assert local._stacked is None
+    assert all(torch.equal(a, b) for a, b in zip(local._weights(like), first))
