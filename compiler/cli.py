@@ -55,6 +55,7 @@ def _plan(args) -> None:
         yaml.safe_dump(best.plan, f, sort_keys=False)
     if args.json:
         print(json.dumps([c.to_json() for c in found], indent=1))
+        _print_dropped(found.dropped, sys.stderr)  # stdout stays one JSON document
         return
     sync = next((c for c in found if c.plan == {"expert_parallel": {"degree": args.ranks}}), None)
     if sync is not None:
@@ -70,7 +71,17 @@ def _plan(args) -> None:
         speedup = sync.predicted_step_s / c.predicted_step_s
         print(f"{describe(c.plan):<58}{c.predicted_step_s * 1e3:>9.2f}{speedup:>8.2f}x"
               f"{c.exposed_comm_s * 1e3:>12.2f}{c.staleness:>7}{c.peak_bytes / 1e9:>9.2f}")
+    _print_dropped(found.dropped, sys.stdout)
     print(f"\nbest plan written to {args.out}")
+
+
+def _print_dropped(dropped, stream) -> None:
+    from moedit.planner import describe
+
+    if dropped:
+        print(f"\n{len(dropped)} candidate plan(s) left out:", file=stream)
+    for plan, reason in dropped:
+        print(f"  {describe(plan)}: {reason}", file=stream)
 
 
 def _count(n: int) -> str:

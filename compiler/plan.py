@@ -65,6 +65,14 @@ class SelectiveSync(_Section):
     fraction: float = Field(0.5, ge=0, le=1, description="auto: the share of MoE layers kept synchronous.")
     calibration_steps: int = Field(10, ge=2, description="auto: diffusion steps of the calibration run.")
     calibration_images: int = Field(4, ge=1, description="auto: images in the calibration run.")
+    calibration_sampler: Literal["rflow", "ddpm", "ddim"] = Field(
+        "rflow", description="auto: the sampler of the calibration run; best the one the model samples with "
+                             "(rflow: DiT-MoE XL and G; ddpm: S and B).")
+    calibration_cfg_scale: float = Field(1.5, ge=0, description="auto: classifier-free guidance scale of the "
+                                         "calibration run.")
+    calibration_seed: int = Field(0, ge=0, description="auto: seed of the calibration noise, drawn on the CPU and "
+                                  "moved to the model's device, so every rank measures the same run and keeps the "
+                                  "same layers.")
 
 
 class ConditionalComm(_Section):
@@ -152,15 +160,18 @@ class Schedule(_Section):
     profile: str | None = Field(None, description="overlap: a timeline (timeline.json from `moedit.run --timeline`, "
                                 "best of a synchronous plan) whose measured times cost the nodes; null: "
                                 "default estimates by node kind.")
-    memory_slack: float = Field(0.25, ge=0, description="overlap: the model's live activations may exceed their "
-                                "peak under the traced order by this fraction.")
+    memory_slack: float | None = Field(0.25, ge=0, description="overlap: the model's live activations may exceed "
+                                       "their peak under the traced order by this fraction (needs their sizes: a "
+                                       "model with `example_inputs(batch)`, or compiled with example_inputs); "
+                                       "null: no memory bound.")
 
 
 class Runtime(_Section):
     timeout_s: float = Field(120.0, gt=0, description="Every collective fails after this many seconds instead of "
                              "hanging.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: NCCL when CUDA is available, else "
-                                                     "gloo.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: the backend of the default process "
+                                                     "group if one exists (gloo or nccl must match it), else NCCL "
+                                                     "when CUDA is available, else gloo.")
     check_finite: bool = Field(True, description="Stop all ranks with an error if a step produces NaN or Inf.")
 
 
@@ -185,8 +196,10 @@ class Plan(BaseModel):
     schedule: Schedule = Field(default_factory=Schedule, description="Graph-level scheduling policy.")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Permute, unpermute, the grouped SwiGLU experts and slot dropping: torch, or Triton "
-                            "kernels (moedit/runtime/kernels); auto: Triton on CUDA when installed, else torch. "
-                            "triton on a CPU runs Triton's interpreter (exact, slow: for tests).")
+                            "kernels (moedit/runtime/kernels); auto: Triton when the plan runs on CUDA under "
+                            "NCCL and Triton is installed, else torch (with a warning when CUDA is available). "
+                            "triton needs NCCL; on a CPU (runtime.backend auto) it runs Triton's interpreter "
+                            "(exact, slow: for tests).")
     runtime: Runtime = Field(default_factory=Runtime, description="Process-group settings.")
 
     @model_validator(mode="after")

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+from typing import NamedTuple
 
 from .compiled import compile as compile_model
 from .costs import Hardware
 from .plan import Plan, PlanError
 from .simulate import SimulationError, replay, simulate
+
+log = logging.getLogger(__name__)
 
 STALENESS = {"sync": 0, "interweaved": 1, "displaced": 2}
 
@@ -99,18 +103,36 @@ def _valid(plan: dict) -> bool:
     return True
 
 
+class Dropped(NamedTuple):
+    """A candidate the model or the batch cannot take, and the error that said so."""
+
+    plan: dict
+    reason: str
+
+
+class Candidates(list):
+    """`search`'s result: the candidates, fastest first, and in `dropped` those left out, with why."""
+
+    def __init__(self, candidates: list[Candidate], dropped: list[Dropped]):
+        super().__init__(candidates)
+        self.dropped = dropped
+
+
 def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
-           max_staleness: int | None = None, progress=None) -> list[Candidate]:
-    """Every candidate plan's prediction, fastest first (those the model or the batch cannot
-    take left out). `comm_share_sync` is synchronous EP's exposed share, None when the batch
-    cannot be split over the ranks."""
-    results = []
+           max_staleness: int | None = None, progress=None) -> Candidates:
+    """Every candidate plan's prediction, fastest first; those the model or the batch cannot
+    take are left out, each logged and listed in the result's `dropped` with the reason.
+    `comm_share_sync` is synchronous EP's exposed share, None when the batch cannot be split
+    over the ranks."""
+    results, dropped = [], []
     sync_share = None
     for index, plan in enumerate(candidate_plans(ranks, len(_layers(model)), max_staleness)):
         try:
             compiled = compile_model(model, Plan(**plan))
             prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
-        except (PlanError, SimulationError):
+        except (PlanError, SimulationError) as err:
+            dropped.append(Dropped(plan, str(err)))
+            log.info("planner: left out candidate %s (%s): %s", describe(plan), plan, err)
             continue
         if index == 0:  # the first candidate is synchronous EP
             sync_share = prediction.exposed_comm_s / prediction.mean_step_s
@@ -118,7 +140,7 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
                                  staleness_of(plan), prediction.peak_bytes))
         if progress:
             progress(results[-1])
-    return sorted(results, key=lambda c: c.predicted_step_s)
+    return Candidates(sorted(results, key=lambda c: c.predicted_step_s), dropped)
 
 
 def _layers(model) -> list:

@@ -23,6 +23,8 @@ results are bit-identical to the traced order's.
 4. Memory: the model's live activations (sizes from `tracer.record_sizes`) may not exceed
    their peak under the traced order by more than `schedule.memory_slack`: a node is
    pulled ahead of program order only while the bytes so pulled ahead fit (`_Memory`).
+   Without recorded sizes there is no budget to keep: the pass refuses (`_check_sizes`)
+   unless memory_slack is null (no bound).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import logging
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -39,9 +43,12 @@ import torch.fx as fx
 
 from moedit.graph import Kind, kind_of, meta
 from moedit.pipeline import PassContext, PassResult
+from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
 from moedit.runtime.timeline import region
+
+log = logging.getLogger(__name__)
 
 _STARTS = ops.EXCHANGE_STARTS
 _CACHE_OPS = (ops.cache_read, ops.cache_write, ops.slot_outputs)
@@ -60,6 +67,7 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if settings.policy != "overlap":
         return PassResult(gm, False, [])
     nodes = list(gm.graph.nodes)
+    _check_sizes(nodes, settings.memory_slack)
     dag = program_dag(gm)
     cost, flight = costs(nodes, settings.profile)
     order = list_schedule(dag, nodes, cost, flight, settings.memory_slack)
@@ -67,6 +75,18 @@ def schedule(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for before, node in zip(order, order[1:]):
         before.append(node)
     return PassResult(gm, changed, [])
+
+
+def _check_sizes(nodes: list[fx.Node], slack: float | None) -> None:
+    """A memory budget needs the activations' sizes: without them every size is 0 and the
+    budget would bound nothing (see `_Memory`). `compile` records them for a traced model
+    that has `example_inputs(batch)`, and a captured one has them from its example inputs."""
+    if slack is not None and not any(meta(node).get("bytes") for node in nodes):
+        raise PlanError(f"schedule.memory_slack ({slack:g}) bounds the memory the overlap schedule may add by the "
+                        "program's activation sizes, but none were recorded (moedit.compile records them with the "
+                        "model's `example_inputs(batch)` method, which this model lacks); give the model one "
+                        "(returning the forward's positional inputs for `batch` samples), compile with "
+                        "example_inputs=..., or set schedule.memory_slack: null to reorder without a memory bound")
 
 
 # -- 1. the DAG ---------------------------------------------------------------------
@@ -115,15 +135,19 @@ def _is_barrier(node: fx.Node) -> bool:
 # -- 2. costs -------------------------------------------------------------------------
 
 def costs(nodes: list[fx.Node], profile: str | None) -> tuple[dict, dict]:
-    """(compute seconds per node, seconds in flight per exchange start)."""
+    """(compute seconds per node, seconds in flight per exchange start). A region or exchange
+    the profile did not measure costs 0 s, with a warning naming them (see `_warn_unmeasured`)."""
     measured = measured_costs(profile) if profile else None
     compute, flight = {}, {}
+    unmeasured = []
     current = None
     for node in nodes:
         if node.target in _STARTS:
             name, layer = node.kwargs.get("name", "counts"), node.kwargs["layer"]
             label = name if layer is None else f"L{layer} {name}"
             default = DEFAULT_EXCHANGE_MS[name if name in DEFAULT_EXCHANGE_MS else kind_of(node)]
+            if measured and label not in measured["exchange"] and name not in measured["exchange_by_name"]:
+                unmeasured.append(label)
             flight[node] = (measured["exchange"].get(label, measured["exchange_by_name"].get(name, 0.0))
                             if measured else default / 1e3)
         label = region(node)
@@ -132,10 +156,21 @@ def costs(nodes: list[fx.Node], profile: str | None) -> tuple[dict, dict]:
             continue
         current = label
         if measured:
+            if label not in measured["compute"]:
+                unmeasured.append(label)
             compute[node] = measured["compute"].get(label, 0.0)
         else:
             compute[node] = DEFAULT_COMPUTE_MS.get(_default_key(node, label), 0.0) / 1e3
+    if unmeasured:
+        _warn_unmeasured(profile, tuple(dict.fromkeys(unmeasured)))
     return compute, flight
+
+
+@functools.lru_cache(maxsize=None)  # once per profile and set of regions, not once per rank and program
+def _warn_unmeasured(profile: str, labels: tuple[str, ...]) -> None:
+    log.warning("schedule.profile %s has no time for %d region(s) of this program, which the scheduler therefore "
+                "costs 0 s: %s; record the profile with the plan's layers and layout (`moedit.run --timeline`), "
+                "ideally its synchronous version", profile, len(labels), ", ".join(labels))
 
 
 def _default_key(node: fx.Node, label: str):
@@ -169,10 +204,11 @@ def measured_costs(path: str) -> dict:
 
 # -- 3. list scheduling ---------------------------------------------------------------
 
-def list_schedule(dag: nx.DiGraph, nodes: list[fx.Node], cost: dict, flight: dict, slack: float) -> list[fx.Node]:
+def list_schedule(dag: nx.DiGraph, nodes: list[fx.Node], cost: dict, flight: dict,
+                  slack: float | None) -> list[fx.Node]:
     """A topological order of `dag`: program order, except that an exchange starts as soon as
     it can and a wait is put off while its exchange is predicted to be in flight and other
-    work is ready (see the module's docstring)."""
+    work is ready (see the module's docstring). `slack` None: no memory bound."""
     state = _State(nodes, cost, slack)
     # Bookkeeping right before a start (splits, record fields) and the waits that gate a
     # start go early; real work that feeds a start does not: pulling every stale layer's
@@ -216,7 +252,7 @@ def _starts_soon(dag: nx.DiGraph, wait: fx.Node, depth: int = 3) -> bool:
 class _State:
     """The simulated clock and what the list scheduler knows when it picks the next node."""
 
-    def __init__(self, nodes: list[fx.Node], cost: dict, slack: float):
+    def __init__(self, nodes: list[fx.Node], cost: dict, slack: float | None):
         self.position = {node: i for i, node in enumerate(nodes)}
         self.waits_on = {node: _exchange_of(node) for node in nodes if node.target is ops.wait}
         self.cost = cost
@@ -273,14 +309,14 @@ class _Memory:
     keeping `extra <= slack * peak` keeps the peak within (1 + slack) of the traced one.
     (Exchange buffers have no size here: they exist from issue to wait in any order.)"""
 
-    def __init__(self, nodes: list[fx.Node], slack: float):
+    def __init__(self, nodes: list[fx.Node], slack: float | None):
         self.size = {node: meta(node).get("bytes", 0) for node in nodes}
         self.position = {node: i for i, node in enumerate(nodes)}
         self.unscheduled = list(range(len(nodes)))  # a heap of positions; scheduled ones popped lazily
         self.done: set[int] = set()
         self.ahead: list[tuple[int, int]] = []  # heap of (position, bytes) pulled ahead of the frontier
         self.extra = 0
-        self.allowance = slack * peak_bytes_of(nodes, self.size)
+        self.allowance = math.inf if slack is None else slack * peak_bytes_of(nodes, self.size)
 
     def frontier(self) -> int:
         while self.unscheduled and self.unscheduled[0] in self.done:

@@ -9,7 +9,8 @@ strategy into the set of layers (`PassContext.synchronous_layers`), and the stal
     [i, ...]   exactly these layer indices
     auto       the most staleness-sensitive `fraction` of the layers, measured at compile
                time on the single-device model: one short calibration sample per layer in
-               which only that layer consumes stale routed outputs (`resolve_auto`)
+               which only that layer consumes stale routed outputs (`resolve_auto`), with the
+               plan's calibration sampler, guidance scale and seed
     none       every layer stale
 """
 
@@ -20,7 +21,7 @@ import logging
 import torch
 from torch import nn
 
-from moedit.runtime.sampling import initial_noise, rectified_flow_sample
+from moedit.runtime.sampling import SAMPLERS, initial_noise, step_noise
 from moedit.plan import Plan, PlanError
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,23 @@ def _stale_hook(layer, delay: int):
     return hook
 
 
+def calibration_inputs(model: nn.Module, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration run's noise and class labels, on the device of the model's first
+    parameter (a model already on its GPU runs there). The noise is drawn from a CPU generator
+    seeded by `selective_sync.calibration_seed` and then moved, so it is the same on every
+    rank and every device."""
+    cfg, sel = model.config, plan.selective_sync
+    device = next(model.parameters()).device
+    labels = torch.arange(sel.calibration_images) % cfg.num_classes
+    noise = initial_noise(len(labels), cfg.in_channels, cfg.input_size, seed=sel.calibration_seed)
+    return noise.to(device), labels.to(device)
+
+
 @torch.no_grad()
 def staleness_sensitivity(model: nn.Module, layers, plan) -> list[float]:
     """Per MoE layer: relative L2 change of the sampled images when only that layer is stale
-    (by the plan's staleness: 1 step interweaved, 2 displaced), on a short calibration run."""
+    (by the plan's staleness: 1 step interweaved, 2 displaced), on a short calibration run
+    with the plan's `selective_sync.calibration_*` sampler, guidance scale and seed."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "in_channels"):
         raise PlanError("selective_sync.strategy 'auto' calibrates by sampling, which needs a DiT-style model with "
@@ -92,13 +106,18 @@ def staleness_sensitivity(model: nn.Module, layers, plan) -> list[float]:
         raise PlanError("selective_sync.strategy 'auto' needs the model's real weights (it is on the meta device); "
                         "load them before compiling, or give an explicit list of layers")
     sel = plan.selective_sync
-    labels = torch.arange(sel.calibration_images) % cfg.num_classes
+    noise, labels = calibration_inputs(model, plan)
     delay = 2 if plan.staleness.mode == "displaced" else 1
+    log.info("selective_sync auto: calibrating on %d images, %d steps of the %r sampler at cfg scale %g, seed %d, on "
+             "%s, layer by layer %d step(s) stale (set selective_sync.calibration_sampler and calibration_cfg_scale "
+             "to how the model is sampled)", len(labels), sel.calibration_steps, sel.calibration_sampler,
+             sel.calibration_cfg_scale, sel.calibration_seed, noise.device, delay)
 
     def sample():
-        noise = initial_noise(len(labels), cfg.in_channels, cfg.input_size, seed=0)
-        return rectified_flow_sample(model, noise, labels, steps=sel.calibration_steps, cfg_scale=1.5,
-                                     null_class=cfg.num_classes)
+        return SAMPLERS[sel.calibration_sampler](
+            model, noise, labels, steps=sel.calibration_steps, cfg_scale=sel.calibration_cfg_scale,
+            null_class=cfg.num_classes, noise=step_noise(len(labels), cfg.in_channels, cfg.input_size,
+                                                         sel.calibration_seed))
 
     exact = sample()
     sensitivity = []
@@ -114,12 +133,19 @@ def staleness_sensitivity(model: nn.Module, layers, plan) -> list[float]:
 
 def resolve_auto(model: nn.Module, layers, plan):
     """For strategy "auto": the plan with the measured layer list in its place, and the
-    sensitivities. Any other plan comes back unchanged (and None)."""
+    sensitivities. Any other plan comes back unchanged (and None).
+
+    Deterministic across ranks: each rank calibrates on its own, but on the same weights, the
+    same noise (same `calibration_seed`, drawn on the CPU, see `calibration_inputs`) and the
+    same run, and equal sensitivities go to the lower layer index; so the same seed gives the
+    same layers on every rank. (Should nondeterministic GPU kernels still split a near tie,
+    the ranks' programs differ and the runtime's check of the collective order across ranks
+    fails at start rather than hanging.)"""
     if plan.selective_sync.strategy != "auto":
         return plan, None
     sensitivity = staleness_sensitivity(model, layers, plan)
     keep = round(plan.selective_sync.fraction * len(layers))
-    chosen = sorted(sorted(range(len(layers)), key=lambda i: -sensitivity[i])[:keep])
+    chosen = sorted(sorted(range(len(layers)), key=lambda i: (-sensitivity[i], i))[:keep])
     data = plan.to_dict()
     data["selective_sync"]["strategy"] = chosen
     log.info("selective_sync auto: sensitivities %s -> synchronous layers %s",

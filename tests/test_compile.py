@@ -11,6 +11,8 @@ import moedit
 from _models import tiny_model
 from moedit.compiled import compile as compile_model
 from moedit.models import dit_moe
+from moedit.passes.selective_sync import calibration_inputs
+from moedit.runtime.sampling import SAMPLERS, initial_noise
 from moedit.graph import copy_module
 from moedit.pipeline import PassContext, PassError, PassResult, layers_of, run_passes
 from moedit.runtime import ops
@@ -155,6 +157,33 @@ def test_auto_selective_sync_keeps_the_most_sensitive_layers_synchronous():
         meta_model = dit_moe("tiny")
     with pytest.raises(moedit.PlanError, match="needs the model's real weights"):
         moedit.compile(meta_model, plan)
+
+
+def _auto(**selective_sync):
+    return moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "interweaved"},
+                       selective_sync={"strategy": "auto", **selective_sync})
+
+
+def test_auto_selective_sync_draws_its_calibration_noise_on_the_models_device():
+    with torch.device("meta"):
+        meta_model = dit_moe("tiny")
+    noise, labels = calibration_inputs(meta_model, _auto(calibration_seed=3))
+    assert noise.device.type == "meta" and labels.device.type == "meta"
+    noise, _ = calibration_inputs(tiny_model(), _auto(calibration_seed=3))
+    assert torch.equal(noise, initial_noise(4, 4, 8, seed=3))  # one CPU draw, whatever the rank or device
+
+
+def test_auto_selective_sync_calibrates_with_the_plans_sampler_and_says_so(monkeypatch, caplog):
+    guidance = []
+    ddim = SAMPLERS["ddim"]
+    monkeypatch.setitem(SAMPLERS, "ddim", lambda *args, **kwargs: guidance.append(kwargs["cfg_scale"]) or
+                        ddim(*args, **kwargs))
+    plan = _auto(calibration_sampler="ddim", calibration_cfg_scale=4.0, calibration_steps=2, calibration_images=2)
+    with caplog.at_level("INFO", logger="moedit.passes.selective_sync"):
+        chosen = moedit.compile(tiny_model(depth=4), plan).plan.selective_sync.strategy
+    assert guidance and set(guidance) == {4.0}
+    assert "2 steps of the 'ddim' sampler at cfg scale 4, seed 0, on cpu" in caplog.text
+    assert moedit.compile(tiny_model(depth=4), plan).plan.selective_sync.strategy == chosen  # same seed, same layers
 
 
 def _swap_first_exchanges_on_rank_1(gm, ctx):

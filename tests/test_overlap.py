@@ -14,7 +14,7 @@ from moedit.passes.expert_parallel import resolve_chunks
 from moedit.passes.schedule import measured_costs, peak_bytes, program_dag
 from moedit.runtime import ops
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
-from moedit.runtime.timeline import Span, chrome_trace, draw
+from moedit.runtime.timeline import Span, chrome_trace, draw, region
 
 LABELS, STEPS, CFG = [1, 2, 3, 4, 5], 3, 1.5
 PLANS = {  # name -> plan sections (expert_parallel.degree is added per world size)
@@ -79,8 +79,9 @@ def test_schedules_are_valid_orders_that_keep_the_collective_order(name):
         assert all(order[a] < order[b] for a, b in program_dag(scheduled).edges), "not a topological order"
         starts = [n for n in plain.graph(0, kind).graph.nodes if n.target in (ops.exchange_start, ops.counts_start)]
         moved = [n for n in scheduled.graph.nodes if n.target in (ops.exchange_start, ops.counts_start)]
-        per_channel = lambda nodes: sorted((n.kwargs.get("channel", "main"), i, n.name) for i, n in enumerate(nodes))
-        assert [c for c, _, name in per_channel(starts)] == [c for c, _, name in per_channel(moved)]
+        per_channel = lambda nodes: [(c, name) for c, _, name in
+                                     sorted((n.kwargs.get("channel", "main"), i, n.name) for i, n in enumerate(nodes))]
+        assert per_channel(starts) == per_channel(moved), "each communicator's exchanges in their program order"
 
 
 def _shared_first(gm, ctx):
@@ -95,6 +96,7 @@ def test_a_start_that_can_move_earlier_does():
 
     model = dit_moe("tiny")
     traced = moedit.tracer.trace(model)
+    moedit.tracer.record_sizes(traced, model)  # what compile does for the memory budget
     for policy, counts_first in (("program", False), ("overlap", True)):
         plan = _plan(2, {}, schedule={"policy": policy})
         compiled = moedit.CompiledModel(model, plan, traced, moedit.pipeline.layers_of(traced),
@@ -128,6 +130,38 @@ def _trace_file(tmp_path, spans):
     path = tmp_path / "timeline.json"
     chrome_trace(spans, path)
     return str(path)
+
+
+def test_memory_slack_without_recorded_sizes_is_refused_not_ignored(monkeypatch):
+    """Without an example_inputs method compile records no sizes, and a memory budget over
+    sizes that are all 0 would bound nothing."""
+    monkeypatch.delattr(type(dit_moe("tiny")), "example_inputs")
+    with pytest.raises(moedit.PlanError, match="schedule.memory_slack .0.25. bounds .* none were recorded"):
+        moedit.compile(dit_moe("tiny", depth=3), _plan(2, {}, schedule={"policy": "overlap"}))
+    unbounded = moedit.compile(dit_moe("tiny", depth=3), _plan(2, {}, schedule={"policy": "overlap",
+                                                                             "memory_slack": None}))
+    names = [n.name for n in unbounded.graph(0).graph.nodes]
+    assert names.index("blocks_2_ada_ln_modulation_1") < names.index("l0_dispatch_wait")  # free to move
+
+
+def test_regions_the_profile_did_not_measure_are_named_once(tmp_path, caplog):
+    """A profile of another model (here: without block 1) costs the regions it lacks 0 s; the
+    scheduler says which, once, and with the profile's path."""
+    plain = moedit.compile(dit_moe("tiny", depth=2), _plan(2, {})).graph(0)
+    labels = list(dict.fromkeys(label for label in map(region, plain.graph.nodes) if label is not None))
+    missing = [label for label in labels if label.startswith(("L1 ", "blocks.1"))]
+    spans = [Span("compute", label, 1.0, 1.001, step) for step in (0, 1) for label in labels if label not in missing]
+    spans += [Span("ep", f"L0 {name}", 1.0, 1.002, 1) for name in ("counts", "dispatch", "combine")]
+    path = _trace_file(tmp_path, [spans])
+    with caplog.at_level("WARNING", logger="moedit.passes.schedule"):
+        compiled = moedit.compile(dit_moe("tiny", depth=2), _plan(2, {}, schedule={"policy": "overlap",
+                                                                                   "profile": path}))
+        compiled.graph(1)  # rank 1's program misses the same regions: no second warning
+    warnings = [r.getMessage() for r in caplog.records if "has no time for" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert path in warnings[0]
+    named = warnings[0].split("costs 0 s: ")[1].split("; ")[0].split(", ")
+    assert named == missing  # layer 1's exchanges are costed by name from layer 0's
 
 
 def test_measured_costs_and_auto_chunks_come_from_a_timeline(tmp_path):
@@ -226,3 +260,19 @@ def test_the_nccl_timeline_puts_event_stamped_spans_on_the_host_clock(monkeypatc
     landed = next(s for s in spans if s.name == "L0 dispatch")
     assert landed.end <= seen  # landed by the time the host saw it done, before the wait ended
     assert next(s for s in spans if s.lane == "ep stale").name == "L1 combine (in flight)"
+    # Step 1: the stale combine lands; the host sees it at a mark, and the step's end retires it
+    # from the in-flight list (its wait, if any, comes later and finds nothing to end).
+    timeline.mark("L1 route", 1)
+    stale.done = True
+    timeline.mark("L1 experts", 1)
+    seen = time.perf_counter()
+    timeline.end_step()
+    assert timeline._flying == [] and timeline._seen == {}, "nothing is in flight any more"
+    spans = timeline.snapshot()
+    assert [s.name for s in spans if s.lane == "ep stale"] == ["L1 combine"]  # drawn in flight once, not kept
+    assert next(s for s in spans if s.lane == "ep stale").end <= seen
+    assert timeline.snapshot() == spans  # a second snapshot adds nothing
+    # An exchange that never lands (a failed step) is dropped when the runtime forgets it.
+    timeline.issued(Exchange("dispatch", 0, "ep"), _Work(), 2)
+    timeline.forget_in_flight()
+    assert timeline._flying == [] and timeline.snapshot() == spans

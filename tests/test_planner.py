@@ -43,11 +43,17 @@ def test_search_ranks_plans_by_predicted_step_and_keeps_sync_ep():
     assert 0.3 < found[0].comm_share_sync < 1
 
 
-def test_one_image_is_planned_over_the_xdit_axes():
+def test_one_image_is_planned_over_the_xdit_axes(caplog):
     """Two sequences (one image with CFG) cannot be split over 4 ranks as data: synchronous EP
-    is left out and the plans split the guided halves and the tokens instead."""
+    is left out, with the reason in the log and the result, and the plans split the guided
+    halves and the tokens instead."""
     assert any(p.get("cfg_parallel") and p.get("sequence_parallel") for p in candidate_plans(4, layers=2))
-    found = search(tiny_model(), _slow_link(), 4, batch=2, steps=4, max_staleness=0)
+    with caplog.at_level("INFO", logger="moedit.planner"):
+        found = search(tiny_model(), _slow_link(), 4, batch=2, steps=4, max_staleness=0)
+    reasons = {describe(d.plan): d.reason for d in found.dropped}
+    assert "global batch of 2" in reasons["sync"], reasons
+    assert len(found.dropped) + len(found) == len(candidate_plans(4, layers=2, max_staleness=0))
+    assert caplog.text.count("left out candidate") == len(found.dropped)
     assert found and all(c.plan.get("cfg_parallel") or c.plan.get("sequence_parallel") for c in found)
     assert found[0].comm_share_sync is None
     assert {describe(c.plan).split(",")[0] for c in found} >= {"cfg 2", "ulysses 4", "ring 4", "cfg 2 x ulysses 2"}
@@ -57,7 +63,9 @@ def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "4",
                  "--steps", "4", "--max-staleness", "0", "--json"]) == 0
-    found = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    found = json.loads(out)
+    assert "shortcut schedule: shortcut: MoE layers" in err  # left out, with why (not on stdout: JSON)
     assert {"plan", "predicted_step_s", "exposed_comm_s", "comm_share_sync", "staleness"} <= set(found[0])
     assert all(c["staleness"] == 0 for c in found)
     with open(tmp_path / "best_plan.yaml") as f:
