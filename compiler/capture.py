@@ -39,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .adapters import adapter_for
-from .graph import META
+from .graph import tag
 from .pipeline import shallow_copy
 from .signature import Signature
 from .tracer import MoeditTracer, TraceError, annotate, record, traced_graph
@@ -263,7 +263,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
         graph = traced_graph(tracer, root, model, signature.describe())
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for node in gm.graph.nodes:
-        node.meta.setdefault(META, {}).update(record(tracer.examples.get(node, _MISSING)))
+        tag(node, **record(tracer.examples.get(node, _MISSING)))
     annotate(gm, model)
     return gm, signature, out_spec[0]
 

@@ -1,9 +1,11 @@
 """The vocabulary of moedit's graphs: node kinds, node meta, the `run` input, and `Emitter`,
 which every pass uses to insert nodes.
 
-Every node moedit inserts carries `node.meta["moedit"] = {"kind": Kind, "layer": i,
-"staleness": s}`; the tracer tags MoE and attention leaves the same way. Passes find a
-layer's nodes by (layer, kind) through `LayerNodes`, never by argument positions or node names.
+Every node moedit inserts carries a `NodeMeta` in `node.meta["moedit"]` (kind, layer, owner,
+staleness, chunk, ...), read through `meta(node)`; the tracer tags MoE and attention leaves
+the same way. It is a dataclass, not a dict: a pass cannot invent a tag another pass will
+not know of, and a misspelt one is an error. Passes find a layer's nodes by (layer, kind)
+through `LayerNodes`, never by argument positions or node names.
 
 [Note: the run input]
 Everything a run owns (process groups, staleness caches, the step counter, the seed, the
@@ -18,6 +20,7 @@ side, and `print(gm.code)` shows every exchange and cache access.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import operator
@@ -96,8 +99,64 @@ VALUES = frozenset({Kind.TOKENS, Kind.EXPERT_IDS, Kind.WEIGHTS, Kind.ROWS, Kind.
                     Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.OUTPUT, Kind.PENDING, Kind.GLUE})
 
 
-def meta(node: fx.Node) -> dict:
-    return node.meta.get(META, {})
+@dataclasses.dataclass
+class NodeMeta:
+    """What moedit knows of a node (`node.meta["moedit"]`). Fields read like a dict too
+    (`meta(node)["layer"]`, `.get("shape")`, `"chunk" in meta(node)`: set and not None), so
+    reading code stays short; only these fields exist."""
+
+    kind: Kind | None = None
+    layer: int | None = None  # the MoE layer whose slot holds the node (None: outside MoE layers)
+    owner: int | None = None  # the layer whose tokens or experts it serves, if not `layer` (see `serves`)
+    staleness: int = 0  # steps between the activations it reads and the step that consumes them
+    chunk: int | None = None  # which chunk of a chunked layer
+    where: str | None = None  # outside MoE layers: what it belongs to ("a3": attention 3)
+    shortcut: dict | None = None  # the shortcut schedule's window, on a dispatch (explain())
+    bytes: int = 0  # size of the node's output for one sample (tracer.record), 0 if unknown
+    shape: tuple | None = None
+    dtype: object = None
+
+    @property
+    def serves(self) -> int | None:
+        """The layer whose tokens, experts or exchange the node serves: `owner` where a slot runs
+        another layer's work (an interweaved slot runs the previous layer's experts), else `layer`."""
+        return self.layer if self.owner is None else self.owner
+
+    def update(self, **fields) -> "NodeMeta":
+        for name, value in fields.items():
+            self[name] = value
+        return self
+
+    def __getitem__(self, name: str):
+        if name not in _NODE_META_FIELDS:
+            raise KeyError(f"moedit node meta has no field {name!r}; fields: {sorted(_NODE_META_FIELDS)}")
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value) -> None:
+        self[name]  # noqa: B018  (an unknown field is a KeyError)
+        setattr(self, name, value)
+
+    def get(self, name: str, default=None):
+        value = self[name]
+        return default if value is None else value
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+
+_NODE_META_FIELDS = frozenset(field.name for field in dataclasses.fields(NodeMeta))
+
+
+def meta(node: fx.Node) -> NodeMeta:
+    """The node's moedit meta (an empty one, not stored, if it has none)."""
+    return node.meta.get(META) or NodeMeta()
+
+
+def tag(node: fx.Node, **fields) -> NodeMeta:
+    """Set fields of the node's moedit meta, creating it if it has none."""
+    if not isinstance(node.meta.get(META), NodeMeta):
+        node.meta[META] = NodeMeta()
+    return node.meta[META].update(**fields)
 
 
 def kind_of(node: fx.Node) -> Kind | None:
@@ -164,11 +223,8 @@ class Emitter:
         name = f"{self.prefix}_{name or (target.__name__ if kind is Kind.GLUE else kind.value)}"
         node = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
         stale = self.staleness if staleness is None else staleness
-        node.meta[META] = {"kind": kind, "layer": self.layer, "staleness": stale}
-        if self.layer is None:
-            node.meta[META]["where"] = self.prefix
-        if self.chunk is not None:
-            node.meta[META]["chunk"] = self.chunk
+        node.meta[META] = NodeMeta(kind, self.layer, staleness=stale, chunk=self.chunk,
+                                   where=self.prefix if self.layer is None else None)
         if kind not in VALUES:
             self.inserted.append(Inserted(node=node.name, layer=self.layer, kind=kind.value,
                                           bytes_per_token=bytes_per_token, staleness=stale,
@@ -203,11 +259,12 @@ class Emitter:
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of `gm`'s graph (meta copied one level deep);
-    submodules are shared, not copied."""
+    """A new GraphModule over a copy of `gm`'s graph (meta copied one level deep, moedit's
+    own `NodeMeta` included); submodules are shared, not copied."""
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     for old, new in zip(gm.graph.nodes, graph.nodes):
-        new.meta = {k: (dict(v) if isinstance(v, dict) else v) for k, v in old.meta.items()}
+        new.meta = {k: (dict(v) if isinstance(v, dict) else copy.copy(v) if isinstance(v, NodeMeta) else v)
+                    for k, v in old.meta.items()}
     return fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)

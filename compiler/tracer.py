@@ -15,7 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .adapters import adapter_for, attention_adapter_for, is_registered_leaf
-from .graph import META, RUN, Kind, kind_of
+from .graph import RUN, Kind, kind_of, tag
 
 
 class TraceError(TypeError):
@@ -86,10 +86,10 @@ def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
             continue
         module = gm.get_submodule(node.target)
         if adapter_for(module) is not None:
-            node.meta.setdefault(META, {}).update(kind=Kind.MOE, layer=layer)
+            tag(node, kind=Kind.MOE, layer=layer)
             layer += 1
         elif attention_adapter_for(module) is not None:
-            node.meta.setdefault(META, {}).update(kind=Kind.ATTENTION)
+            tag(node, kind=Kind.ATTENTION)
     if layer == 0:
         raise TraceError(
             f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
@@ -105,7 +105,7 @@ def _add_run_input(gm: fx.GraphModule) -> None:
                          "take for their run state; rename that argument")
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(RUN, default_value=None)
-    node.meta[META] = {"kind": Kind.RUN}
+    tag(node, kind=Kind.RUN)
     gm.recompile()
 
 
@@ -129,7 +129,7 @@ class _Sizes(fx.Interpreter):
             out = adapter_for(moe).output(moe, torch.empty_like(self.env[node.args[0]]))
         else:
             out = super().run_node(node)
-        node.meta[META].update(record(out))
+        tag(node, **record(out))
         return out
 
 
@@ -147,8 +147,6 @@ def record_sizes(gm: fx.GraphModule, model: nn.Module) -> bool:
     axis with the shapes. Returns whether they were recorded."""
     if not hasattr(model, "example_inputs"):
         return False
-    for node in gm.graph.nodes:
-        node.meta.setdefault(META, {})
     with FakeTensorMode(allow_non_fake_inputs=True):
         _Sizes(gm).run(*model.example_inputs(1), None)
     return True

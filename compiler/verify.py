@@ -1,6 +1,9 @@
 """The verifier: the invariants every pass must leave intact, and the ones across programs.
 
 `verify_graph(gm)`, after every pass:
+* every exchange's moedit meta names the layer whose tokens it exchanges, and every offload
+  fetch feeds only the experts of the layer it fetched (under interweaving a slot serves the
+  previous layer: `NodeMeta.serves`);
 * fx's own lint holds (every use after its definition, targets exist);
 * every moedit op carries moedit meta naming its kind, and every exchange its layer, so
   explain() and the byte accounting see it; stateful ops read the program's `run` input;
@@ -40,9 +43,12 @@ def verify_graph(gm: fx.GraphModule) -> None:
                 raise RuntimeError(f"moedit op {node.name!r} has no moedit meta; passes must tag what they insert")
             if not node.args or node.args[0] is not run:
                 raise RuntimeError(f"stateful op {node.name!r} must take the program's `run` input first")
-        if node.target in _STARTS and "layer" not in meta(node):
-            raise RuntimeError(f"exchange {node.name!r} has no moedit layer meta; passes must annotate every "
-                               "exchange they insert")
+        if node.target in _STARTS and meta(node).serves != node.kwargs["layer"]:
+            raise RuntimeError(f"exchange {node.name!r} exchanges layer {node.kwargs['layer']}'s tokens, but its "
+                               f"moedit meta says it serves layer {meta(node).serves}; passes must annotate every "
+                               "exchange they insert with the layer it serves")
+        if kind_of(node) is Kind.FETCH:
+            _verify_fetch(gm, node)
         if kind_of(node) in STARTS:
             users = list(node.users)
             if len(users) != 1 or users[0].target not in (ops.wait, ops.in_flight, ops.cache_write):
@@ -74,6 +80,18 @@ def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
             if missing:
                 raise RuntimeError(f"program {reader} reads cache keys {sorted(missing)} that program {writer} "
                                    "never writes; a step of that kind would leave them stale or empty")
+
+
+def _verify_fetch(gm: fx.GraphModule, fetch: fx.Node) -> None:
+    """Offloading: a fetch copies one layer's experts; each node it feeds must run that layer's."""
+    fetched = fetch.kwargs["layer"]
+    for user in fetch.users:
+        runs = meta(user).serves
+        module_layer = getattr(gm.get_submodule(user.target), "offload_layer", None) if user.op == "call_module" \
+            else None
+        if kind_of(user) is not Kind.EXPERTS or runs != fetched or module_layer not in (None, fetched):
+            raise RuntimeError(f"fetch {fetch.name!r} copies layer {fetched}'s experts but feeds {user.name!r}, which "
+                               f"runs layer {runs if module_layer is None else module_layer}'s")
 
 
 def collective_order(gm: fx.GraphModule) -> dict[tuple[str, str], list[str]]:

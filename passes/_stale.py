@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moedit.graph import META, Emitter, Inserted, Kind, LayerNodes, kind_of
+from moedit.graph import Emitter, Inserted, Kind, LayerNodes, kind_of, meta
 from moedit.pipeline import MoELayer, PassContext
 from moedit.runtime import ops
 from moedit.runtime.expert_ops import splits, unpermute
@@ -113,7 +113,7 @@ class StaleSlot:
                             name="combine", layer=owner.layer.index, axis=AXIS, channel=STALE,
                             bytes_per_token=owner.layer.row_bytes)
         for node in (received, outputs, combine):  # in this layer's slot, but for `owner`'s tokens
-            node.meta[META]["owner"] = owner.layer.index
+            meta(node).owner = owner.layer.index
         return emit.call(Kind.GLUE, ops.in_flight, combine, order, send_counts, recv_counts)
 
     def consume_combine(self, record: fx.Node) -> None:

@@ -19,7 +19,7 @@ import math
 
 import torch.fx as fx
 
-from moedit.graph import META, Emitter, Kind, kind_of, meta
+from moedit.graph import Emitter, Kind, kind_of, meta
 from moedit.pipeline import PassContext, PassResult, strip_modules
 from moedit.plan import PlanError
 from moedit.runtime import ops
@@ -46,7 +46,7 @@ def offload(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_after(_host_copy(counts, experts)):
             fetch = emit.call(Kind.FETCH, ops.expert_fetch, counts, layer=local.offload_layer,
                               expert_ids=list(local.expert_ids))
-        fetch.meta[META]["owner"] = local.offload_layer
+        meta(fetch).owner = local.offload_layer
         experts.args = (*experts.args[:2], fetch)
         inserted += emit.inserted
     _check_budget(gm, ctx, local_count)

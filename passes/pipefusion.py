@@ -37,6 +37,8 @@ patch parallelism (patch_parallel.py) keeps all L, twice while a gather is in fl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -197,7 +199,7 @@ class _Stage:
         """`node` copied for one patch, reading that patch's values."""
         copy = self.gm.graph.node_copy(node, lambda a: env.get(a, a))
         if META in node.meta:
-            copy.meta[META] = dict(node.meta[META])
+            copy.meta[META] = dataclasses.replace(node.meta[META])
             kind, layer = kind_of(node), meta(node).get("layer")
             if kind is not None and kind not in VALUES:
                 sends = self.ctx.layers[layer].row_bytes if kind in _SENDS_ROWS else 0

@@ -41,7 +41,7 @@ import collections
 import networkx as nx
 import torch.fx as fx
 
-from moedit.graph import META, Inserted, Kind, LayerNodes, kind_of, meta
+from moedit.graph import META, Inserted, Kind, LayerNodes, NodeMeta, kind_of, meta
 from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime.timeline import region
@@ -144,8 +144,7 @@ def shortcut_rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(moe):
             for node in [n for n in gm.graph.nodes if n in chain]:
                 copies[node] = gm.graph.node_copy(node, lambda n: copies.get(n, n))
-                copies[node].meta = {**node.meta, META: {"kind": Kind.GLUE, "layer": meta(moe)["layer"],
-                                                         "staleness": 0}}
+                copies[node].meta = {**node.meta, META: NodeMeta(Kind.GLUE, meta(moe).layer)}
         moe.replace_input_with(moe.args[0], copies[moe.args[0]])
         inserted.append(Inserted(node=moe.name, layer=meta(moe)["layer"], kind="shortcut_input"))
     gm.graph.eliminate_dead_code()
@@ -168,7 +167,7 @@ def shortcut(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for view in layers:
         slot = _place_experts(order, view, compute, flight)
         inserted.append(Inserted(node=view[Kind.EXPERTS].name, layer=view.layer, kind="shortcut_slot"))
-        view[Kind.DISPATCH_START].meta[META]["shortcut"] = slot
+        meta(view[Kind.DISPATCH_START]).shortcut = slot
     for before, node in zip(order, order[1:]):
         before.append(node)
     return PassResult(gm, True, inserted)

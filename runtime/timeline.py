@@ -27,7 +27,7 @@ import time
 import torch
 import torch.fx as fx
 
-from moedit.graph import META, VALUES, Kind, copy_module, kind_of, meta, run_input
+from moedit.graph import VALUES, Kind, copy_module, kind_of, meta, run_input, tag
 
 from . import ops
 from .comm import MAIN, Exchange
@@ -207,9 +207,9 @@ def region(node: fx.Node) -> str | None:
         return None
     if kind is Kind.ATTENTION:
         return node.target
-    if kind is not None and "layer" in info:
-        layer = info.get("owner", info["layer"])  # a slot may run another layer's experts
-        who = f"L{layer}" if layer is not None else info.get("where", "dense")  # "a3": attention 3
+    if kind is not None and (info.layer is not None or info.where is not None):
+        layer = info.serves  # a slot may run another layer's experts
+        who = f"L{layer}" if layer is not None else info.where  # "a3": attention 3
         if node.target is ops.wait:
             return f"{who} wait {kind.value.removesuffix('_wait')}"
         return f"{who} {kind.value.removesuffix('_start')}"
@@ -228,7 +228,7 @@ def instrument(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         current = label
         with gm.graph.inserting_before(node):
-            gm.graph.call_function(mark, (run, label)).meta[META] = {"kind": Kind.GLUE}
+            tag(gm.graph.call_function(mark, (run, label)), kind=Kind.GLUE)
     gm.recompile()
     return gm
 

@@ -26,9 +26,8 @@ def _ep(world):
 
 def test_tiny_traces_with_moe_and_attention_as_leaves():
     gm = trace(dit_moe("tiny"))
-    kinds = [n.meta["moedit"] for n in gm.graph.nodes if "moedit" in n.meta]
-    assert kinds == [{"kind": "run"}, {"kind": "attention"}, {"kind": "moe", "layer": 0}, {"kind": "attention"},
-                     {"kind": "moe", "layer": 1}]
+    kinds = [(n.meta["moedit"].kind, n.meta["moedit"].layer) for n in gm.graph.nodes if "moedit" in n.meta]
+    assert kinds == [("run", None), ("attention", None), ("moe", 0), ("attention", None), ("moe", 1)]
     assert list(gm.graph.nodes)[3].name == "run", "the run input comes right after the model's own inputs"
 
 
@@ -123,11 +122,11 @@ def test_verifier_rejects_unannotated_communication():
     gm = copy_module(moedit.compile(dit_moe("tiny"), _ep(2)).graph(0))
     for node in gm.graph.nodes:
         if node.target is ops.exchange_start:
-            del node.meta["moedit"]["layer"]
+            node.meta["moedit"].layer = None
             break
     ctx = PassContext(plan=moedit.Plan(), world_size=2, rank=0, layers=layers_of(trace(dit_moe("tiny"))),
                       step=StepKind(synchronous=True))
-    with pytest.raises(PassError, match="has no moedit layer meta"):
+    with pytest.raises(PassError, match="exchanges layer 0's tokens, but its moedit meta says it serves layer None"):
         run_passes(gm, ctx, [lambda gm, ctx: PassResult(gm, False, [])])
 
 
@@ -220,3 +219,14 @@ def test_the_core_does_not_import_the_reference_model():
     code = "import sys, moedit; print(sorted(m for m in sys.modules if m.startswith('moedit.models')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"import moedit loaded {out}"
+
+
+def test_node_meta_has_only_its_fields():
+    """Passes coordinate through typed node meta: a tag no pass reads is an error, not a silent no-op."""
+    from moedit.graph import meta
+
+    node = next(n for n in trace(dit_moe("tiny")).graph.nodes if n.op == "call_module" and "moedit" in n.meta
+                and meta(n).kind == "moe")
+    assert meta(node)["layer"] == 0 and meta(node).serves == 0 and "chunk" not in meta(node)
+    with pytest.raises(KeyError, match="no field 'ownr'"):
+        meta(node)["ownr"] = 1

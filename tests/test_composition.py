@@ -29,8 +29,7 @@ have and so which check it gets:
 A pair whose result was silently wrong when measured keeps its claimed letter and is listed
 in SILENT_WRONG with the measured max |diff|: its test is `xfail(strict=True)`. (Before
 b93aaac keyed offload's fetches by the layer whose experts a slot runs, int+off and cc+off
-failed their S check here by 0.54 and 0.50.) KNOWN_BROKEN lists pairs that fail loudly for
-a reason outside this matrix, also `xfail(strict=True)`.
+failed their S check here by 0.54 and 0.50.)
 
 Sections and the companions a plan made of them gets (`_plan`):
 
@@ -133,14 +132,6 @@ REFUSED = {
 
 # Pairs measured silently wrong: pair -> what was measured (the test is xfail(strict=True)).
 SILENT_WRONG: dict[tuple[str, str], str] = {}
-
-# Pairs that fail loudly for a known reason outside this matrix (xfail(strict=True): remove once fixed).
-_TRITON_ON_CPU = ("Runtime.start refuses kernels: triton on a CPU runtime ('... which run on CUDA tensors, but this "
-                  "runtime runs on cpu') although compile resolves kernels: triton to the interpreter on a CPU-only "
-                  "machine (runtime/kernels resolve); tests/test_kernels.py::"
-                  "test_triton_kernels_give_the_images_torch_gives_at_2_ranks fails the same way (HEAD 6f20a21)")
-KNOWN_BROKEN: dict[tuple[str, str], str] = {pair: _TRITON_ON_CPU for pair in
-                                            [("chk", "tri"), ("cc", "tri"), ("off", "tri"), ("tri", "tri")]}
 
 DEPTH, LABELS, STEPS, CFG, SEED = 2, [1, 2], 4, 1.5, 0
 EXACT_ATOL, STALE_MIN_DIFF = 1e-5, 1e-3
@@ -359,7 +350,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _marks(pair):
-    reason = SILENT_WRONG.get(pair) or KNOWN_BROKEN.get(pair)
+    reason = SILENT_WRONG.get(pair)
     return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
 
 
@@ -400,4 +391,4 @@ def test_the_matrix_is_symmetric_and_every_refusal_has_a_message():
         assert GRID[b, a] == cell, f"MATRIX[{a}][{b}] = {cell} but MATRIX[{b}][{a}] = {GRID[b, a]}"
     refused = {p for p in PAIRS if GRID[p] == "R"}
     assert refused == set(REFUSED), refused ^ set(REFUSED)
-    assert set(SILENT_WRONG) | set(KNOWN_BROKEN) <= {p for p in PAIRS if GRID[p] in "ES"}
+    assert set(SILENT_WRONG) <= {p for p in PAIRS if GRID[p] in "ES"}

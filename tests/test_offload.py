@@ -123,3 +123,18 @@ def test_release_drops_every_copy_the_store_holds():
     assert all(torch.equal(p, w) for p, w in zip(experts.parameters(), weights))  # the model's own stay
     with pytest.raises(RuntimeError, match="after release"):
         store.fetch(0, [1])
+
+
+def test_the_verifier_rejects_a_fetch_of_another_layers_experts():
+    from moedit.graph import copy_module
+    from moedit.verify import verify_graph
+
+    plan = moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "interweaved"},
+                       offload={"enabled": True, "resident_experts": 16})
+    program = copy_module(moedit.compile(tiny_model(depth=4), plan).graph(0, "async"))
+    verify_graph(program)
+    fetch = next(n for n in program.graph.nodes if kind_of(n) is Kind.FETCH and n.kwargs["layer"] != n.meta[
+        "moedit"].layer)  # an interweaved slot's fetch: it runs the previous layer's experts
+    fetch.kwargs = {**fetch.kwargs, "layer": fetch.meta["moedit"].layer}  # as the pass once keyed it: by the slot
+    with pytest.raises(RuntimeError, match=r"copies layer \d+'s experts but feeds"):
+        verify_graph(program)
