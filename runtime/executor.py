@@ -131,6 +131,8 @@ class Runtime:
         self.state.cache.entries.clear()
         if self.state.experts is not None:
             self.state.experts.forget_fetches()
+        if self.state.timeline is not None:
+            self.state.timeline.forget_in_flight()
         self.state.step, self.state.seed = 0, seed
         self.total_steps, self.step_log = steps, []
 
@@ -360,6 +362,18 @@ class Runtime:
         if not self.state.failed:
             self._drain()
         self.state.mesh.close()
+        # What this runtime holds beyond the model's weights goes now, not at garbage collection:
+        # cached activations, the store's device and pinned copies, the kernels' stacked weights.
+        self.state.cache.entries.clear()
+        if self.state.experts is not None:
+            self.state.experts.release()
+        if self.state.timeline is not None:
+            self.state.timeline.forget_in_flight()
+        for program in [self.program, *self._captures.values()]:
+            for gm in program.programs.values():
+                for module in gm.modules():
+                    if isinstance(module, LocalExperts):
+                        module.release()
 
     def __enter__(self) -> "Runtime":
         return self

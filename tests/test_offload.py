@@ -138,3 +138,14 @@ def test_the_verifier_rejects_a_fetch_of_another_layers_experts():
     fetch.kwargs = {**fetch.kwargs, "layer": fetch.meta["moedit"].layer}  # as the pass once keyed it: by the slot
     with pytest.raises(RuntimeError, match=r"copies layer \d+'s experts but feeds"):
         verify_graph(program)
+
+
+def test_close_lets_go_of_what_the_run_holds():
+    """Cached exchanges and the store's device copies go at close(), not at garbage collection."""
+    plan = moedit.Plan(staleness={"mode": "displaced"}, offload={"enabled": True, "resident_experts": 24})
+    runtime = moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime()
+    runtime.sample([0, 3], steps=3, cfg_scale=1.0)
+    store = runtime.state.experts
+    assert runtime.state.cache.entries and store.resident  # what close() must let go of
+    runtime.close()
+    assert not runtime.state.cache.entries and not store.resident and store.released
