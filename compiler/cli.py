@@ -48,6 +48,10 @@ def _plan(args) -> None:
         print(f"moedit plan: {args.model} ({dtype}), {args.ranks} ranks on {hardware.name}, {args.images} images"
               f"{' with CFG' if args.cfg else ''}, {args.steps} steps; searching...", flush=True)
     found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness)
+    if not found:
+        _print_dropped(found.dropped, sys.stderr)
+        raise SystemExit(f"moedit plan: no candidate plan fits {args.model} on {args.ranks} ranks with {args.images} "
+                         "images (every one was left out, see above); change --ranks or --images")
     best = found[0]
     with open(args.out, "w") as f:
         f.write(f"# moedit plan --model {args.model} --hardware {args.hardware} --ranks {args.ranks}: predicted "

@@ -96,9 +96,11 @@ def _dense_layouts(ranks: int) -> list[dict]:
 
 
 def _valid(plan: dict) -> bool:
+    """Whether a generated layout is a valid plan (the generator may combine axes a plan refuses)."""
     try:
         Plan(**plan)
-    except ValueError:
+    except ValueError as err:
+        log.info("planner: layout %s is not a valid plan, not searched: %s", plan, err)
         return False
     return True
 

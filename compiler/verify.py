@@ -71,7 +71,20 @@ def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
 
     * `cache_read` keys are written by every program (any kind of step can precede a stale one);
     * the slot caches a dropping program reads are written by every program that sends every
-      slot (the last full step before it; a sample's first step never drops)."""
+      slot (the last full step before it; a sample's first step never drops);
+
+    and what a program reads across steps is declared stale: every cache read says how many
+    steps old it is (staleness >= 1), and a synchronous program that drops no slot -- the
+    exact one, a sample's first step -- reads no cache and holds no node declared stale."""
+    for kind, gm in programs.items():
+        for node in gm.graph.nodes:
+            stale = meta(node).staleness
+            if node.target is ops.cache_read and stale < 1:
+                raise RuntimeError(f"program {kind}: {node.name!r} reads a value an earlier step left but declares "
+                                   f"staleness {stale}; passes must declare how many steps old what they read is")
+            if kind.synchronous and not kind.drop and (stale or node.target is ops.cache_read):
+                raise RuntimeError(f"program {kind} must be exact, but {node.name!r} "
+                                   f"{'reads the step cache' if stale == 0 else f'is declared {stale} step(s) stale'}")
     for reader, gm in programs.items():
         for writer, written in programs.items():
             missing = _cache_keys(gm, ops.cache_read) - _cache_keys(written, ops.cache_write)

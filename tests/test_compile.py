@@ -230,3 +230,23 @@ def test_node_meta_has_only_its_fields():
     assert meta(node)["layer"] == 0 and meta(node).serves == 0 and "chunk" not in meta(node)
     with pytest.raises(KeyError, match="no field 'ownr'"):
         meta(node)["ownr"] = 1
+
+
+def test_the_verifier_rejects_a_synchronous_program_that_reads_across_steps():
+    from moedit.graph import copy_module, meta
+    from moedit.steps import StepKind
+    from moedit.verify import verify_programs
+
+    compiled = moedit.compile(dit_moe("tiny"), moedit.Plan(expert_parallel={"degree": 2},
+                                                           staleness={"mode": "displaced"}))
+    programs = {kind: copy_module(compiled.graph(0, kind)) for kind in compiled.kinds}
+    verify_programs(programs)
+    sync, stale = programs[StepKind(True)], programs[StepKind(False)]
+    read = next(n for n in stale.graph.nodes if n.target is ops.cache_read)
+    meta(read).staleness = 0
+    with pytest.raises(RuntimeError, match="declares staleness 0"):
+        verify_programs(programs)
+    meta(read).staleness = 2
+    meta(next(n for n in sync.graph.nodes if n.target is ops.exchange_start)).staleness = 1
+    with pytest.raises(RuntimeError, match="program sync must be exact"):
+        verify_programs(programs)

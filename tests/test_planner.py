@@ -72,6 +72,18 @@ def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypa
         assert moedit.Plan(**yaml.safe_load(f)).to_dict()["expert_parallel"]["degree"] == 2
 
 
+def test_the_cli_says_so_when_every_candidate_is_left_out(tmp_path, capsys, monkeypatch):
+    import moedit.planner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(moedit.planner, "search", lambda *a, **k: moedit.planner.Candidates(
+        [], [moedit.planner.Dropped({"expert_parallel": {"degree": 2}}, "the batch cannot be split")]))
+    with pytest.raises(SystemExit, match="no candidate plan fits tiny on 2 ranks"):
+        main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "1"])
+    assert "the batch cannot be split" in capsys.readouterr().err
+    assert not (tmp_path / "best_plan.yaml").exists()
+
+
 def _run_best(rank, world, plan):
     compiled = moedit.compile(tiny_model(), moedit.Plan(**plan))
     with compiled.to_runtime() as runtime:

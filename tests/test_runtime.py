@@ -259,3 +259,27 @@ def test_a_registered_third_party_moe_layer_runs_expert_parallel(spawn):
         expected = ThirdPartyModel().eval()(x)
     for output in spawn(2, _adapter_worker):
         torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
+
+
+def _failed_start_worker(rank, world):
+    from torch.distributed import distributed_c10d
+
+    import moedit.runtime.executor as executor
+
+    compiled = moedit.compile(tiny_model(depth=2), moedit.Plan(expert_parallel={"degree": world}))
+    groups = len(distributed_c10d._world.pg_map)  # the default group, made by the test's spawner
+
+    def broken_ready(*_args):
+        raise RuntimeError("failed while readying the programs")
+
+    executor._ready = broken_ready  # fails after the runtime made its own groups
+    try:
+        compiled.to_runtime()
+    except RuntimeError as err:
+        assert "readying" in str(err)
+    return groups, len(distributed_c10d._world.pg_map)
+
+
+def test_a_start_that_fails_after_making_its_groups_leaves_them(spawn):
+    for before, after in spawn(2, _failed_start_worker):
+        assert after == before
