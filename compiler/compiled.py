@@ -49,7 +49,7 @@ from .program import RankProgram
 from .signature import Signature
 from .steps import StepKind, StepPlan
 from .tracer import record_sizes, trace
-from .verify import collective_order, verify_collective_order, verify_programs
+from .verify import collective_order, verify_collective_order, verify_programs, verify_staleness
 
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,10 @@ class CompiledModel:
         self.world_size = plan.world_size
         self.steps = StepPlan.of(plan)  # which kind every diffusion step runs
         self.synchronous_layers = synchronous_layers(plan, len(layers))
+        stale_steps = {"sync": 0, "interweaved": 1, "displaced": 2}[plan.staleness.mode]
+        # per MoE layer: how many steps old its routed output is on a stale step (verify_staleness)
+        self.claimed_staleness = {layer: 0 if layer in self.synchronous_layers else stale_steps
+                                  for layer in range(len(layers))}
         self.pass_log: list[dict] = []  # one entry per (rank, program, pass), in build order
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
         self.chunk_basis: dict | None = None  # what expert_parallel.chunks "auto" chose from
@@ -217,6 +221,7 @@ class CompiledModel:
             programs[kind], program_log = run_passes(copy_module(self._traced), ctx, self.pipeline)
             logs += program_log
         verify_programs(programs)
+        verify_staleness(programs, self.claimed_staleness)
         if rank != 0:
             self._check_against_lower_ranks(rank, programs)
         self.pass_log += logs

@@ -13,7 +13,11 @@
   exchanged buffer is read before its exchange finished.
 
 `verify_programs(programs)`: across one rank's programs, every cache key a program reads was
-left by whichever kind of step can come before it.
+left by whichever kind of step can come before it; a cache read declares its staleness, and
+the exact program reads nothing across steps.
+
+`verify_staleness(programs, claimed)`: no node is staler than the plan claims for its layer,
+and on stale steps each stale layer consumes a combine exactly that stale.
 
 `verify_collective_order(orders, program, layout)`: across ranks, each communicator sees the
 same exchanges in the same order within every group (collectives on one group complete in
@@ -93,6 +97,27 @@ def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
             if missing:
                 raise RuntimeError(f"program {reader} reads cache keys {sorted(missing)} that program {writer} "
                                    "never writes; a step of that kind would leave them stale or empty")
+
+
+def verify_staleness(programs: dict[StepKind, fx.GraphModule], claimed: dict[int, int]) -> None:
+    """Stale reads match what the plan claims (`claimed`: MoE layer -> steps its routed output
+    is stale on a stale step; 0 for layers kept synchronous). In every program no node serving
+    a layer is staler than its claim, and on stale steps the combine a stale layer consumes is
+    exactly that stale: explain(), the docs and the staleness probes all read the claim."""
+    for kind, gm in programs.items():
+        for node in gm.graph.nodes:
+            info = meta(node)
+            if info.serves is None or info.staleness <= claimed.get(info.serves, 0):
+                continue
+            raise RuntimeError(f"program {kind}: {node.name!r} serves layer {info.serves} and is declared "
+                               f"{info.staleness} step(s) stale; the plan claims {claimed.get(info.serves, 0)}")
+        if kind.synchronous:
+            continue
+        for node in gm.graph.nodes:
+            info = meta(node)
+            if kind_of(node) is Kind.COMBINE_WAIT and info.staleness != claimed.get(info.layer, 0):
+                raise RuntimeError(f"program {kind}: layer {info.layer} consumes a combine declared {info.staleness} "
+                                   f"step(s) stale ({node.name!r}); the plan claims {claimed.get(info.layer, 0)}")
 
 
 def _verify_fetch(gm: fx.GraphModule, fetch: fx.Node) -> None:

@@ -250,3 +250,15 @@ def test_the_verifier_rejects_a_synchronous_program_that_reads_across_steps():
     meta(next(n for n in sync.graph.nodes if n.target is ops.exchange_start)).staleness = 1
     with pytest.raises(RuntimeError, match="program sync must be exact"):
         verify_programs(programs)
+
+
+def test_the_verifier_holds_stale_reads_to_the_staleness_the_plan_claims():
+    from moedit.verify import verify_staleness
+
+    compiled = moedit.compile(dit_moe("tiny"), moedit.Plan(expert_parallel={"degree": 2},
+                                                           staleness={"mode": "displaced"}))
+    programs = compiled.programs(0)
+    assert compiled.claimed_staleness == {0: 2, 1: 2}
+    verify_staleness(programs, compiled.claimed_staleness)
+    with pytest.raises(RuntimeError, match="declared 2 step.s. stale; the plan claims 1"):
+        verify_staleness(programs, {0: 1, 1: 1})  # displaced programs held to interweaved's claim
