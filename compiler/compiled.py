@@ -170,7 +170,7 @@ class CompiledModel:
     """Per-rank programs for one model and plan, one per step kind."""
 
     def __init__(self, model: nn.Module, plan: Plan, traced: fx.GraphModule, layers,
-                 sensitivity: list[float] | None = None, pipeline: list[PassFn] = PIPELINE):
+                 sensitivity: list[float] | None = None, pipeline: list[PassFn] = PIPELINE, kernels: str | None = None):
         self.model = model
         self.plan = plan
         self.layers = layers
@@ -185,7 +185,7 @@ class CompiledModel:
         self.sensitivity = sensitivity  # per layer, when selective_sync chose "auto"
         self.chunk_basis: dict | None = None  # what expert_parallel.chunks "auto" chose from
         self.pipeline = list(pipeline)
-        self.kernels = _kernels(plan, traced, layers)  # "torch" or "triton"
+        self.kernels = kernels or _kernels(plan, traced, layers)  # "torch" or "triton"
         self._traced = traced
         self._per_rank: dict[int, dict[StepKind, fx.GraphModule]] = {}
         self.signature: Signature | None = None  # what the graph was captured for, if it was (moedit/capture.py)
@@ -200,7 +200,8 @@ class CompiledModel:
             return self
         if signature not in self._specialised:
             traced, signature, out_spec = capture(self.model, *signature.call(tensors))
-            other = CompiledModel(self.model, self.plan, traced, layers_of(traced), self.sensitivity, self.pipeline)
+            other = CompiledModel(self.model, self.plan, traced, layers_of(traced), self.sensitivity, self.pipeline,
+                                  kernels=self.kernels)  # chosen (and any fallback said) once
             other.signature, other.batch_dims, other.out_spec = signature, self.batch_dims, out_spec
             self._specialised[signature] = other
             log.info("captured %s again, for %s (%d captures)", type(self.model).__name__, signature.describe(),
