@@ -116,3 +116,15 @@ class _WritesABuffer(torch.nn.Module):
 def test_capture_refuses_writing_input_values_into_module_state():
     with pytest.raises(moedit.TraceError, match="parameters or buffers"):
         moedit.compile(_WritesABuffer(), example_inputs=_dit_inputs())
+
+
+def test_prepare_captures_a_new_signature_before_any_step():
+    model, inputs = tiny_model(), _dit_inputs()
+    doubled = tuple(torch.cat([t, t]) for t in inputs)
+    with moedit.compile(model, example_inputs=inputs).to_runtime() as runner:
+        runner.prepare(*doubled)
+        assert len(runner._captures) == 1 and runner.state.step == 0  # captured, no step run
+        out = runner.denoise(*doubled)
+        assert len(runner._captures) == 1  # the step found it ready
+    with torch.no_grad():
+        assert (out - model(*doubled)).abs().max() <= 1e-5
