@@ -21,9 +21,9 @@ input's values are written into stops being a constant (see [Note: writes into c
 The graph's inputs are the tensors found in the call's arguments (nested lists, tuples and
 dicts included, in `torch.utils._pytree` order), named after the forward's parameters; its
 output is the flat list of output tensors, put back into the forward's return structure
-(a tuple, a diffusers `Transformer2DModelOutput`, ...) by `CompiledModel.outputs`. A call
-with another signature is captured again (`moedit.runtime.executor.Runtime.denoise` does
-that). MoE layers stand in as shape-preserving while capturing: their experts may live on
+(a tuple, a diffusers `Transformer2DModelOutput`, ...) by `RankProgram.outputs`. A call
+with another signature is captured again through `RankProgram.specialise`, on every rank at
+the same call (see [Note: compiler and runtime] in program.py). MoE layers stand in as shape-preserving while capturing: their experts may live on
 other ranks.
 """
 
@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.overrides import TorchFunctionMode
 
 from .adapters import adapter_for
@@ -89,13 +90,14 @@ _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__"
                                "__irshift__", "__imatmul__"})
 
 
-def _written_by(func, args: tuple, kwargs: dict):
-    """The tensor an in-place call writes into (`out=`, `t[i] = v`, `t.add_(v)`), else None."""
-    if isinstance(kwargs.get("out"), torch.Tensor):
+def _written_by(func, args: tuple, kwargs: dict, kind=torch.Tensor):
+    """What an in-place call writes into (`out=`, `t[i] = v`, `t.add_(v)`), if it is a `kind`
+    (a tensor, or a proxy for one), else None. `func` may be a method's name."""
+    if isinstance(kwargs.get("out"), kind):
         return kwargs["out"]
-    name = getattr(func, "__name__", "")
+    name = func if isinstance(func, str) else getattr(func, "__name__", "")
     in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
-    return args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
+    return args[0] if in_place and args and isinstance(args[0], kind) else None
 
 
 def _storage(tensor: torch.Tensor) -> int | None:
@@ -113,8 +115,10 @@ class _WrittenConstants(TorchFunctionMode):
     of a traced value into a real tensor puts a copy of that tensor's storage into the graph
     (`clone` of the constant, fresh at every call), and from then on every call that reads
     that storage -- the tensor itself or any view of it -- reads the graph's copy instead
-    (the view as `as_strided` of the copy). Writes into the model's own parameters or buffers
-    are refused: a captured program keeps no module state."""
+    (the view as `as_strided` of the copy). A write of such a read into another real tensor
+    adopts that one too (`b[:] = a`, `torch.mul(a, 2, out=b)`). Writes into the model's own
+    parameters or buffers are refused, before they run (`_refuse_writes_into_the_model`): a
+    captured program keeps no module state."""
 
     def __init__(self, tracer: "ShapeTracer"):
         super().__init__()
@@ -125,10 +129,9 @@ class _WrittenConstants(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.tracer._eager or getattr(func, "__name__", "") == "__get__":  # example values; .shape and the like
             return func(*args, **kwargs)
-        traced = any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves((args, kwargs)))
         target = _written_by(func, args, kwargs)
-        if traced and target is not None and _storage(target) not in (None, *self.copies):
-            self._adopt(target)
+        if target is not None and _storage(target) not in (None, *self.copies) and self._traced((args, kwargs)):
+            self._adopt(target)  # a traced value (a proxy, or a read of a copy) written into a real tensor
         if not self.copies:
             return func(*args, **kwargs)
         args, kwargs = self.substitute((args, kwargs))
@@ -136,15 +139,21 @@ class _WrittenConstants(TorchFunctionMode):
             return fx.Proxy.__torch_function__(func, types, args, kwargs)  # the call may be a method of a Tensor
         return func(*args, **kwargs)
 
+    def _traced(self, tree) -> bool:
+        """Whether `tree` holds a traced value: a proxy, or a tensor whose storage the graph copied."""
+        return any(isinstance(leaf, fx.Proxy) or isinstance(leaf, torch.Tensor) and _storage(leaf) in self.copies
+                   for leaf in pytree.tree_leaves(tree))
+
     def _adopt(self, tensor: torch.Tensor) -> None:
         with torch._C.DisableTorchFunction():
             base = tensor if tensor._base is None else tensor._base
         if any(base is t for t in itertools.chain(self.tracer.root.parameters(), self.tracer.root.buffers())):
             raise TraceError("the forward writes traced values into one of the model's parameters or buffers (shape "
                              f"{list(base.shape)}); a captured program keeps no module state: write into a new tensor")
-        if not base.is_contiguous():
-            raise TraceError(f"the forward writes traced values into a non-contiguous tensor made from shapes alone "
-                             f"(shape {list(base.shape)}); make it with torch.zeros/empty (contiguous)")
+        if not is_non_overlapping_and_dense_or_false(base):  # `clone` keeps the strides of such a tensor, views map onto it
+            raise TraceError(f"the forward writes traced values into a tensor made from shapes alone whose elements "
+                             f"overlap or leave gaps (shape {list(base.shape)}, strides {list(base.stride())}); "
+                             "write into a .contiguous() copy of it")
         constant = self.tracer.create_arg(base)  # a get_attr of the tensor as it is now
         self.tracer.examples[constant] = base
         self.copies[_storage(base)] = (base, self.tracer.proxy(constant).clone())
@@ -187,6 +196,8 @@ class ShapeTracer(MoeditTracer):
         return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind in ("call_function", "call_method"):
+            self._refuse_writes_into_the_model(target, args, kwargs or {})
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, fx.Proxy):
             self._eager += 1
@@ -195,6 +206,18 @@ class ShapeTracer(MoeditTracer):
             finally:
                 self._eager -= 1
         return proxy
+
+    def _refuse_writes_into_the_model(self, target, args: tuple, kwargs: dict) -> None:
+        """A traced in-place write into a parameter or buffer (or a view of one) would run on the
+        real weights while capturing and again at every call: refused before either happens."""
+        written = _written_by(target, args, kwargs, kind=fx.Proxy)
+        example = self.examples.get(written.node) if written is not None else None
+        if isinstance(example, torch.Tensor) and _storage(example) is not None:
+            state = {_storage(t): name for name, t in itertools.chain(self.root.named_parameters(),
+                                                                      self.root.named_buffers())}
+            if _storage(example) in state:
+                raise TraceError(f"the forward writes into {state[_storage(example)]!r}, one of the model's parameters "
+                                 "or buffers; a captured program keeps no module state: write into a new tensor")
 
     def _example(self, kind, target, args, kwargs):
         if kind == "placeholder":

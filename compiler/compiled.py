@@ -177,7 +177,7 @@ class CompiledModel:
         self.world_size = plan.world_size
         self.steps = StepPlan.of(plan)  # which kind every diffusion step runs
         self.synchronous_layers = synchronous_layers(plan, len(layers))
-        stale_steps = {"sync": 0, "interweaved": 1, "displaced": 2}[plan.staleness.mode]
+        stale_steps = plan.staleness.STEPS[plan.staleness.mode]
         # per MoE layer: how many steps old its routed output is on a stale step (verify_staleness)
         self.claimed_staleness = {layer: 0 if layer in self.synchronous_layers else stale_steps
                                   for layer in range(len(layers))}

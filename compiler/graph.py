@@ -99,11 +99,12 @@ VALUES = frozenset({Kind.TOKENS, Kind.EXPERT_IDS, Kind.WEIGHTS, Kind.ROWS, Kind.
                     Kind.SEND_SPLITS, Kind.RECV_SPLITS, Kind.OUTPUT, Kind.PENDING, Kind.GLUE})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class NodeMeta:
     """What moedit knows of a node (`node.meta["moedit"]`). Fields read like a dict too
     (`meta(node)["layer"]`, `.get("shape")`, `"chunk" in meta(node)`: set and not None), so
-    reading code stays short; only these fields exist."""
+    reading code stays short; only these fields exist (slots: a misspelt attribute is an
+    AttributeError, a misspelt key a KeyError)."""
 
     kind: Kind | None = None
     layer: int | None = None  # the MoE layer whose slot holds the node (None: outside MoE layers)
@@ -147,9 +148,24 @@ class NodeMeta:
 _NODE_META_FIELDS = frozenset(field.name for field in dataclasses.fields(NodeMeta))
 
 
+class _Untagged(NodeMeta):
+    """What `meta` returns for a node moedit has not tagged: reads give the defaults, writes
+    are refused (they would land on a throwaway object); tag such a node with `tag`."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise RuntimeError(f"this node has no moedit meta to set {name!r} on; tag it with moedit.graph.tag(node, ...)")
+
+
+_UNTAGGED = _Untagged.__new__(_Untagged)
+for _field in dataclasses.fields(NodeMeta):
+    object.__setattr__(_UNTAGGED, _field.name, _field.default)
+
+
 def meta(node: fx.Node) -> NodeMeta:
-    """The node's moedit meta (an empty one, not stored, if it has none)."""
-    return node.meta.get(META) or NodeMeta()
+    """The node's moedit meta (a read-only empty one if it has none)."""
+    return node.meta.get(META) or _UNTAGGED
 
 
 def tag(node: fx.Node, **fields) -> NodeMeta:

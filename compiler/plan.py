@@ -42,6 +42,10 @@ class ExpertParallel(_Section):
 
 
 class Staleness(_Section):
+    # How many steps old a stale layer's routed output is, per mode (what displace.py and
+    # interweave.py build; the verifier holds their programs to it, the planner ranks by it).
+    STEPS: typing.ClassVar[dict[str, int]] = {"sync": 0, "interweaved": 1, "displaced": 2}
+
     mode: Literal["sync", "displaced", "interweaved"] = Field(
         "sync", description="sync: exact. displaced: routed outputs 2 steps stale. interweaved: 1 step stale.")
     warmup_steps: int = Field(1, ge=0, description="Leading diffusion steps run synchronously to fill the caches.")

@@ -25,12 +25,10 @@ from typing import NamedTuple
 
 from .compiled import compile as compile_model
 from .costs import Hardware
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, Staleness
 from .simulate import SimulationError, replay, simulate
 
 log = logging.getLogger(__name__)
-
-STALENESS = {"sync": 0, "interweaved": 1, "displaced": 2}
 
 
 @dataclasses.dataclass
@@ -47,7 +45,7 @@ class Candidate:
 
 
 def staleness_of(plan: dict) -> int:
-    mode = STALENESS[plan.get("staleness", {}).get("mode", "sync")]
+    mode = Staleness.STEPS[plan.get("staleness", {}).get("mode", "sync")]
     interval = plan.get("conditional_comm", {}).get("interval")
     return max(mode, interval - 1 if interval else 0)
 

@@ -2,21 +2,26 @@
 
 [Note: compiler and runtime]
 The compiler (capture, tracer, passes, verifier) turns a model and a plan into one
-`RankProgram` per rank; the runtime (moedit/runtime) runs it and reads nothing else of the
-compiler: it never imports a pass or the capture, and never builds a program inside a
-diffusion step. A `RankProgram` holds the rank's program for every step kind, the step plan
-that says which kind each step runs, the collective order of every program (checked across
-the ranks before the first exchange), the communicators it needs and the kernel choice.
+`RankProgram` per rank; the runtime (moedit/runtime) runs it: it never imports a pass or the
+capture, and never builds a program inside a diffusion step. A `RankProgram` holds the
+rank's program for every step kind, the step plan that says which kind each step runs, the
+collective order of every program (compared across the ranks before the first exchange),
+the communicators it needs and the kernel choice.
 
-A model captured for one input signature (moedit/capture.py) meets a call of another
-signature through `specialise`, a function the compiler puts here: the runtime calls it on
-every rank at the same call, before the step, and checks the new programs' collective order
-across the ranks as it did at start (`Runtime.prepare`).
+One door leads back into the compiler, on purpose: a model captured for one input signature
+(moedit/capture.py) meets a call of another signature through `specialise`, a function the
+compiler puts here, which captures the model again and runs every pass for that signature.
+The runtime calls it before the step, keyed by the whole call's signature, which every rank
+sees alike, so every rank captures at the same call (`Runtime.prepare` does it ahead of
+time); the new programs must issue the first capture's exchanges, which the ranks compared
+at start, so they still agree without another collective. A traced (not captured) model's
+`RankProgram` has no `specialise`, and holds all its runtime runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -45,7 +50,7 @@ class RankProgram:
     out_spec: pytree.TreeSpec | None = None  # a captured program's return structure (it returns tensors flat)
     specialise: Callable[[Signature, list[torch.Tensor]], "RankProgram"] | None = None  # see the Note
 
-    @property
+    @functools.cached_property
     def orders(self) -> dict[str, list]:
         """Every program's collective order (moedit.verify.collective_order), by step kind name."""
         return {kind.name: collective_order(gm) for kind, gm in self.programs.items()}

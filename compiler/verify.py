@@ -79,7 +79,10 @@ def verify_programs(programs: dict[StepKind, fx.GraphModule]) -> None:
 
     and what a program reads across steps is declared stale: every cache read says how many
     steps old it is (staleness >= 1), and a synchronous program that drops no slot -- the
-    exact one, a sample's first step -- reads no cache and holds no node declared stale."""
+    exact one, a sample's first step -- reads no cache and holds no node declared stale.
+    Conditional communication's slot outputs are the exception by design: a dropping step
+    reuses them from the last full step, up to `conditional_comm.interval - 1` steps back,
+    which the plan states; their nodes carry the staleness of the layer they sit in."""
     for kind, gm in programs.items():
         for node in gm.graph.nodes:
             stale = meta(node).staleness

@@ -11,8 +11,14 @@ A plan whose steps read what earlier steps left (staleness caches, K/V buffers, 
 outputs) must know where a sample begins: step 0 of a new sample runs the synchronous
 program and reads nothing of the last one. `Runtime.denoise` cannot tell that from its
 arguments, so for such plans it refuses a call outside a sample opened by `reset(steps=N)`:
-the first call before any `reset`, and the (N+1)-th call of a sample of N steps, each with a
-message naming `reset`. Plans that carry nothing across steps need no `reset`.
+the first call before any `reset`, the (N+1)-th call of a sample of N steps, and a call whose
+timestep (an input named `t`, `timestep` or `timesteps`) turns back against the direction the
+sample's timesteps ran so far (a new sample begun early, without `reset`), each with a message
+naming `reset`; a step that raises closes the sample too. What the guard cannot see: a model
+with no timestep input whose sample ends early, and a sampler that calls the model twice per
+step (conditional and unconditional halves as separate calls), where the second call would
+read the first one's caches: batch the two halves, as `sample()` does. Plans that carry
+nothing across steps need no `reset`.
 
 The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
 rank); ranks that differ only in the pipefusion, cfg, patch, ring or ulysses axes get the same
@@ -52,6 +58,7 @@ from .timeline import Span, Timeline, instrument
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "data"  # the axis the global batch is split over
+TIMESTEP_NAMES = ("t", "timestep", "timesteps")  # forward arguments that hold the diffusion timestep
 WORLD = "world"  # every rank: the runtime's own checks
 
 
@@ -87,6 +94,8 @@ class Runtime:
         self.sent_bytes: list[int] = []  # bytes sent to other ranks, per step of the last sample()
         # a captured model: the programs for each global call signature met so far (see `prepare`)
         self._captures: dict[Signature, RankProgram] = {}
+        self._timesteps: list[float] = []  # of the current sample's denoise calls, where the call names one
+        self._closed = False
 
     @classmethod
     def start(cls, program: RankProgram, backend: str, device=None, profile: bool = False) -> "Runtime":
@@ -134,7 +143,7 @@ class Runtime:
         if self.state.timeline is not None:
             self.state.timeline.forget_in_flight()
         self.state.step, self.state.seed = 0, seed
-        self.total_steps, self.step_log = steps, []
+        self.total_steps, self.step_log, self._timesteps = steps, [], []
 
     def _drain(self) -> None:
         """Wait for every exchange still in flight (a stale step's last dispatch, say)."""
@@ -143,21 +152,27 @@ class Runtime:
         self.state.settle()
 
     def _run(self, *inputs, **kwargs):
+        if self._closed:
+            raise RuntimeError("this runtime is closed; start a new one with compiled.to_runtime()")
         steps = self.program.steps
         if steps.carries_state and self.total_steps is None:
-            raise RuntimeError("this plan's steps read what earlier steps left (staleness caches, K/V buffers or "
-                               "cached slot outputs), so a sample must be opened first: call runner.reset(steps=N, "
-                               "seed=...) before its first step (see [Note: samples] in moedit/runtime/executor.py)")
+            raise ValueError("this plan's steps read what earlier steps left (staleness caches, K/V buffers or "
+                             "cached slot outputs), so a sample must be opened first: call runner.reset(steps=N, "
+                             "seed=...) before its first step (see [Note: samples] in moedit/runtime/executor.py)")
         if steps.carries_state and self.state.step >= self.total_steps:
-            raise RuntimeError(f"the sample opened by reset(steps={self.total_steps}) has run all its steps; call "
-                               "runner.reset(steps=N, seed=...) before the first step of the next sample, so that "
-                               "its step 0 reads nothing the last sample left")
+            raise ValueError(f"the sample opened by reset(steps={self.total_steps}) has run all its steps; call "
+                             "runner.reset(steps=N, seed=...) before the first step of the next sample, so that "
+                             "its step 0 reads nothing the last sample left")
         kind = steps.kind_at(self.state.step, self.total_steps)
         if kind.synchronous and self.state.kind is not None and not self.state.kind.synchronous:
             self._drain()  # a synchronous program refills the caches without reading the exchanges in them
         self.state.kind = kind
         self.step_log.append(kind)
-        out = self.programs[kind](*inputs, **kwargs, run=self.state)
+        try:
+            out = self.programs[kind](*inputs, **kwargs, run=self.state)
+        except BaseException:
+            self.total_steps = None  # a sample cut short: the next step must open a new one
+            raise
         self.state.settle()
         if self.state.timeline is not None:
             self.state.timeline.end_step()
@@ -165,6 +180,20 @@ class Runtime:
             self._check_cache_limit()
         self.state.step += 1
         return out
+
+    def _check_continues(self, call: "_Call") -> None:
+        """Refuse a step whose timestep turns back (see [Note: samples]): the sample's timesteps
+        so far ran one way, so this call starts a new sample without `reset`."""
+        value = call.timestep()
+        if value is None or not self.program.steps.carries_state or self.total_steps is None:
+            return
+        seen = self._timesteps
+        direction = next((b - a for a, b in zip(seen, seen[1:]) if b != a), 0.0)
+        if seen and direction * (value - seen[-1]) < 0:
+            raise ValueError(f"denoise: timestep {value:g} does not continue the sample, whose steps so far went "
+                             f"from {seen[0]:g} to {seen[-1]:g}; call runner.reset(steps=N, seed=...) before the "
+                             "first step of every sample, so that it reads nothing the last sample left")
+        seen.append(value)
 
     def _check_cache_limit(self) -> None:
         """Stop every rank together once any rank's caches have outgrown the plan's limit."""
@@ -209,6 +238,7 @@ class Runtime:
         For a stale plan each call is one diffusion step: call `reset(steps=N, seed=...)`
         before the first step of every sample."""
         call = self._shard_call(args, kwargs)
+        self._check_continues(call)
         if self.program.signature is None:
             local_args, local_kwargs = call.signature.call(call.local)
             out = self._run(*local_args, **local_kwargs)
@@ -358,7 +388,12 @@ class Runtime:
     def close(self) -> None:
         """Finish the exchanges still in flight and leave this runtime's process groups. A
         default group moedit created stays until the process exits, so another runtime can
-        start in it. After a failed exchange nothing is waited for: the peer may be gone."""
+        start in it. After a failed exchange nothing is waited for: the peer may be gone. The
+        stacked expert weights the Triton kernels keep are dropped too; another runtime of the
+        same compiled model stacks them again on its next step."""
+        if self._closed:
+            return
+        self._closed = True
         if not self.state.failed:
             self._drain()
         self.state.mesh.close()
@@ -424,3 +459,10 @@ class _Call:
     local: list[torch.Tensor]  # this rank's part of each, on the runtime's device
     batch: int  # samples in the global batch
     stand_in: bool  # this rank holds no sample and runs on a copy of sample 0
+
+    def timestep(self) -> float | None:
+        """The call's diffusion timestep (its first sample's), if an input is named for one."""
+        for name, tensor in zip(self.signature.names, self.tensors):
+            if name in TIMESTEP_NAMES and tensor.numel():
+                return float(tensor.reshape(-1)[0])
+        return None

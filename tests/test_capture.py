@@ -102,6 +102,78 @@ def test_writes_into_a_shape_made_tensor_stay_in_the_graph():
         assert (runner.denoise(*inputs) - reference).abs().max() <= 1e-5
 
 
+class _Chain(torch.nn.Module):
+    """Writes traced values into shape-made tensors in ways that reach them only through other
+    such tensors: a copy of a copy, an `out=` from a copy, a mask built from the input, a
+    channels-last canvas."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.inner, self.write = tiny_model(), write
+
+    def forward(self, x, t, y):
+        return self.inner(self.write(x), t, y)
+
+
+def _copy_of_a_copy(x):
+    a = torch.zeros(x.shape)
+    a[:] = x
+    b = torch.zeros(x.shape)
+    b[:] = a  # no proxy in this call: `a` is the graph's copy
+    return b * 1.0
+
+
+def _out_from_a_copy(x):
+    a = torch.zeros(x.shape)
+    a.copy_(x)
+    b = torch.empty(x.shape)
+    torch.mul(a, 2.0, out=b)
+    return b / 2
+
+
+def _masked_fill(x):
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[x > 0] = True
+    filled = torch.zeros(x.shape)
+    filled.masked_fill_(mask, 1.0)
+    return x + filled
+
+
+def _channels_last(x):
+    canvas = torch.zeros(x.shape).to(memory_format=torch.channels_last)
+    canvas[:] = x
+    return canvas * 1.0
+
+
+@pytest.mark.parametrize("write", [_copy_of_a_copy, _out_from_a_copy, _masked_fill, _channels_last],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_traced_values_reach_shape_made_tensors_through_other_copies(write):
+    model, inputs = _Chain(write), _dit_inputs()
+    compiled = moedit.compile(model, example_inputs=inputs)
+    _rewrite_every_tensor(inputs)
+    with torch.no_grad():
+        reference = model(*inputs)
+    with compiled.to_runtime() as runner:
+        assert (runner.denoise(*inputs) - reference).abs().max() <= 1e-5
+
+
+class _WritesAParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.scale = tiny_model(), torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x, t, y):
+        self.scale.mul_(x.mean().abs() + 1)
+        return self.inner(x * self.scale, t, y)
+
+
+def test_capture_refuses_writing_into_a_parameter_and_leaves_it_as_it_was():
+    model = _WritesAParameter()
+    with pytest.raises(moedit.TraceError, match="writes into 'scale', one of the model's parameters or buffers"):
+        moedit.compile(model, example_inputs=_dit_inputs())
+    assert model.scale.item() == 1.0  # refused before the write ran on the real weights
+
+
 class _WritesABuffer(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -49,7 +49,8 @@ EXACT = {  # world -> name -> (model depth, plan)
 
 def _batch(step=0):
     gen = torch.Generator().manual_seed(1 + step)
-    return torch.randn(5, 4, 8, 8, generator=gen), torch.rand(5, generator=gen), torch.tensor([0, 3, 9, 3, 10])
+    t = 0.95 - 0.1 * step + 0.05 * torch.rand(5, generator=gen)  # falling, as a sampler's timesteps do
+    return torch.randn(5, 4, 8, 8, generator=gen), t, torch.tensor([0, 3, 9, 3, 10])
 
 
 def _exact_worker(rank, world):

@@ -145,8 +145,8 @@ def test_two_runtimes_one_after_the_other(spawn, group_from):
 
 def _steps(n):
     gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(4, 4, 8, 8, generator=gen), torch.rand(4, generator=gen),
-             torch.randint(0, 10, (4,), generator=gen)) for _ in range(n)]
+    return [(torch.randn(4, 4, 8, 8, generator=gen), 0.95 - 0.1 * step + 0.05 * torch.rand(4, generator=gen),
+             torch.randint(0, 10, (4,), generator=gen)) for step in range(n)]  # timesteps fall, as a sampler's
 
 
 def _side_by_side_worker(rank, world):
@@ -283,3 +283,11 @@ def _failed_start_worker(rank, world):
 def test_a_start_that_fails_after_making_its_groups_leaves_them(spawn):
     for before, after in spawn(2, _failed_start_worker):
         assert after == before
+
+
+def test_a_closed_runtime_says_so():
+    runner = moedit.compile(tiny_model(depth=2), moedit.Plan()).to_runtime()
+    runner.close()
+    runner.close()  # a second close does nothing
+    with pytest.raises(RuntimeError, match="this runtime is closed; start a new one with compiled.to_runtime"):
+        runner.denoise(*_batch())

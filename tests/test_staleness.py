@@ -20,7 +20,8 @@ DEPTH, STEPS = 4, 7
 
 def _inputs(step):
     gen = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(4, 4, 8, 8, generator=gen), torch.rand(4, generator=gen),
+    # timesteps fall step by step, as a sampler's do (the runtime refuses a step that turns back)
+    return (torch.randn(4, 4, 8, 8, generator=gen), 0.95 - 0.1 * step + 0.05 * torch.rand(4, generator=gen),
             torch.randint(0, 10, (4,), generator=gen))
 
 
@@ -212,14 +213,22 @@ def test_random_slot_dropping_is_reproducible(spawn):
 def _second_sample_worker(rank, world):
     plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": "interweaved", "warmup_steps": 1})
     refused = []
+
+    def attempt(name, step):
+        try:
+            runtime.denoise(*_inputs(step))
+        except ValueError as err:
+            refused.append((name, str(err)))
+
     with moedit.compile(tiny_model(depth=DEPTH), plan).to_runtime() as runtime:
-        for attempt in ("before any reset", "after the sample's last step"):
-            try:
-                runtime.denoise(*_inputs(0))
-            except RuntimeError as err:
-                refused.append((attempt, str(err)))
-            runtime.reset(steps=2)
-            first = [runtime.denoise(*_inputs(step)) for step in range(2)]
+        attempt("before any reset", 0)
+        runtime.reset(steps=2)
+        first = [runtime.denoise(*_inputs(step)) for step in range(2)]
+        attempt("after the sample's last step", 0)
+        runtime.reset(steps=4)
+        for step in range(2):  # a sample stopped early ...
+            runtime.denoise(*_inputs(step))
+        attempt("a new sample begun without reset", 0)  # ... then one begun anew: its timestep turns back
         runtime.reset(steps=2)  # the next sample, opened as it must be: its steps equal the first sample's
         again = [runtime.denoise(*_inputs(step)) for step in range(2)]
     return refused, first, again, [kind.name for kind in runtime.step_log]
@@ -228,8 +237,10 @@ def _second_sample_worker(rank, world):
 def test_a_second_sample_without_reset_is_refused_naming_reset(spawn):
     """A stale plan's step 0 must not read the caches the last sample left ([Note: samples])."""
     refused, first, again, kinds = spawn(2, _second_sample_worker)[0]
-    assert [attempt for attempt, _ in refused] == ["before any reset", "after the sample's last step"]
+    assert [name for name, _ in refused] == ["before any reset", "after the sample's last step",
+                                             "a new sample begun without reset"]
     assert all("runner.reset(steps=N" in message for _, message in refused)
+    assert "does not continue the sample" in refused[2][1]
     assert kinds == ["sync", "async"]
     for a, b in zip(first, again):
         assert (a - b).abs().max() == 0
