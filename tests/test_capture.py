@@ -91,15 +91,21 @@ class _Scatter(torch.nn.Module):
         return self.inner(late_view + canvas[:, :, :-2] * 0.5 + early_view, t, y)
 
 
-def test_writes_into_a_shape_made_tensor_stay_in_the_graph():
-    model, inputs = _Scatter(), _dit_inputs()
+def _assert_reads_new_values(model) -> moedit.CompiledModel:
+    """Capture `model` on DiT inputs, write new values into them, compare with the model."""
+    inputs = _dit_inputs()
     compiled = moedit.compile(model, example_inputs=inputs)
-    assert "clone" in compiled.graph(0).code  # the canvas is the graph's copy, not a constant
     _rewrite_every_tensor(inputs)
     with torch.no_grad():
         reference = model(*inputs)
     with compiled.to_runtime() as runner:
         assert (runner.denoise(*inputs) - reference).abs().max() <= 1e-5
+    return compiled
+
+
+def test_writes_into_a_shape_made_tensor_stay_in_the_graph():
+    compiled = _assert_reads_new_values(_Scatter())
+    assert "clone" in compiled.graph(0).code  # the canvas is the graph's copy, not a constant
 
 
 class _Chain(torch.nn.Module):
@@ -148,13 +154,7 @@ def _channels_last(x):
 @pytest.mark.parametrize("write", [_copy_of_a_copy, _out_from_a_copy, _masked_fill, _channels_last],
                          ids=lambda f: f.__name__.strip("_"))
 def test_traced_values_reach_shape_made_tensors_through_other_copies(write):
-    model, inputs = _Chain(write), _dit_inputs()
-    compiled = moedit.compile(model, example_inputs=inputs)
-    _rewrite_every_tensor(inputs)
-    with torch.no_grad():
-        reference = model(*inputs)
-    with compiled.to_runtime() as runner:
-        assert (runner.denoise(*inputs) - reference).abs().max() <= 1e-5
+    _assert_reads_new_values(_Chain(write))
 
 
 class _WritesAParameter(torch.nn.Module):
