@@ -8,11 +8,11 @@
 
 from moedit.runtime.comm import CollectiveError
 
-from .adapters import AttentionAdapter, MoEAdapter, register_adapter, register_attention, register_leaf
+from .adapters import AttentionAdapter, MoEAdapter, Streams, register_adapter, register_attention, register_leaf
 from .compiled import CompiledModel, compile
 from .plan import Plan, PlanError
 from .steps import StepKind
 from .tracer import TraceError
 
 __all__ = ["AttentionAdapter", "CollectiveError", "CompiledModel", "MoEAdapter", "Plan", "PlanError", "StepKind",
-           "TraceError", "compile", "register_adapter", "register_attention", "register_leaf"]
+           "Streams", "TraceError", "compile", "register_adapter", "register_attention", "register_leaf"]

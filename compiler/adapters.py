@@ -33,12 +33,14 @@ over ranks (sequence parallelism):
     check(attn)              -> why this instance cannot be split, or None
 
 between which moedit computes softmax(q k^T * scale) v itself, over all n tokens of
-the image, wherever they live.
+the image, wherever they live. Attention over more than one token stream (joint image+text
+attention, text as added keys/values) declares its streams, see [Note: attention streams].
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +58,13 @@ from torch import nn
 #   by a plain reference (not as a submodule, as [Note: layer views] in expert_ops.py). The
 #   outputs are exact, but a rank cannot drop other ranks' rows of a parameter, so every rank
 #   keeps the whole packed parameter (explain() says so); per-expert submodules save memory.
+# * Expert choice across a token split: an expert-choice adapter may also split `route` in
+#   two, `scores(moe, tokens, *extra) -> [T, E]` (token-wise) and `choose(moe, scores [B, N, E])
+#   -> (expert_ids, weights), each [B, N, E]` over every token of each image. Then moedit
+#   routes in those two steps, and when sequence parallelism splits an image's tokens over
+#   ranks it all-gathers the scores ([B, n, E] a rank, small beside the activations), chooses
+#   over the whole image and keeps this rank's rows: the same choice as on one device. A
+#   route-only expert-choice adapter is refused under a token split.
 # * Extra inputs (`moe(x, temb)`): the call's arguments after the tokens reach `route` and
 #   `combine` unchanged; a layer that returns more than its output (`(out, aux_loss)`)
 #   builds it in `output`. Arguments an adapter does not take are an error, never dropped.
@@ -87,6 +96,14 @@ class MoEAdapter:
     def top_k(self, moe: nn.Module) -> int:
         raise NotImplementedError
 
+    def scores(self, moe: nn.Module, tokens: torch.Tensor, *extra) -> torch.Tensor:
+        """Expert choice in two steps (optional, see [Note: adapter shapes]): router scores [T, E]."""
+        raise NotImplementedError
+
+    def choose(self, moe: nn.Module, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """... and the choice over every token of each image: scores [B, N, E] -> (ids, weights), each [B, N, E]."""
+        raise NotImplementedError
+
     def hidden_size(self, moe: nn.Module) -> int:
         """H; by default the last dim of the first expert's first parameter (its input projection)."""
         weight = next(self.experts(moe)[0].parameters(), None)
@@ -101,8 +118,50 @@ def overrides(adapter: MoEAdapter, method: str) -> bool:
     return getattr(type(adapter), method) is not getattr(MoEAdapter, method)
 
 
+# [Note: attention streams]
+# Real MMDiTs attend over more than one token stream: HiDream's and Flux's double-stream
+# blocks join image and text tokens in one attention, NucleusMoE's image queries attend to
+# image and text keys. An attention adapter whose `streams(attn)` returns a `Streams` names
+# the forward's arguments that hold tokens, in the order attention joins them:
+#
+#     queries   the arguments whose tokens ask, joined in this order  ("hidden_states", "encoder_hidden_states")
+#     keys      the arguments whose tokens are attended to             (the same, or more: added K/V)
+#     outputs   which query stream each returned tensor carries        (default: `queries`, one tensor if one)
+#     aligned   tensors indexed by those tokens (RoPE tables, masks):  {"image_rotary_emb": ("queries", 1)}
+#               argument -> (a stream, "queries" or "keys", token dim); "name.i" for a tuple's element i
+#     key_mask  an argument holding a [B, Lk] boolean mask over the joint keys (True: attend), or None
+#     image     the argument that holds the image's tokens alone, if any (not in a single-stream
+#               block, whose one argument already joins image and text): where the split starts
+#
+# and `joint_qkv(attn, args)` returns q [B,h,Lq,d] and k, v [B,h,Lk,d] over the joined
+# tokens (RoPE and q/k norms applied; grouped K/V heads repeated to h), `joint_out(attn, o,
+# args)` what the module returns from o [B,h,Lq,d]. `args` maps the forward's parameter names
+# to what it was called with, token arguments cut to this rank's rows.
+#
+# Under sequence parallelism moedit splits the image tokens and replicates the text tokens
+# on every rank (xDiT's choice for joint attention, rather than diffusers' split of both
+# streams): text is short beside the image (a few hundred tokens against thousands), so
+# replicating it costs little compute, keeps every text-only op of the model (caption
+# projections, the text stream's MLP, slicing the text out again) untouched and exact, and
+# needs no padding when the text length does not divide by the ranks. What this means for
+# the exchanges is in [Note: joint layouts] in passes/sequence_parallel.py.
+@dataclass(frozen=True)
+class Streams:
+    queries: tuple[str, ...]
+    keys: tuple[str, ...]
+    outputs: tuple[str, ...] | None = None
+    aligned: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    key_mask: str | None = None
+    image: str | None = None
+
+    def returned(self) -> tuple[str, ...]:
+        return self.outputs or self.queries
+
+
 class AttentionAdapter:
-    """Describes one self-attention class in canonical form; subclass and override."""
+    """Describes one attention class in canonical form; subclass and override. Plain
+    self-attention overrides `qkv`/`out`; attention over several token streams overrides
+    `streams`, `joint_qkv` and `joint_out` (see [Note: attention streams])."""
 
     def heads(self, attn: nn.Module) -> int:
         raise NotImplementedError
@@ -119,6 +178,16 @@ class AttentionAdapter:
     def check(self, attn: nn.Module) -> str | None:
         """Why this instance cannot be split (a configuration the adapter does not cover), or None."""
         return None
+
+    def streams(self, attn: nn.Module) -> Streams | None:
+        """The token streams of a joint attention, or None for self-attention over its first argument."""
+        return None
+
+    def joint_qkv(self, attn: nn.Module, args: Mapping[str, Any]):
+        raise NotImplementedError
+
+    def joint_out(self, attn: nn.Module, o: torch.Tensor, args: Mapping[str, Any]):
+        raise NotImplementedError
 
 
 _ADAPTERS: dict[type, MoEAdapter] = {}

@@ -41,6 +41,7 @@ from moedit.runtime.expert_ops import swiglu_weights
 from moedit.runtime.kernels import resolve as resolve_kernels
 
 from ._explain import explain
+from .adapters import overrides
 from .capture import capture
 from .graph import copy_module
 from .pipeline import PassContext, PassFn, layers_of, run_passes
@@ -60,6 +61,15 @@ PIPELINE: list[PassFn] = [shortcut_rewrite, cfg_parallel, sequence_parallel, pat
 
 def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
     """What the plan asks of this model, checked before any pass runs."""
+    if not layers:
+        experts = [name for name, asked in (
+            ("expert_parallel.degree", plan.expert_parallel.degree > 1), ("staleness.mode", plan.staleness.mode != "sync"),
+            ("conditional_comm", plan.conditional_comm.interval is not None), ("shortcut", plan.shortcut.enabled),
+            ("offload", plan.offload.enabled)) if asked]
+        if experts:
+            raise PlanError(f"{', '.join(experts)}: the model has no MoE layer moedit recognises (a dense model "
+                            "runs only the sequence, CFG, patch and PipeFusion plans); remove those settings, or "
+                            "register an adapter for its MoE class with moedit.register_adapter")
     if plan.shortcut.enabled:
         standard = standard_layers(traced)
         if standard and not plan.shortcut.rewrite:
@@ -84,10 +94,13 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
                             "communication refreshes the slot outputs it reuses; remove conditional_comm from the plan")
         split = [name for name, section in (("sequence_parallel", plan.sequence_parallel), ("patch_parallel",
                  plan.patch_parallel), ("pipefusion", plan.pipefusion)) if section.degree > 1]
-        if split and layer.adapter.empty_slots:
+        whole = split == ["sequence_parallel"] and overrides(layer.adapter, "choose")
+        if split and layer.adapter.empty_slots and not whole:
             raise PlanError(f"{split[0]}: layer {layer.index} ({layer.path}) routes with empty slots (expert "
                             "choice), where the experts choose among the tokens a rank holds; split over ranks, an "
-                            f"image's tokens would be chosen from a part of it; set {split[0]}.degree to 1")
+                            f"image's tokens would be chosen from a part of it. Under sequence_parallel moedit "
+                            "chooses over the whole image if the adapter routes in two steps (scores and choose, "
+                            f"see [Note: adapter shapes]); otherwise set {split[0]}.degree to 1")
         if plan.offload.enabled and not layer.sharded:
             raise PlanError(f"offload: the experts of layer {layer.index} ({layer.path}) are views of packed "
                             "parameters, not submodules, so they cannot be moved one by one; disable offload, or "

@@ -113,6 +113,7 @@ class NodeMeta:
     chunk: int | None = None  # which chunk of a chunked layer
     where: str | None = None  # outside MoE layers: what it belongs to ("a3": attention 3)
     shortcut: dict | None = None  # the shortcut schedule's window, on a dispatch (explain())
+    split: tuple | None = None  # a MoE leaf whose images are split over ranks: (layout, axis, parts, index)
     bytes: int = 0  # size of the node's output for one sample (tracer.record), 0 if unknown
     shape: tuple | None = None
     dtype: object = None

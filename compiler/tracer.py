@@ -80,7 +80,7 @@ def traced_graph(tracer: MoeditTracer, root: nn.Module, model: nn.Module,
 def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
     """Tag the MoE nodes with their layer index (in program order) and the attention nodes,
     and add the `run` input."""
-    layer = 0
+    layer = attention = 0
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -90,7 +90,8 @@ def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
             layer += 1
         elif attention_adapter_for(module) is not None:
             tag(node, kind=Kind.ATTENTION)
-    if layer == 0:
+            attention += 1
+    if layer == 0 and attention == 0:  # a dense model with attention moedit knows is fine for the xDiT plans
         raise TraceError(
             f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
             "class with moedit.register_adapter(MoEClass, adapter) (see README, 'Adding an adapter')"

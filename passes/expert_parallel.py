@@ -38,11 +38,13 @@ import torch.fx as fx
 from torch import nn
 
 from moedit.adapters import overrides
-from moedit.graph import META, Emitter, Inserted, Kind
+from moedit.graph import META, Emitter, Inserted, Kind, meta
 from moedit.pipeline import MoELayer, PassContext, PassResult, strip_modules
 from moedit.plan import Plan, PlanError
 from moedit.runtime import ops
-from moedit.runtime.expert_ops import LocalExperts, Merge, Output, RemovedExpert, Router, permute, splits, unpermute
+from moedit.runtime.sequence_ops import join_rows, take_rows
+from moedit.runtime.expert_ops import (Choice, LocalExperts, Merge, Output, RemovedExpert, Router, Scores, by_image,
+                                      permute, splits, unpermute)
 from moedit.tracer import moe_nodes
 
 from .schedule import measured_costs
@@ -105,6 +107,30 @@ def _call_inputs(gm: fx.GraphModule, node: fx.Node, layer: MoELayer) -> tuple[fx
     return node.args[0], extra, extra_kwargs
 
 
+def _route(emit: Emitter, exchange, layer: MoELayer, x: fx.Node, tokens: fx.Node, extra, extra_kwargs, split):
+    """expert ids and weights [T,K] of the layer's tokens: by its router, or for an expert choice in
+    two steps by scores, then the choice over each image; where sequence parallelism splits the
+    images (`split`: layout, axis, parts, index), over every rank's scores of the image (see
+    [Note: adapter shapes])."""
+    if not overrides(layer.adapter, "choose"):
+        return emit.unpack(emit.module(Kind.ROUTE, exchange.path("ep_router"), tokens, *extra, kwargs=extra_kwargs),
+                           Kind.EXPERT_IDS, Kind.WEIGHTS)
+    scores = emit.module(Kind.ROUTE, exchange.path("ep_scores"), tokens, *extra, kwargs=extra_kwargs)
+    per_image = emit.call(Kind.GLUE, by_image, scores, x)
+    if split is not None:  # [B, n, E] from every rank: [B, N, E]
+        layout, axis, parts, index = split
+        pending = emit.call(Kind.GATHER_START, ops.gather_start, per_image, name="gather of the router scores",
+                            layer=layer.index, axis=axis)
+        per_image = emit.call(Kind.GLUE, join_rows, emit.call(Kind.GATHER_WAIT, ops.wait, pending), layout)
+    choice = emit.module(Kind.ROUTE, exchange.path("ep_choice"), per_image)
+    if split is not None:  # this rank's rows of the choice
+        for element in (0, 1):
+            choice = emit.call(Kind.GLUE, take_rows, choice, layout, parts, index, element)
+    per_image = emit.unpack(choice, Kind.GLUE, Kind.GLUE)
+    return [emit.method(kind, "flatten", value, 0, 1) for kind, value in zip((Kind.EXPERT_IDS, Kind.WEIGHTS),
+                                                                              per_image)]
+
+
 def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContext) -> list[Inserted]:
     P = ctx.ep_size
     x, extra, extra_kwargs = _call_inputs(gm, node, layer)
@@ -112,6 +138,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     ids = local_experts(layer.num_experts, P, ctx.ep_rank)
     experts = layer.adapter.experts(moe)
     moe.add_module("ep_router", Router(layer.adapter, moe))
+    if overrides(layer.adapter, "choose"):
+        moe.add_module("ep_scores", Scores(layer.adapter, moe))
+        moe.add_module("ep_choice", Choice(layer.adapter, moe))
     moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids, kernels=ctx.kernels))
     moe.add_module("ep_merge", Merge(layer.adapter, moe))
     exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.", ctx.kernels)
@@ -121,8 +150,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     chunks = ctx.chunks if layer.index in ctx.synchronous_layers else 1
     with gm.graph.inserting_before(node):
         tokens = emit.method(Kind.TOKENS, "flatten", x, 0, -2)
-        expert_ids, weights = emit.unpack(emit.module(Kind.ROUTE, exchange.path("ep_router"), tokens, *extra,
-                                                      kwargs=extra_kwargs), Kind.EXPERT_IDS, Kind.WEIGHTS)
+        expert_ids, weights = _route(emit, exchange, layer, x, tokens, extra, extra_kwargs, meta(node).split)
         # Empty slots (expert-choice routing, see [Note: adapter shapes]) are never exchanged.
         keep = emit.call(Kind.GLUE, operator.ge, expert_ids, 0) if layer.adapter.empty_slots else None
         shared = []  # the shared expert runs while the dispatch is in flight

@@ -41,15 +41,19 @@ import operator
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from moedit.adapters import attention_adapter_for
+from moedit.adapters import adapter_for, attention_adapter_for, overrides
 from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
-from moedit.tracer import attention_nodes
-from moedit.runtime.sequence_ops import (KVAttention, OutputProjection, Projections, attend, attend_block, from_ranks,
-                                         heads_to_ranks, merge_blocks, merged_output, pad_rows, ranks_to_heads,
-                                         ranks_to_tokens, shard, tokens_to_ranks, unpad_rows)
+from moedit.tracer import attention_nodes, moe_nodes
+from moedit.runtime.sequence_ops import (JointOutput, JointProjections, KVAttention, OutputProjection, Projections,
+                                         attend_block, attend_joint, from_ranks, image_heads_to_ranks,
+                                         image_out_to_ranks, image_rows, joint_output, joint_rows, key_block_mask,
+                                         merge_blocks, merged_output, pad_rows, ranks_to_heads, ranks_to_tokens,
+                                         shard, text_key_mask, text_rows, unpad_rows)
+
+from ._tokens import Layout, TokenSplit, streams_of
 
 
 # -- CFG parallelism -------------------------------------------------------------------
@@ -80,19 +84,61 @@ def _gather_halves(emit: Emitter, half: fx.Node, whole: fx.Node) -> fx.Node:
 
 # -- sequence parallelism --------------------------------------------------------------
 def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Split the tokens over the "sp" axis; attention by Ulysses, Ring or both."""
+    """Split the image's tokens over the "sp" axis; attention by Ulysses, Ring or both."""
     sp = ctx.plan.sequence_parallel
     if sp.degree == 1:
         return PassResult(gm, False, [])
     attentions = attention_nodes(gm)
-    region, tokens = token_region(gm, attentions, "sequence_parallel")
-    _check_degrees(gm, attentions, tokens, ctx)
+    if not attentions:
+        raise PlanError("sequence_parallel: the model has no attention layer moedit recognises; register an adapter "
+                        "for its attention class with moedit.register_attention(cls, adapter)")
+    for node in attentions:
+        _check_heads(gm, node, sp.ulysses)
     emit = Emitter(gm, None, prefix="sp")
-    split_tokens(gm, region, tokens, emit, "sp", sp.degree, ctx.plan.mesh.index("sp", ctx.rank))
-    inserted = list(emit.inserted)
-    for i, node in enumerate(attentions):
-        inserted += _split_attention(gm, node, i, ctx)
-    return PassResult(gm, True, inserted)
+    split = TokenSplit(gm, {block_of(node) for node in attentions}, emit, "sp", sp.degree,
+                       ctx.plan.mesh.index("sp", ctx.rank), "sequence_parallel")
+    split.seed(_image_argument(gm, attentions))
+    inserted: list[Inserted] = []
+
+    def on_attention(node: fx.Node):
+        return _split_attention(gm, node, split, attentions.index(node), inserted, ctx)
+
+    split.follow(on_attention)
+    _mark_expert_choice(gm, split)
+    return PassResult(gm, True, emit.inserted + inserted)
+
+
+def _mark_expert_choice(gm: fx.GraphModule, split: TokenSplit) -> None:
+    """Tell expert_parallel which MoE layers see split images, so that an expert choice routed in
+    two steps chooses over every token of each image (see [Note: adapter shapes] in moedit/adapters.py)."""
+    for node in moe_nodes(gm):
+        layout = split.layouts.get(node.args[0])
+        if layout is None or not overrides(adapter_for(gm.get_submodule(node.target)), "choose"):
+            continue
+        if layout.before or layout.after:
+            raise PlanError(f"sequence_parallel: the expert choice of {node.target} would choose among text tokens "
+                            "that every rank holds as well as the image's split ones; moedit chooses over a whole "
+                            "image only for layers that see image tokens alone")
+        meta(node).update(split=(layout, split.axis, split.parts, split.index))
+
+
+def _image_argument(gm: fx.GraphModule, attentions: list[fx.Node]) -> fx.Node:
+    """The first attention argument that holds the image's tokens alone (see [Note: joint layouts])."""
+    for node in attentions:
+        streams, args = streams_of(gm, node)
+        if streams.image is not None and isinstance(args.get(streams.image), fx.Node):
+            return args[streams.image]
+    raise PlanError("sequence_parallel: no attention layer names the argument that holds the image's tokens alone "
+                    "(Streams.image in its adapter), so moedit cannot tell where the image's tokens enter")
+
+
+def _check_heads(gm: fx.GraphModule, node: fx.Node, ulysses: int) -> None:
+    attn = gm.get_submodule(node.target)
+    heads = check_attention(gm, node, "sequence_parallel", joint=True).heads(attn)
+    if heads % ulysses:
+        raise PlanError(f"sequence_parallel.ulysses ({ulysses}) must divide the head count of {node.target} "
+                        f"({heads}); choose a Ulysses degree that divides {heads} and put the rest of the ranks on "
+                        "ring")
 
 
 def split_tokens(gm: fx.GraphModule, region: set[fx.Node], tokens: int, emit: Emitter, axis: str, parts: int,
@@ -156,27 +202,20 @@ def token_region(gm: fx.GraphModule, attentions: list[fx.Node], technique: str) 
     return region, tokens
 
 
-def _check_degrees(gm: fx.GraphModule, attentions: list[fx.Node], tokens: int, ctx: PassContext) -> None:
-    sp = ctx.plan.sequence_parallel
-    if tokens % sp.degree:
-        raise PlanError(f"sequence_parallel: ulysses x ring ({sp.ulysses} x {sp.ring} = {sp.degree}) must divide "
-                        f"the tokens per image ({tokens}); choose degrees whose product divides {tokens}")
-    for node in attentions:
-        attn = gm.get_submodule(node.target)
-        heads = check_attention(gm, node, "sequence_parallel").heads(attn)
-        if heads % sp.ulysses:
-            raise PlanError(f"sequence_parallel.ulysses ({sp.ulysses}) must divide the head count of "
-                            f"{node.target} ({heads}); choose a Ulysses degree that divides {heads} and put the "
-                            "rest of the ranks on ring")
-
-
-def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str):
-    """Refuse an attention leaf moedit cannot split the tokens of; return its adapter."""
+def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str, joint: bool = False):
+    """Refuse an attention leaf moedit cannot split the tokens of; return its adapter. `joint`:
+    the technique splits attention over several streams (see [Note: attention streams])."""
     attn = gm.get_submodule(node.target)
     adapter = attention_adapter_for(attn)
     problem = adapter.check(attn)
     if problem is not None:
         raise PlanError(f"{technique}: {node.target}: {problem}")
+    if joint:
+        return adapter
+    if adapter.streams(attn) is not None:
+        raise PlanError(f"{technique}: {node.target} ({type(attn).__name__}) attends over more than one token stream "
+                        f"(joint image and text attention); {technique} splits self-attention over one token "
+                        "sequence only so far; use sequence_parallel (Ulysses, Ring) for this model")
     if len(node.args) != 1 or node.kwargs:
         raise PlanError(f"{technique}: {node.target} is called with more than the hidden states "
                         f"({node.format_node()}); moedit splits self-attention over one token sequence only")
@@ -200,46 +239,146 @@ def local_attention(gm: fx.GraphModule, node: fx.Node, kv_buffer: bool = False) 
     return scale
 
 
-def _split_attention(gm: fx.GraphModule, node: fx.Node, index: int, ctx: PassContext) -> list[Inserted]:
-    """Replace attention leaf `node` by projections, exchanges and attention over every token."""
+
+
+# [Note: joint layouts]
+# Every attention is split the same way, plain self-attention being the case with one
+# stream and no text rows. The image's tokens are split over the "sp" axis; text tokens are
+# on every rank (see [Note: attention streams] in moedit/adapters.py for why). So the joined
+# queries of an attention are, on every rank, `before` text rows, this rank's n image rows
+# and `after` text rows (passes/_tokens.py follows these layouts through the graph), and so
+# are its keys. Ulysses sends only the image rows through its all-to-all (each rank keeps
+# the text rows of its own heads: every rank has them) and attends over the image's rows of
+# U ranks with every text row; afterwards the image rows go back by the second all-to-all,
+# and the text rows' outputs, which each rank computed for its heads only, are all-gathered
+# (B x T x h x d: small beside the image's exchange). Ring passes only the image's K/V
+# around; the text K/V is one more block every rank attends to once, merged like the others
+# by its log-sum-exp, and every rank computes the same text rows. A key mask [B, Lk] is used
+# in the model's own key order, one block's columns at a time under Ring. RoPE tables and
+# masks indexed by the tokens are cut to this rank's rows as their adapter declares
+# (`Streams.aligned`). What the replication costs: every rank runs the text rows of every
+# token-wise op (the text stream's MLP, a single-stream block's MoE) in full.
+
+
+def _split_attention(gm: fx.GraphModule, node: fx.Node, split: TokenSplit, index: int, inserted: list[Inserted],
+                     ctx: PassContext):
+    """Replace attention leaf `node` by projections of this rank's rows, exchanges and attention
+    over every token; returns the node that stands for it and the layouts of what it returns."""
     sp = ctx.plan.sequence_parallel
-    scale = local_attention(gm, node)
+    streams, args = streams_of(gm, node)
+    present = [name for name in dict.fromkeys(streams.queries + streams.keys) if args.get(name) is not None]
+    layout = {name: split.layouts.get(args[name]) or _text(args[name]) for name in present}
+    queries, keys = (_joined(node, [layout[s] for s in names if s in layout]) for names in (streams.queries,
+                                                                                           streams.keys))
+    for path, (stream, dim) in streams.aligned.items():
+        name, _, element = path.partition(".")
+        target = {"queries": queries, "keys": keys}.get(stream) or layout.get(stream)
+        if args.get(name) is not None and target is not None and target.tokens:
+            args[name] = split.cut(args[name], target._replace(dim=dim), int(element) if element else None)
+    mask = args.get(streams.key_mask) if streams.key_mask else None
+    if isinstance(mask, fx.Node) and mask in split.layouts:
+        mask = split.gather(mask)
+    scale = _joint_modules(gm, node, streams)
     emit = Emitter(gm, None, prefix=f"a{index}")
+    piece = queries.tokens // sp.degree
     with gm.graph.inserting_before(node):
-        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])
+        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", kwargs=args)
+        q, kv = (emit.call(Kind.GLUE, operator.getitem, qkv, i) for i in (0, 1))
+        image = None
         if sp.ulysses > 1:
-            qkv = _ulysses(emit, qkv, heads_to_ranks, ranks_to_tokens, sp.ulysses, f"attention {index} q/k/v")
+            rows = emit.call(Kind.GLUE, image_heads_to_ranks, q, kv, queries.before, keys.before, piece, sp.ulysses)
+            image = _exchange(emit, rows, ranks_to_tokens, sp.ulysses, f"attention {index} q/k/v")
+            both = emit.call(Kind.GLUE, joint_rows, image, q, kv, queries, keys, piece, sp.ulysses,
+                             ctx.plan.mesh.index("ulysses", ctx.rank))
+            q, kv = (emit.call(Kind.GLUE, operator.getitem, both, i) for i in (0, 1))
+        rows = piece * sp.ulysses  # image rows per rank after Ulysses
         if sp.ring > 1:
-            out = _ring(emit, qkv, sp.ring, scale, index)
+            out = _ring(emit, q, kv, keys, rows, mask, sp.ring, ctx.plan.mesh.index("ring", ctx.rank), scale, index)
         else:
-            out = emit.call(Kind.ATTEND, attend, qkv, scale)
+            out = emit.call(Kind.ATTEND, attend_joint, q, kv, scale, mask)
         if sp.ulysses > 1:
-            out = _ulysses(emit, out, tokens_to_ranks, ranks_to_heads, sp.ulysses, f"attention {index} output")
-        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
+            out = _ulysses_back(emit, out, queries, rows, sp.ulysses, index)
+        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out, kwargs=args)
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
-    return emit.inserted
+    inserted += emit.inserted
+    returned = tuple(layout.get(s) if layout.get(s) is not None and layout[s].tokens else None
+                     for s in streams.returned())
+    return result, returned if len(returned) > 1 else returned[0]
 
 
-def _ulysses(emit: Emitter, value: fx.Node, to_ranks, from_ranks_, ranks: int, name: str) -> fx.Node:
-    rows = emit.call(Kind.GLUE, to_ranks, value, ranks)
+def _text(value) -> Layout | None:
+    """The layout of a token stream every rank holds whole (text): no image rows."""
+    shape = meta(value).get("shape") if isinstance(value, fx.Node) else None
+    return None if shape is None else Layout(shape[1], 0, 0)
+
+
+def _joined(node: fx.Node, layouts: list[Layout | None]) -> Layout:
+    """The layout of streams joined along the tokens, in order."""
+    if any(layout is None for layout in layouts):
+        raise PlanError(f"sequence_parallel: {node.target}: a token stream of this attention has no recorded shape")
+    image = [i for i, layout in enumerate(layouts) if layout.tokens]
+    if len(image) != 1:
+        raise PlanError(f"sequence_parallel: {node.target} attends over {len(image)} streams holding the image's "
+                        "tokens; moedit splits attention whose queries and keys each hold them once")
+    at = image[0]
+    return Layout(sum(l.total for l in layouts[:at]) + layouts[at].before, layouts[at].tokens,
+                  layouts[at].after + sum(l.total for l in layouts[at + 1:]))
+
+
+def _joint_modules(gm: fx.GraphModule, node: fx.Node, streams) -> float | None:
+    """Give attention leaf `node` a copy of its module holding graph nodes for its projections
+    (`sp_qkv`) and output (`sp_out`); returns the attention's scale."""
+    attn = gm.get_submodule(node.target)
+    adapter = attention_adapter_for(attn)
+    local = shallow_copy(attn)
+    local.add_module("sp_qkv", JointProjections(adapter, local, streams.queries[0]))
+    local.add_module("sp_out", JointOutput(adapter, local))
+    parent, _, name = node.target.rpartition(".")
+    setattr(gm.get_submodule(parent), name, local)
+    return adapter.scale(attn)
+
+
+def _exchange(emit: Emitter, rows: fx.Node, from_ranks_, ranks: int, name: str) -> fx.Node:
     pending = emit.call(Kind.ULYSSES_START, ops.exchange_start, rows, [1] * ranks, [1] * ranks, name=name,
                         layer=None, axis="ulysses")
     return emit.call(Kind.GLUE, from_ranks_, emit.call(Kind.ULYSSES_WAIT, ops.wait, pending))
 
 
-def _ring(emit: Emitter, qkv: fx.Node, ranks: int, scale, index: int) -> fx.Node:
-    """R turns: attend to the k/v block held while the next one is in flight, merging as they come."""
-    q = emit.call(Kind.GLUE, operator.getitem, qkv, 0)
-    kv = emit.call(Kind.GLUE, operator.getitem, qkv, slice(1, None))
+def _ulysses_back(emit: Emitter, out: fx.Node, queries: Layout, rows: int, ranks: int, index: int) -> fx.Node:
+    """The image rows' outputs back to their ranks; the text rows' outputs gathered over the heads."""
+    image = _exchange(emit, emit.call(Kind.GLUE, image_out_to_ranks, out, queries.before, rows, ranks),
+                      ranks_to_heads, ranks, f"attention {index} output")
+    text = None
+    if queries.before + queries.after:
+        pending = emit.call(Kind.GATHER_START, ops.gather_start, emit.call(Kind.GLUE, text_rows, out, queries.before,
+                                                                           rows),
+                            name=f"attention {index} text output", layer=None, axis="ulysses")
+        text = emit.call(Kind.GLUE, from_ranks, emit.call(Kind.GATHER_WAIT, ops.wait, pending), 1)
+    return emit.call(Kind.GLUE, joint_output, image, text, queries.before)
+
+
+def _ring(emit: Emitter, q: fx.Node, kv: fx.Node, keys: Layout, rows: int, mask, ranks: int, position: int, scale,
+          index: int) -> fx.Node:
+    """R turns: attend to the image K/V block held while the next one is in flight, merging as they
+    come; the text K/V (every rank has it) is one more block, attended to once."""
+    image = emit.call(Kind.GLUE, image_rows, kv, keys.before, rows)
     partial = None
+    if keys.before + keys.after:
+        text = emit.call(Kind.GLUE, text_rows, kv, keys.before, rows)
+        partial = emit.call(Kind.ATTEND, attend_block, q, text, scale,
+                            emit.call(Kind.GLUE, text_key_mask, mask, keys) if mask is not None else None)
     for turn in range(ranks):
         last = turn == ranks - 1
         if not last:
-            pending = emit.call(Kind.RING_START, ops.ring_start, kv, name=f"attention {index} k/v", layer=None,
+            pending = emit.call(Kind.RING_START, ops.ring_start, image, name=f"attention {index} k/v", layer=None,
                                 axis="ring")
-        block = emit.call(Kind.ATTEND, attend_block, q, kv, scale)
+        block_mask = None
+        if mask is not None:  # the block that started at ring position (position - turn)
+            start = keys.before + (position - turn) % ranks * rows
+            block_mask = emit.call(Kind.GLUE, key_block_mask, mask, start, rows)
+        block = emit.call(Kind.ATTEND, attend_block, q, image, scale, block_mask)
         partial = block if partial is None else emit.call(Kind.ATTEND, merge_blocks, partial, block)
         if not last:
-            kv = emit.call(Kind.RING_WAIT, ops.wait, pending)
+            image = emit.call(Kind.RING_WAIT, ops.wait, pending)
     return emit.call(Kind.GLUE, merged_output, partial, q)

@@ -45,15 +45,38 @@ class Router(nn.Module):
 
     def forward(self, tokens, *extra, **extra_kwargs):
         expert_ids, weights = self.adapter.route(self._moe, tokens, *extra, **extra_kwargs)
+        return self.checked(expert_ids, weights)
+
+    def checked(self, expert_ids, weights):
         expert_ids = expert_ids.long()
         if self.adapter.empty_slots:
             top_k = self.adapter.top_k(self._moe)
-            if expert_ids.shape[1] != top_k:
-                raise ValueError(f"{type(self.adapter).__name__}.route returned {expert_ids.shape[1]} slots per "
+            if expert_ids.shape[-1] != top_k:
+                raise ValueError(f"{type(self.adapter).__name__}.route returned {expert_ids.shape[-1]} slots per "
                                  f"token, but its top_k is {top_k}; a layer with empty slots returns top_k slots "
                                  "on every call (E for expert choice), -1 where a slot holds no expert")
             weights = weights.masked_fill(expert_ids < 0, 0)
         return expert_ids, weights
+
+
+class Scores(Router):
+    """Graph node for the first step of an expert choice routed in two (see [Note: adapter shapes]):
+    [T,H], *extra -> router scores [T,E]."""
+
+    def forward(self, tokens, *extra, **extra_kwargs):
+        return self.adapter.scores(self._moe, tokens, *extra, **extra_kwargs)
+
+
+class Choice(Router):
+    """... and the second: scores [B,N,E] over every token of each image -> (ids, weights) [B,N,E]."""
+
+    def forward(self, scores):
+        return self.checked(*self.adapter.choose(self._moe, scores))
+
+
+def by_image(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[T,E] -> [B,n,E], the batch and token dims of the layer's input x [B,n,H]."""
+    return scores.unflatten(0, x.shape[:2])
 
 
 def permute(tokens: torch.Tensor, expert_ids: torch.Tensor, world_size: int, num_local: int,

@@ -119,16 +119,25 @@ def attend(qkv: torch.Tensor, scale: float | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def attend_block(q: torch.Tensor, kv: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q to one block of keys: (output [B,h,n,d], log-sum-exp of the scores [B,h,n])."""
+def attend_block(q: torch.Tensor, kv: torch.Tensor, scale: float | None,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q to one block of keys: (output [B,h,n,d], log-sum-exp of the scores [B,h,n]).
+    `mask`: an additive [B,1,1,keys] mask for the block (`key_block_mask`), or None."""
     k, v = kv.unbind(0)
+    if mask is not None:
+        mask = mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
-        return out, lse
-    # CUDA (and the meta device the simulator stands GPU models on): the memory-efficient
-    # kernel returns the log-sum-exp too, padded along the queries
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
-    return out, lse[..., : q.shape[-2]]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask,
+                                                                              scale=scale)[:2]
+    else:
+        # CUDA (and the meta device the simulator stands GPU models on): the memory-efficient
+        # kernel returns the log-sum-exp too, padded along the queries
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, scale=scale)[:2]
+        lse = lse[..., : q.shape[-2]]
+    if mask is not None:  # a block whose keys are all masked carries no weight (the kernels differ on its lse)
+        dead = mask.isneginf().all(-1)
+        out, lse = out.masked_fill(dead.unsqueeze(-1), 0), lse.masked_fill(dead, float("-inf"))
+    return out, lse
 
 
 def merge_blocks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
@@ -178,3 +187,141 @@ def unpad_rows(gathered: torch.Tensor, whole: torch.Tensor | int) -> torch.Tenso
     """[G, rows, ...] padded shards of a batch (`whole`: the batch or its size) -> [batch, ...]."""
     sizes = [len(piece) for piece in torch.arange(_batch(whole)).tensor_split(gathered.shape[0])]
     return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
+
+# -- joint attention: image rows split over the ranks, text rows on every rank --------------
+# (see [Note: joint layouts] in moedit/passes/sequence_parallel.py). A layout (before, tokens,
+# after, dim) says a value's token dim holds `before` text rows, the image's rows (`tokens` of
+# them over all ranks, a contiguous piece here) and `after` text rows.
+
+def _rows(value: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    return value.narrow(dim, start, length)
+
+
+def take_rows(value: torch.Tensor, layout, parts: int, index: int, element: int | None = None):
+    """This rank's rows of a value holding every row of `layout` (its text rows and piece
+    `index` of `parts` of the image's rows). `element`: cut that element of a tuple instead."""
+    if element is not None:
+        return (*value[:element], take_rows(value[element], layout, parts, index), *value[element + 1:])
+    before, tokens, after, dim = layout
+    start, stop = piece_bounds(tokens, parts, index)
+    piece = _rows(value, dim, before + start, stop - start)
+    if before == after == 0:
+        return piece
+    return torch.cat([_rows(value, dim, 0, before), piece, _rows(value, dim, before + tokens, after)], dim)
+
+
+def join_rows(gathered: torch.Tensor, layout) -> torch.Tensor:
+    """Every rank's rows of a value, [G, ...] from an all-gather, as one value in the global
+    order of `layout`: the image's pieces in rank order, the text rows once (rank 0's copy)."""
+    before, tokens, after, dim = layout
+    piece = tokens // gathered.shape[0]
+    image = from_ranks(_rows(gathered, dim + 1, before, piece), dim)
+    if before == after == 0:
+        return image
+    first = gathered[0]
+    return torch.cat([_rows(first, dim, 0, before), image, _rows(first, dim, before + piece, after)], dim)
+
+
+class JointProjections(nn.Module):
+    """Graph node for a joint attention's q [B,h,Lq,d] and k, v [2,B,h,Lk,d] over this rank's
+    rows of its streams, through its adapter (plain self-attention: `qkv` of its first argument)."""
+
+    def __init__(self, adapter, attn: nn.Module, first: str):
+        super().__init__()
+        self.adapter, self.first = adapter, first
+        object.__setattr__(self, "_attn", attn)  # a view, see [Note: layer views] in expert_ops.py
+
+    def forward(self, **args):
+        if self.adapter.streams(self._attn) is None:
+            q, k, v = self.adapter.qkv(self._attn, args[self.first])
+        else:
+            q, k, v = self.adapter.joint_qkv(self._attn, args)
+        return q, torch.stack([k, v])
+
+
+class JointOutput(nn.Module):
+    """Graph node for what a joint attention returns, from o [B,h,Lq,d] over this rank's rows."""
+
+    def __init__(self, adapter, attn: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_attn", attn)  # a view
+
+    def forward(self, o, **args):
+        if self.adapter.streams(self._attn) is None:
+            return self.adapter.out(self._attn, o)
+        return self.adapter.joint_out(self._attn, o, args)
+
+
+def image_heads_to_ranks(q: torch.Tensor, kv: torch.Tensor, q_before: int, k_before: int, piece: int,
+                         ranks: int) -> torch.Tensor:
+    """The image rows of q [B,h,Lq,d] and kv [2,B,h,Lk,d], [U,3,B,h/U,n,d]: row j goes to rank j."""
+    image = torch.cat([_rows(q, 2, q_before, piece).unsqueeze(0), _rows(kv, 3, k_before, piece)])
+    return heads_to_ranks(image, ranks)
+
+
+def joint_rows(image: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_layout, k_layout, piece: int, ranks: int,
+               index: int):
+    """q [B,h/U,Lq',d] and kv [2,B,h/U,Lk',d] for this rank's heads: the text rows of q and kv
+    (every rank holds them: this rank's heads are cut out) around the image rows `image`
+    [3,B,h/U,m,d] (after the Ulysses exchange, or this rank's own rows if there is none)."""
+    heads = q.shape[1] // ranks
+    q, kv = _rows(q, 1, index * heads, heads), _rows(kv, 2, index * heads, heads)
+
+    def around(text: torch.Tensor, rows: torch.Tensor, before: int) -> torch.Tensor:
+        after = text.shape[-2] - before - piece
+        if before == after == 0:
+            return rows
+        return torch.cat([_rows(text, -2, 0, before), rows, _rows(text, -2, before + piece, after)], -2)
+
+    return around(q, image[0], q_layout[0]), around(kv, image[1:], k_layout[0])
+
+
+def image_out_to_ranks(o: torch.Tensor, before: int, rows: int, ranks: int) -> torch.Tensor:
+    """The image rows of o [B,h/U,Lq',d] back to the ranks they came from, [U,B,h/U,n,d]."""
+    return tokens_to_ranks(_rows(o, 2, before, rows), ranks)
+
+
+def text_rows(value: torch.Tensor, before: int, rows: int) -> torch.Tensor:
+    """The text rows of o [B,h',L,d] or kv [2,B,h',L,d]: those around the `rows` image rows after `before`."""
+    after = value.shape[-2] - before - rows
+    return torch.cat([_rows(value, -2, 0, before), _rows(value, -2, before + rows, after)], -2)
+
+
+def image_rows(kv: torch.Tensor, before: int, rows: int) -> torch.Tensor:
+    """The `rows` image rows of kv [2,B,h',L,d] after its `before` text rows."""
+    return _rows(kv, -2, before, rows)
+
+
+def text_key_mask(mask: torch.Tensor, keys) -> torch.Tensor:
+    """The text columns of a [B, Lk] key mask over the keys of layout `keys`, additive, [B,1,1,T]."""
+    before, tokens, after, _ = keys
+    columns = torch.cat([mask.narrow(1, 0, before), mask.narrow(1, before + tokens, after)], 1)
+    return key_block_mask(columns, 0, columns.shape[1])
+
+
+def joint_output(image: torch.Tensor, text: torch.Tensor | None, before: int) -> torch.Tensor:
+    """o [B,h,Lq,d] over this rank's rows: its image rows [B,h,n,d] and the text rows [B,h,T,d]
+    (gathered from every rank's heads, or None if there are none), `before` of them first."""
+    if text is None:
+        return image
+    return torch.cat([_rows(text, 2, 0, before), image, _rows(text, 2, before, text.shape[2] - before)], 2)
+
+
+def key_block_mask(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
+    """Columns [start, start+length) of a [B, Lk] key mask (True: attend), as an additive
+    [B,1,1,length] mask for one block of keys; None without a mask."""
+    if mask is None:
+        return None
+    block = mask.narrow(1, start, length)
+    additive = torch.zeros(block.shape, dtype=torch.float32, device=block.device).masked_fill_(~block.bool(),
+                                                                                              float("-inf"))
+    return additive[:, None, None, :]
+
+
+def attend_joint(q: torch.Tensor, kv: torch.Tensor, scale: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys present, a [B, Lk] key mask applied. -> [B,h,Lq,d]."""
+    if mask is not None:
+        mask = mask.bool()[:, None, None, :]
+    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale)

@@ -14,7 +14,7 @@ from _models import tiny_model, tiny_scmoe
 
 pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install -e '.[test]'")
 
-from test_diffusers_models import BATCH_DIMS, tiny_hidream  # noqa: E402  (needs diffusers)
+from _diffusers import BATCH_DIMS, tiny_hidream  # noqa: E402  (needs diffusers)
 
 
 def _hidream_inputs(height: int, width: int) -> dict:

@@ -10,34 +10,7 @@ from _dist import run_ranks
 from _models import tiny_model
 
 pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install -e '.[test]'")
-
-BATCH_DIMS = {"encoder_hidden_states_llama3": 1}  # HiDream stacks the Llama layers first: [layers, B, n, C]
-
-
-@torch.no_grad()
-def tiny_hidream():
-    from diffusers.models.transformers.transformer_hidream_image import HiDreamImageTransformer2DModel
-
-    import moedit.models.diffusers_adapters  # noqa: F401  (registers the HiDream MoE adapter)
-
-    model = HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4, num_activated_experts=2,
-        axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=[0, 1, 2]).eval()
-    gen = torch.Generator().manual_seed(0)
-    for param in model.parameters():  # random everywhere: diffusers zero-initialises nothing here, but be sure
-        param.copy_(torch.randn(param.shape, generator=gen) * (0.5 * param.shape[-1] ** -0.5 if param.dim() > 1
-                                                               else 0.1))
-    return model
-
-
-def hidream_inputs(batch: int = 2, return_dict: bool = False) -> dict:
-    gen = torch.Generator().manual_seed(batch)
-    return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen), timesteps=torch.arange(batch) * 300 + 50,
-                encoder_hidden_states_t5=torch.randn(batch, 5, 8, generator=gen),
-                encoder_hidden_states_llama3=torch.randn(3, batch, 6, 4, generator=gen),
-                pooled_embeds=torch.randn(batch, 8, generator=gen), return_dict=return_dict)
-
+from _diffusers import BATCH_DIMS, hidream_inputs, tiny_hidream  # noqa: E402
 
 def _hidream_worker(rank, world, plan, batches):
     model = tiny_hidream()

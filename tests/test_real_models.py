@@ -1,0 +1,114 @@
+"""The MoE-DiTs diffusers ships, unmodified, under sequence parallelism: HiDream-I1 (joint
+image+text attention, then single-stream blocks over both), NucleusMoE-Image (text as added
+K/V, expert-choice routing chosen over the whole image) and Flux (a dense MMDiT, the model
+xDiT and diffusers' context parallelism target), each against its eager model; see
+[Note: attention streams] in moedit/adapters.py and [Note: joint layouts] in
+moedit/passes/sequence_parallel.py."""
+
+import pytest
+import torch
+
+import moedit
+
+pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install -e '.[test]'")
+from _diffusers import (BATCH_DIMS, FLUX_BATCH_DIMS, flux_inputs, hidream_inputs, nucleus_inputs,  # noqa: E402
+                        tiny_flux, tiny_hidream, tiny_nucleus)
+
+# model -> (builder, inputs(batch), batch_dims, has MoE layers); batch 3 also captures again
+MODELS = {
+    "hidream": (tiny_hidream, hidream_inputs, BATCH_DIMS, True),
+    "nucleus": (tiny_nucleus, lambda b: nucleus_inputs(b, mask=b == 3), None, True),  # batch 3: a padded text mask
+    "flux": (tiny_flux, flux_inputs, FLUX_BATCH_DIMS, False),
+}
+PLANS = {  # name -> (world, sequence_parallel)
+    "ulysses 2": (2, {"ulysses": 2}),
+    "ring 2": (2, {"ring": 2}),
+    "usp 2x2": (4, {"ulysses": 2, "ring": 2}),
+}
+
+
+def _plan(name: str, moe: bool, **more) -> moedit.Plan:
+    world, sp = PLANS[name]
+    return moedit.Plan(sequence_parallel=sp, expert_parallel={"degree": world if moe else 1}, **more)
+
+
+def _worker(rank, world, model_name, plan_name, batches):
+    build, inputs, batch_dims, moe = MODELS[model_name]
+    compiled = moedit.compile(build(), _plan(plan_name, moe), example_inputs=inputs(batches[0]), batch_dims=batch_dims)
+    with compiled.to_runtime() as runner:
+        return [runner.denoise(**inputs(b))[0] for b in batches]
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_sequence_parallel_plans_equal_the_eager_model(spawn, model_name, plan_name):
+    build, inputs, _, _ = MODELS[model_name]
+    model, batches = build(), [2, 3]
+    with torch.no_grad():
+        expected = [model(**inputs(b))[0] for b in batches]
+    assert all(e.std() > 0.1 for e in expected)
+    for outputs in spawn(PLANS[plan_name][0], _worker, model_name, plan_name, batches):
+        for got, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_the_image_is_split_and_the_text_replicated():
+    """HiDream's single-stream blocks hold [image, text] rows: each rank holds its half of the 16
+    image tokens and all 17 text tokens; RoPE is cut to the same rows."""
+    compiled = moedit.compile(tiny_hidream(), _plan("ulysses 2", True), example_inputs=hidream_inputs(2),
+                              batch_dims=BATCH_DIMS)
+    graph = compiled.graph(1)
+    cuts = [n.args[1] for n in graph.graph.nodes if n.name.startswith("sp_shard")]
+    assert (0, 16, 0, 1) in cuts and (0, 16, 17, 1) in cuts, cuts
+    text_gathers = [n for n in graph.graph.nodes if n.kwargs.get("name", "").endswith("text output")]
+    assert len(text_gathers) == 3  # one per attention: the text rows' outputs of this rank's heads
+
+
+def test_expert_choice_chooses_over_the_whole_image():
+    """NucleusMoE's experts pick their top-C tokens of each image: under a token split moedit
+    gathers the router scores ([B, n, E] a rank) and chooses over all N tokens."""
+    compiled = moedit.compile(tiny_nucleus(), _plan("ulysses 2", True), example_inputs=nucleus_inputs(2))
+    gathers = [n for n in compiled.graph(0).graph.nodes if n.kwargs.get("name") == "gather of the router scores"]
+    assert len(gathers) == 3 and all(n.kwargs["axis"] == "sp" for n in gathers)
+
+
+def _stale_worker(rank, world, mode):
+    plan = _plan("ulysses 2", True, staleness={"mode": mode, "warmup_steps": 1})
+    compiled = moedit.compile(tiny_hidream(), plan, example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS)
+    with compiled.to_runtime() as runner:
+        runner.reset(steps=4)
+        outputs = [runner.denoise(**hidream_inputs(2))[0] for _ in range(3)]
+        changed = hidream_inputs(2)
+        changed["hidden_states"] = changed["hidden_states"].flip(0)
+        return outputs + [runner.denoise(**changed)[0]], [kind.name for kind in runner.step_log]
+
+
+@pytest.mark.parametrize("mode", ["interweaved", "displaced"])
+def test_dice_modes_compose_with_ulysses_on_hidream(spawn, mode):
+    """With the same input at every step a stale step reuses exactly what this step computes; a
+    changed input shows the staleness."""
+    model = tiny_hidream()
+    changed = hidream_inputs(2)
+    changed["hidden_states"] = changed["hidden_states"].flip(0)
+    with torch.no_grad():
+        same, fresh = model(**hidream_inputs(2))[0], model(**changed)[0]
+    outputs, kinds = spawn(2, _stale_worker, mode)[0]
+    assert kinds == ["sync", "async", "async", "async"]
+    for out in outputs[:3]:
+        torch.testing.assert_close(out, same, rtol=0, atol=1e-4)
+    assert (outputs[3] - fresh).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("plan", [dict(patch_parallel={"degree": 2}), dict(pipefusion={"degree": 2})],
+                         ids=["patch_parallel", "pipefusion"])
+def test_joint_attention_under_patch_plans_is_refused_by_name(plan):
+    with pytest.raises(moedit.PlanError, match=r"double_stream_blocks.0.block.attn1 \(HiDreamAttention\) attends "
+                                               "over more than one token stream"):
+        moedit.compile(tiny_hidream(), moedit.Plan(expert_parallel={"degree": 2}, **plan),
+                       example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS).graph(0)
+
+
+def test_a_dense_model_refuses_expert_plans():
+    with pytest.raises(moedit.PlanError, match="expert_parallel.degree, staleness.mode: the model has no MoE layer"):
+        moedit.compile(tiny_flux(), moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "displaced"}),
+                       example_inputs=flux_inputs(2), batch_dims=FLUX_BATCH_DIMS)
