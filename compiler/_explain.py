@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from moedit.passes._tokens import Layout
+
 from .graph import meta
 from .tracer import attention_nodes
 
@@ -61,7 +63,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         lines.append(f"bytes: global batch {batch_size} images with CFG ({slots} tokens); sent = all-to-all bytes "
                      f"off-rank per step with every slot sent, cache = staleness cache per rank; uniform routing "
                      f"assumed")
-    width = max(16, 2 + max(len(layer.path) for layer in compiled.layers))
+    width = max(16, 2 + max((len(layer.path) for layer in compiled.layers), default=0))
     header = f"{'layer':<6}{'module':<{width}}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
     lines += ["", f"layer rows show the {program} program", header, "-" * len(header)]
     total_sent = total_cache = 0.0
@@ -100,9 +102,11 @@ def explain(compiled, batch_size: int, steps: int) -> str:
     lines += _dense_axes(compiled, tokens, slots)
     lines += _patches(compiled, tokens, slots)
     stage = "; a rank holds its own stage's layers only" if plan.pipefusion.degree > 1 else ""
-    lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group{stage}):"]
-    for rank in range(world):
-        lines.append(f"  rank {rank}: experts {compiled.experts_of(rank)}")
+    if compiled.layers:
+        lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group{stage}):"]
+        lines += [f"  rank {rank}: experts {compiled.experts_of(rank)}" for rank in range(world)]
+    else:
+        lines += ["", "no MoE layer: a dense model, run by the sequence, CFG, patch and PipeFusion plans only"]
     packed = [layer.path for layer in compiled.layers if not layer.sharded]
     if packed:
         lines.append(f"  not sharded: the experts of {', '.join(packed)} are views of packed parameters, which every "
@@ -151,17 +155,36 @@ def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
                      "called with (under guidance: the conditional and the unconditional inputs); one all-gather "
                      "of the model output per step")
     if sp.degree > 1:
-        layer = compiled.layers[0]
         what = " then ".join(w for w, d in (("Ulysses all-to-all of q/k/v and back", sp.ulysses),
                                              (f"ring of {sp.ring - 1} k/v turn(s)", sp.ring)) if d > 1)
         piece = f"{tokens // sp.degree} of {tokens}" if tokens else f"1/{sp.degree}"
         lines.append(f"sequence parallel (ulysses {sp.ulysses} x ring {sp.ring}): every rank holds {piece} tokens "
                      f"of its images from the first block to the final layer; attention: {what}")
-        if slots is not None:
+        if slots is not None and compiled.layers:
             # per token: Ulysses sends (U-1)/U of q, k, v and of the output; every ring turn moves k and v
-            per_token = layer.row_bytes * (4 * (sp.ulysses - 1) / sp.ulysses + 2 * (sp.ring - 1))
+            per_token = compiled.layers[0].row_bytes * (4 * (sp.ulysses - 1) / sp.ulysses + 2 * (sp.ring - 1))
             lines.append(f"  sent per attention layer and step: {_mb(per_token * slots)} (all ranks, the batch "
                          "above)")
+        lines += _joint(compiled)
+    return lines
+
+
+def _joint(compiled) -> list[str]:
+    """What joint attention and expert choice over whole images add under sequence parallelism
+    (see [Note: joint layouts] in passes/sequence_parallel.py), read from rank 0's program."""
+    nodes = compiled.graph(0).graph.nodes
+    joint = any(isinstance(a, Layout) and (a.before or a.after) for n in nodes for a in n.args)
+    text = sum(1 for n in nodes if n.kwargs.get("name", "").endswith("text output"))
+    scores = [n for n in nodes if n.kwargs.get("name") == "gather of the router scores"]
+    lines = []
+    if joint:
+        lines.append("  joint attention: the image's tokens are split, the text tokens are on every rank (each rank "
+                     "runs their rows of every token-wise op in full)"
+                     + (f"; Ulysses all-gathers the text rows' outputs over the heads in {text} attention layer(s)"
+                        if text else ""))
+    if scores:
+        lines.append(f"  expert choice over whole images: {len(scores)} layer(s) all-gather their router scores "
+                     "([B, n, E] a rank) over the split every step, to choose among all of an image's tokens")
     return lines
 
 

@@ -13,20 +13,24 @@ after it, so every token-wise layer (adaLN modulation, MLPs, MoE, the final laye
              partial outputs merge exactly through their log-sum-exps;
     USP      both: Ulysses inside each ring position, the ring across them.
 
-The MoE layers run expert parallelism on the rank's token shard, unchanged. A rank's
-token shard is the contiguous piece at its "sp" index; the pieces are gathered (all-gather
-over "sp") where the tokens leave the token-wise region, before the model un-patchifies.
+The MoE layers run expert parallelism on the rank's token shard, unchanged (an expert
+choice chooses over the whole image, see [Note: adapter shapes] in moedit/adapters.py).
+Where the tokens are split and gathered is read from the traced graph (passes/_tokens.py):
+the image's tokens are cut where they enter the blocks and gathered (all-gather over "sp")
+where they leave the token-wise region, before the model un-patchifies; text tokens of
+joint attention stay whole on every rank ([Note: joint layouts] below).
 
 [Note: the token region]
-Which values hold tokens is read from the traced graph, not from a per-model wrapper. The
-blocks are the modules around attention layers (`blocks.3` around `blocks.3.attn`); with
-the recorded shapes, a value is a token value if it is [B, N, ...] with N the attention
-input's token count. The region is every node inside the blocks, plus the token values
-computed from it after the last block (the final layer). A token value that enters the
-region from outside (the patch embedding plus positions) is cut to this rank's piece
-where it enters; a token value that leaves it is gathered where it leaves. Inside the
-region every op must be token-wise: a node that turns token values into something else
-(a mean over tokens, say) would see only a piece, so the pass refuses it by name.
+Patch parallelism and PipeFusion split self-attention over one token sequence and find
+their region more simply. The blocks are the modules around attention layers (`blocks.3`
+around `blocks.3.attn`); with the recorded shapes, a value is a token value if it is
+[B, N, ...] with N the attention input's token count. The region is every node inside the
+blocks, plus the token values computed from it after the last block (the final layer). A
+token value that enters the region from outside (the patch embedding plus positions) is
+cut to this rank's piece where it enters; a token value that leaves it is gathered where
+it leaves. Inside the region every op must be token-wise: a node that turns token values
+into something else (a mean over tokens, say) would see only a piece, so the pass refuses
+it by name.
 
 `cfg_parallel` (plan `cfg_parallel: true`) splits the batch the model is called with into
 two halves over the "cfg" axis: under classifier-free guidance the sampler stacks the

@@ -48,9 +48,10 @@ def test_hidream_matches_the_unmodified_model(world, plan):
             assert refused is None  # one data rank splits nothing
 
 
-def _stale_worker(rank, world, mode):
+def _stale_worker(rank, world, mode, sequence_parallel):
     model = tiny_hidream()
-    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": mode, "warmup_steps": 1})
+    plan = moedit.Plan(expert_parallel={"degree": world}, staleness={"mode": mode, "warmup_steps": 1},
+                       sequence_parallel=sequence_parallel)
     compiled = moedit.compile(model, plan, example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS)
     with compiled.to_runtime() as runner:
         runner.reset(steps=4)
@@ -61,17 +62,18 @@ def _stale_worker(rank, world, mode):
         return outputs, [kind.name for kind in runner.step_log]
 
 
+@pytest.mark.parametrize("sequence_parallel", [{}, {"ulysses": 2}], ids=["ep", "ep+ulysses"])
 @pytest.mark.parametrize("mode", ["interweaved", "displaced"])
-def test_hidream_stale_plans_wire_the_layers_in_order(mode):
+def test_hidream_stale_plans_wire_the_layers_in_order(mode, sequence_parallel):
     """The cross-layer passes on a captured graph: with the same input at every step, stale steps
     reuse exactly what this step computes, so a layer wired to another layer's cache would show;
-    a changed input shows the staleness."""
+    a changed input shows the staleness. Also with HiDream's joint attention split by Ulysses."""
     model = tiny_hidream()
     changed = hidream_inputs(2)
     changed["hidden_states"] = changed["hidden_states"].flip(0)
     with torch.no_grad():
         same, fresh = model(**hidream_inputs(2))[0], model(**changed)[0]
-    outputs, kinds = run_ranks(2, _stale_worker, mode)[0]
+    outputs, kinds = run_ranks(2, _stale_worker, mode, sequence_parallel)[0]
     assert kinds == ["sync", "async", "async", "async"]
     assert all((out - same).abs().max() <= 1e-5 for out in outputs[:3])
     assert (outputs[3] - fresh).abs().max() > 1e-3  # the routed outputs of step 3 are older than its input
