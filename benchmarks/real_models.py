@@ -8,7 +8,7 @@ Expected run time: about 12 min on a 2-core CPU with the defaults (both models, 
 ranks, 3 rounds, 10 steps); `--worlds 1 2` about 7 min. Most of it is starting each plan's
 processes and capturing the model (7 s a launch at 1 rank, 12 s at 2, 20 s at 4), not the steps.
 
-* Models (configs in MODELS below): HiDream-I1, 2 double- and 4 single-stream blocks of
+* Models (configs HIDREAM and NUCLEUS below): HiDream-I1, 2 double- and 4 single-stream blocks of
   width 192 (4 heads), 8 routed experts top-2 plus the shared one, a 32x32x16 latent
   (256 image tokens) and 16+16 text tokens per Llama/T5 stream (18.9 M parameters);
   NucleusMoE-Image, 6 blocks of width 256 (4 query / 2 K/V heads), all MoE, 8 experts
@@ -17,7 +17,7 @@ processes and capturing the model (7 s a launch at 1 rank, 12 s at 2, 20 s at 4)
 * Sampling: a batch of 2 (one image with CFG: the latents twice, the text differing), a
   flow-matching Euler loop of 1 + `--steps` steps with guidance 2, timesteps falling from 1
   (x1000 for HiDream) as the two pipelines pass them, the output negated as they do.
-  The first step is a warm-up (the compiled model runs it once before), untimed; one
+  The first step is a warm-up, untimed (compiling captured the model before it); one
   sample (`reset(steps=1 + --steps)`) holds all steps, so the stale plans' first step is
   the warm-up and every timed step is a stale step where the plan makes it one.
 * Plans (moedit.Plan keyword arguments, read from examples/plans/ with the expert-parallel
