@@ -2,7 +2,7 @@
 beside the same model on one process, with a place for moedit's rows.
 
     torchrun --standalone --nproc_per_node=2 benchmarks/flux_context_parallel.py \\
-        [--rounds 3] [--calls 5] [--batch 1] [--no-shim] [--out benchmarks/results/flux_context_parallel.json]
+        [--rounds 3] [--calls 5] [--batch 1] [--no-shim] [--save]
 
 Two ranks under gloo on the CPU, one thread per rank (torch.set_num_threads(1)). Expected run
 time: about 15 s on a 2-core CPU with the defaults.
@@ -288,7 +288,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=5, help="timed calls per configuration and round")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-shim", action="store_true", help="skip the device_count-shimmed diffusers rows")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the results to benchmarks/results/flux_context_parallel.json (rank 0)")
+    parser.add_argument("--out", default=None, help="or write them here")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -404,6 +406,8 @@ def main() -> int:
             print(f"{r['name']:<52}{r['ranks']:>6}{step:>24}{speed:>10}{diff:>12}  {status}")
             if "error" in r and r["error"].get("raised_at"):
                 print(f"{'':<58}raised at {r['error']['raised_at']}")
+        if args.save and not args.out:
+            args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "flux_context_parallel.json")
         if args.out:
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
             with open(args.out, "w") as f:
