@@ -12,6 +12,7 @@ attention leaf gives each stream it returns the layout of that stream.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from typing import Any, NamedTuple
@@ -20,11 +21,13 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from moedit.adapters import Streams, attention_adapter_for
+from moedit.adapters import Streams, adapter_for, attention_adapter_for, overrides
 from moedit.graph import Emitter, Kind, kind_of, meta
+from moedit.pipeline import shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
-from moedit.runtime.sequence_ops import join_rows, take_rows
+from moedit.runtime.sequence_ops import JointOutput, JointProjections, KVAttention, join_rows, take_rows
+from moedit.tracer import moe_nodes
 
 
 class Layout(NamedTuple):
@@ -86,6 +89,28 @@ class TokenSplit:
     def inside(self, node: fx.Node) -> bool:
         paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
         return any(path in self.blocks for path in paths) or meta(node).get("layer") is not None
+
+    def seed_from(self, attentions: list[fx.Node]) -> int:
+        """`seed` from the first attention argument that holds the image's tokens alone."""
+        for node in attentions:
+            streams, args = streams_of(self.gm, node)
+            if streams.image is not None and isinstance(args.get(streams.image), fx.Node):
+                return self.seed(args[streams.image])
+        raise PlanError(f"{self.technique}: no attention layer names the argument that holds the image's tokens "
+                        "alone (Streams.image in its adapter), so moedit cannot tell where they enter")
+
+    def mark_expert_choice(self) -> None:
+        """Tell expert_parallel which MoE layers see split images, so that an expert choice routed in
+        two steps chooses over every token of each image (see [Note: adapter shapes] in moedit/adapters.py)."""
+        for node in moe_nodes(self.gm):
+            layout = self.layouts.get(node.args[0])
+            if layout is None or not overrides(adapter_for(self.gm.get_submodule(node.target)), "choose"):
+                continue
+            if layout.before or layout.after:
+                raise PlanError(f"{self.technique}: the expert choice of {node.target} would choose among text "
+                                "tokens that every rank holds as well as the image's split ones; moedit chooses "
+                                "over a whole image only for layers that see image tokens alone")
+            meta(node).update(split=(layout, self.axis, self.parts, self.index))
 
     def seed(self, image: fx.Node) -> int:
         """Cut the values that carry the image's tokens into the blocks, walking back from the first
@@ -232,6 +257,70 @@ class TokenSplit:
     def _refuse(self, node: fx.Node, what: str):
         raise PlanError(f"{self.technique}: {node.format_node()} {what}; with the image's tokens split over ranks "
                         "each rank holds only its rows, so moedit cannot split this model's tokens")
+
+
+@dataclasses.dataclass
+class JointCall:
+    """An attention leaf's call with its token arguments (and RoPE tables, masks) cut to this
+    rank's rows, the layouts of its joined queries and keys, the key mask in the model's key
+    order, its scale, and the layouts of what it returns."""
+
+    args: dict[str, Any]
+    queries: Layout
+    keys: Layout
+    mask: Any
+    scale: float | None
+    returned: Any
+
+
+def joint_call(gm: fx.GraphModule, node: fx.Node, split: TokenSplit, kv_buffer: bool = False) -> JointCall:
+    """Prepare attention leaf `node` for splitting: its call as this rank sees it, and a copy of its
+    module holding graph nodes for its projections (`sp_qkv`), output (`sp_out`) and, with
+    `kv_buffer`, attention to a K/V buffer (`sp_attend`)."""
+    streams, args = streams_of(gm, node)
+    present = [name for name in dict.fromkeys(streams.queries + streams.keys) if args.get(name) is not None]
+    layout = {name: split.layouts.get(args[name]) or _text(args[name]) for name in present}
+    queries, keys = (_joined(node, [layout[s] for s in names if s in layout], split.technique)
+                     for names in (streams.queries, streams.keys))
+    for path, (stream, dim) in streams.aligned.items():
+        name, _, element = path.partition(".")
+        target = {"queries": queries, "keys": keys}.get(stream) or layout.get(stream)
+        if args.get(name) is not None and target is not None and target.tokens:
+            args[name] = split.cut(args[name], target._replace(dim=dim), int(element) if element else None)
+    mask = args.get(streams.key_mask) if streams.key_mask else None
+    if isinstance(mask, fx.Node) and mask in split.layouts:
+        mask = split.gather(mask)
+    attn = gm.get_submodule(node.target)
+    adapter = attention_adapter_for(attn)
+    local = shallow_copy(attn)
+    local.add_module("sp_qkv", JointProjections(adapter, local, streams.queries[0]))
+    local.add_module("sp_out", JointOutput(adapter, local))
+    if kv_buffer:
+        local.add_module("sp_attend", KVAttention(adapter.scale(attn)))
+    parent, _, name = node.target.rpartition(".")
+    setattr(gm.get_submodule(parent), name, local)
+    returned = tuple(layout.get(s) if layout.get(s) is not None and layout[s].tokens else None
+                     for s in streams.returned())
+    return JointCall(args, queries, keys, mask, adapter.scale(attn), returned if len(returned) > 1 else returned[0])
+
+
+def _text(value) -> Layout | None:
+    """The layout of a token stream every rank holds whole (text): no image rows."""
+    shape = meta(value).get("shape") if isinstance(value, fx.Node) else None
+    return None if shape is None else Layout(shape[1], 0, 0)
+
+
+def _joined(node: fx.Node, layouts: list[Layout | None], technique: str) -> Layout:
+    """The layout of streams joined along the tokens, in order."""
+    if any(layout is None for layout in layouts):
+        raise PlanError(f"{technique}: {node.target}: a token stream of this attention has no recorded shape")
+    image = [i for i, layout in enumerate(layouts) if layout.tokens]
+    if len(image) != 1:
+        raise PlanError(f"{technique}: {node.target} attends over {len(image)} streams holding the image's tokens; "
+                        "moedit splits attention whose queries and keys each hold them once")
+    at = image[0]
+    return Layout(sum(l.total for l in layouts[:at]) + layouts[at].before, layouts[at].tokens,
+                  layouts[at].after + sum(l.total for l in layouts[at + 1:]))
 
 
 _SPLITS = frozenset({"chunk", "split", "unbind", "tensor_split", torch.chunk, torch.split, torch.unbind,

@@ -19,7 +19,14 @@ waited for at once: every patch's K/V is this step's, the result equals the sing
 model, and the cache holds this step's K/V for the next. So at a stale step t, the K/V a
 rank uses for another patch is what that patch computed at step t-1 (tests/test_patches.py).
 
-Memory: per attention layer, every rank holds the K/V of every token [2,B,h,N,d] in flight
+Joint attention (HiDream, Flux, NucleusMoE's added K/V): only the image's K/V are gathered
+and kept; the text tokens are on every rank ([Note: joint layouts] in sequence_parallel.py),
+so their K/V are this step's on every rank and cost no buffer. An expert choice chooses over
+the whole image from this step's router scores of every patch (one synchronous all-gather
+of [B, n, E] per layer, see [Note: adapter shapes] in moedit/adapters.py): the scores, unlike
+the K/V, are not stale.
+
+Memory: per attention layer, every rank holds the K/V of every image token [2,B,h,N,d] in flight
 (the gather) and, while the layer runs, the previous step's: DistriFusion's cost, which
 PipeFusion's per-stage buffers avoid (explain() prints both).
 """
@@ -35,10 +42,11 @@ from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
-from moedit.runtime.sequence_ops import with_piece
+from moedit.runtime.sequence_ops import image_rows, with_piece, with_text
 from moedit.tracer import attention_nodes
 
-from .sequence_parallel import check_attention, local_attention, split_tokens, token_region
+from ._tokens import TokenSplit, joint_call
+from .sequence_parallel import block_of, check_attention
 
 AXIS = "patch"
 STALE = "stale"  # the channel of gathers consumed at the next step (see [Note: channels] in runtime/mesh.py)
@@ -49,32 +57,40 @@ def patch_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if pp.degree == 1:
         return PassResult(gm, False, [])
     attentions = attention_nodes(gm)
-    region, tokens = token_region(gm, attentions, "patch_parallel")
-    if tokens % pp.degree:
-        raise PlanError(f"patch_parallel.degree ({pp.degree}) must divide the tokens per image ({tokens}), so that "
-                        f"every patch's K/V has one size; choose a divisor of {tokens}")
-    index = ctx.plan.mesh.index(AXIS, ctx.rank)
+    if not attentions:
+        raise PlanError("patch_parallel: the model has no attention layer moedit recognises; register an adapter "
+                        "for its attention class with moedit.register_attention(cls, adapter)")
+    for node in attentions:
+        check_attention(gm, node, "patch_parallel", joint=True)
     emit = Emitter(gm, None, prefix="pp")
-    split_tokens(gm, region, tokens, emit, AXIS, pp.degree, index)
-    inserted = list(emit.inserted)
-    for i, node in enumerate(attentions):
-        inserted += _stale_attention(gm, node, i, index, ctx.step.synchronous)
-    return PassResult(gm, True, inserted)
+    split = TokenSplit(gm, {block_of(node, "patch_parallel") for node in attentions}, emit, AXIS, pp.degree,
+                       ctx.plan.mesh.index(AXIS, ctx.rank), "patch_parallel")
+    split.seed_from(attentions)
+    inserted: list[Inserted] = []
+    split.follow(lambda node: _stale_attention(gm, node, attentions.index(node), split, ctx.step.synchronous,
+                                               inserted))
+    split.mark_expert_choice()
+    return PassResult(gm, True, emit.inserted + inserted)
 
 
 def kv_key(attention: int) -> str:
     return f"attn{attention}_kv"
 
 
-def _stale_attention(gm: fx.GraphModule, node: fx.Node, i: int, index: int, synchronous: bool) -> list[Inserted]:
-    """Replace attention leaf `node` (the i-th) by steps 1-4 above."""
-    check_attention(gm, node, "patch_parallel")
-    local_attention(gm, node, kv_buffer=True)
+def _stale_attention(gm: fx.GraphModule, node: fx.Node, i: int, split: TokenSplit, synchronous: bool,
+                     inserted: list[Inserted]):
+    """Replace attention leaf `node` (the i-th) by steps 1-4 above; returns the node that stands
+    for it and the layouts of what it returns. Only the image's K/V travel and are kept: the
+    text rows (every rank holds them, see [Note: joint layouts] in sequence_parallel.py) are
+    this step's on every rank."""
+    call = joint_call(gm, node, split, kv_buffer=True)
     emit = Emitter(gm, None, staleness=0 if synchronous else 1, prefix=f"a{i}")
+    piece = call.keys.tokens // split.parts
     with gm.graph.inserting_before(node):
-        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", node.args[0])
-        kv = emit.call(Kind.GLUE, operator.getitem, qkv, slice(1, None))
-        pending = emit.call(Kind.GATHER_START, ops.gather_start, kv, name=f"attention {i} k/v", layer=None,
+        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", kwargs=call.args)
+        q, kv = (emit.call(Kind.GLUE, operator.getitem, qkv, j) for j in (0, 1))
+        image = emit.call(Kind.GLUE, image_rows, kv, call.keys.before, piece)
+        pending = emit.call(Kind.GATHER_START, ops.gather_start, image, name=f"attention {i} k/v", layer=None,
                             axis=AXIS, channel=MAIN if synchronous else STALE)
         if synchronous:
             gathered = emit.call(Kind.GATHER_WAIT, ops.wait, pending)
@@ -83,9 +99,11 @@ def _stale_attention(gm: fx.GraphModule, node: fx.Node, i: int, index: int, sync
             previous = emit.call(Kind.PENDING, ops.cache_read, key=kv_key(i))
             gathered = emit.call(Kind.GATHER_WAIT, ops.wait, previous)
             emit.call(Kind.CACHE_WRITE, ops.cache_write, pending, key=kv_key(i))
-        every_patch = emit.call(Kind.GLUE, with_piece, gathered, qkv, index)
-        out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", qkv, every_patch)
-        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
+        every_patch = emit.call(Kind.GLUE, with_piece, gathered, image, split.index)
+        every_token = emit.call(Kind.GLUE, with_text, kv, every_patch, call.keys.before, piece)
+        out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", q, every_token, call.mask)
+        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out, kwargs=call.args)
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
-    return emit.inserted
+    inserted += emit.inserted
+    return result, call.returned

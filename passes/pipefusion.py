@@ -38,6 +38,7 @@ patch parallelism (patch_parallel.py) keeps all L, twice while a gather is in fl
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -223,7 +224,8 @@ class _Stage:
             buffers[i] = emit.call(Kind.GLUE, write_patch, buffers[i], qkv, p, patches)
             if p == patches - 1:
                 emit.call(Kind.CACHE_WRITE, ops.cache_write, buffers[i], key=kv_key(i))
-        out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", qkv, buffers[i])
+        q = emit.call(Kind.GLUE, operator.getitem, qkv, 0)
+        out = emit.module(Kind.ATTEND, f"{node.target}.sp_attend", q, buffers[i])
         return emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out)
 
     def _broadcast(self, emit: Emitter, value: fx.Node, pieces: list[fx.Node | None]) -> None:

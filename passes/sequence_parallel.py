@@ -45,19 +45,19 @@ import operator
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from moedit.adapters import adapter_for, attention_adapter_for, overrides
+from moedit.adapters import attention_adapter_for
 from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
 from moedit.pipeline import PassContext, PassResult, shallow_copy
 from moedit.plan import PlanError
 from moedit.runtime import ops
-from moedit.tracer import attention_nodes, moe_nodes
-from moedit.runtime.sequence_ops import (JointOutput, JointProjections, KVAttention, OutputProjection, Projections,
+from moedit.tracer import attention_nodes
+from moedit.runtime.sequence_ops import (KVAttention, OutputProjection, Projections,
                                          attend_block, attend_joint, from_ranks, image_heads_to_ranks,
                                          image_out_to_ranks, image_rows, joint_output, joint_rows, key_block_mask,
                                          merge_blocks, merged_output, pad_rows, ranks_to_heads, ranks_to_tokens,
                                          shard, text_key_mask, text_rows, unpad_rows)
 
-from ._tokens import Layout, TokenSplit, streams_of
+from ._tokens import Layout, TokenSplit, joint_call
 
 
 # -- CFG parallelism -------------------------------------------------------------------
@@ -101,39 +101,15 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     emit = Emitter(gm, None, prefix="sp")
     split = TokenSplit(gm, {block_of(node) for node in attentions}, emit, "sp", sp.degree,
                        ctx.plan.mesh.index("sp", ctx.rank), "sequence_parallel")
-    split.seed(_image_argument(gm, attentions))
+    split.seed_from(attentions)
     inserted: list[Inserted] = []
 
     def on_attention(node: fx.Node):
         return _split_attention(gm, node, split, attentions.index(node), inserted, ctx)
 
     split.follow(on_attention)
-    _mark_expert_choice(gm, split)
+    split.mark_expert_choice()
     return PassResult(gm, True, emit.inserted + inserted)
-
-
-def _mark_expert_choice(gm: fx.GraphModule, split: TokenSplit) -> None:
-    """Tell expert_parallel which MoE layers see split images, so that an expert choice routed in
-    two steps chooses over every token of each image (see [Note: adapter shapes] in moedit/adapters.py)."""
-    for node in moe_nodes(gm):
-        layout = split.layouts.get(node.args[0])
-        if layout is None or not overrides(adapter_for(gm.get_submodule(node.target)), "choose"):
-            continue
-        if layout.before or layout.after:
-            raise PlanError(f"sequence_parallel: the expert choice of {node.target} would choose among text tokens "
-                            "that every rank holds as well as the image's split ones; moedit chooses over a whole "
-                            "image only for layers that see image tokens alone")
-        meta(node).update(split=(layout, split.axis, split.parts, split.index))
-
-
-def _image_argument(gm: fx.GraphModule, attentions: list[fx.Node]) -> fx.Node:
-    """The first attention argument that holds the image's tokens alone (see [Note: joint layouts])."""
-    for node in attentions:
-        streams, args = streams_of(gm, node)
-        if streams.image is not None and isinstance(args.get(streams.image), fx.Node):
-            return args[streams.image]
-    raise PlanError("sequence_parallel: no attention layer names the argument that holds the image's tokens alone "
-                    "(Streams.image in its adapter), so moedit cannot tell where the image's tokens enter")
 
 
 def _check_heads(gm: fx.GraphModule, node: fx.Node, ulysses: int) -> None:
@@ -143,25 +119,6 @@ def _check_heads(gm: fx.GraphModule, node: fx.Node, ulysses: int) -> None:
         raise PlanError(f"sequence_parallel.ulysses ({ulysses}) must divide the head count of {node.target} "
                         f"({heads}); choose a Ulysses degree that divides {heads} and put the rest of the ranks on "
                         "ring")
-
-
-def split_tokens(gm: fx.GraphModule, region: set[fx.Node], tokens: int, emit: Emitter, axis: str, parts: int,
-                 index: int) -> None:
-    """Cut every token value entering `region` to piece `index` of `parts` along the tokens, and
-    gather every value leaving it over mesh `axis` (see [Note: the token region])."""
-    entering = [value for value in gm.graph.nodes if value not in region and is_token(value, tokens)
-                and any(user in region for user in value.users)]
-    for value in entering:
-        with gm.graph.inserting_after(value):
-            piece = emit.call(Kind.SHARD, shard, value, 1, parts, index)
-        value.replace_all_uses_with(piece, delete_user_cb=lambda user: user in region)
-    leaving = [node for node in gm.graph.nodes if node in region and any(u not in region for u in node.users)]
-    for value in leaving:
-        with gm.graph.inserting_before(value.next):
-            pending = emit.call(Kind.GATHER_START, ops.gather_start, value, name="gather of the tokens", layer=None,
-                                axis=axis)
-            whole = emit.call(Kind.GLUE, from_ranks, emit.call(Kind.GATHER_WAIT, ops.wait, pending), 1)
-        value.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in region and user is not pending)
 
 
 def is_token(node: fx.Node, tokens: int) -> bool:
@@ -219,7 +176,7 @@ def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str, joint: bo
     if adapter.streams(attn) is not None:
         raise PlanError(f"{technique}: {node.target} ({type(attn).__name__}) attends over more than one token stream "
                         f"(joint image and text attention); {technique} splits self-attention over one token "
-                        "sequence only so far; use sequence_parallel (Ulysses, Ring) for this model")
+                        "sequence only so far; use sequence_parallel (Ulysses, Ring) or patch_parallel for this model")
     if len(node.args) != 1 or node.kwargs:
         raise PlanError(f"{technique}: {node.target} is called with more than the hidden states "
                         f"({node.format_node()}); moedit splits self-attention over one token sequence only")
@@ -269,26 +226,13 @@ def _split_attention(gm: fx.GraphModule, node: fx.Node, split: TokenSplit, index
     """Replace attention leaf `node` by projections of this rank's rows, exchanges and attention
     over every token; returns the node that stands for it and the layouts of what it returns."""
     sp = ctx.plan.sequence_parallel
-    streams, args = streams_of(gm, node)
-    present = [name for name in dict.fromkeys(streams.queries + streams.keys) if args.get(name) is not None]
-    layout = {name: split.layouts.get(args[name]) or _text(args[name]) for name in present}
-    queries, keys = (_joined(node, [layout[s] for s in names if s in layout]) for names in (streams.queries,
-                                                                                           streams.keys))
-    for path, (stream, dim) in streams.aligned.items():
-        name, _, element = path.partition(".")
-        target = {"queries": queries, "keys": keys}.get(stream) or layout.get(stream)
-        if args.get(name) is not None and target is not None and target.tokens:
-            args[name] = split.cut(args[name], target._replace(dim=dim), int(element) if element else None)
-    mask = args.get(streams.key_mask) if streams.key_mask else None
-    if isinstance(mask, fx.Node) and mask in split.layouts:
-        mask = split.gather(mask)
-    scale = _joint_modules(gm, node, streams)
+    call = joint_call(gm, node, split)
+    queries, keys, mask, scale = call.queries, call.keys, call.mask, call.scale
     emit = Emitter(gm, None, prefix=f"a{index}")
     piece = queries.tokens // sp.degree
     with gm.graph.inserting_before(node):
-        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", kwargs=args)
+        qkv = emit.module(Kind.QKV, f"{node.target}.sp_qkv", kwargs=call.args)
         q, kv = (emit.call(Kind.GLUE, operator.getitem, qkv, i) for i in (0, 1))
-        image = None
         if sp.ulysses > 1:
             rows = emit.call(Kind.GLUE, image_heads_to_ranks, q, kv, queries.before, keys.before, piece, sp.ulysses)
             image = _exchange(emit, rows, ranks_to_tokens, sp.ulysses, f"attention {index} q/k/v")
@@ -302,45 +246,11 @@ def _split_attention(gm: fx.GraphModule, node: fx.Node, split: TokenSplit, index
             out = emit.call(Kind.ATTEND, attend_joint, q, kv, scale, mask)
         if sp.ulysses > 1:
             out = _ulysses_back(emit, out, queries, rows, sp.ulysses, index)
-        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out, kwargs=args)
+        result = emit.module(Kind.ATTENTION_OUT, f"{node.target}.sp_out", out, kwargs=call.args)
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
     inserted += emit.inserted
-    returned = tuple(layout.get(s) if layout.get(s) is not None and layout[s].tokens else None
-                     for s in streams.returned())
-    return result, returned if len(returned) > 1 else returned[0]
-
-
-def _text(value) -> Layout | None:
-    """The layout of a token stream every rank holds whole (text): no image rows."""
-    shape = meta(value).get("shape") if isinstance(value, fx.Node) else None
-    return None if shape is None else Layout(shape[1], 0, 0)
-
-
-def _joined(node: fx.Node, layouts: list[Layout | None]) -> Layout:
-    """The layout of streams joined along the tokens, in order."""
-    if any(layout is None for layout in layouts):
-        raise PlanError(f"sequence_parallel: {node.target}: a token stream of this attention has no recorded shape")
-    image = [i for i, layout in enumerate(layouts) if layout.tokens]
-    if len(image) != 1:
-        raise PlanError(f"sequence_parallel: {node.target} attends over {len(image)} streams holding the image's "
-                        "tokens; moedit splits attention whose queries and keys each hold them once")
-    at = image[0]
-    return Layout(sum(l.total for l in layouts[:at]) + layouts[at].before, layouts[at].tokens,
-                  layouts[at].after + sum(l.total for l in layouts[at + 1:]))
-
-
-def _joint_modules(gm: fx.GraphModule, node: fx.Node, streams) -> float | None:
-    """Give attention leaf `node` a copy of its module holding graph nodes for its projections
-    (`sp_qkv`) and output (`sp_out`); returns the attention's scale."""
-    attn = gm.get_submodule(node.target)
-    adapter = attention_adapter_for(attn)
-    local = shallow_copy(attn)
-    local.add_module("sp_qkv", JointProjections(adapter, local, streams.queries[0]))
-    local.add_module("sp_out", JointOutput(adapter, local))
-    parent, _, name = node.target.rpartition(".")
-    setattr(gm.get_submodule(parent), name, local)
-    return adapter.scale(attn)
+    return result, call.returned
 
 
 def _exchange(emit: Emitter, rows: fx.Node, from_ranks_, ranks: int, name: str) -> fx.Node:

@@ -52,15 +52,16 @@ class OutputProjection(nn.Module):
 
 class KVAttention(nn.Module):
     """Graph node for the attention of one patch's queries to a K/V buffer over every token whose
-    other patches may be from an earlier step: qkv [3,B,h,n,d] (this patch), kv [2,B,h,N,d] ->
-    [B,h,n,d]. A module, so a test can watch which K/V each attention read."""
+    other patches may be from an earlier step: q [B,h,n,d] (this patch's rows), kv [2,B,h,N,d],
+    an optional [B, N] key mask -> [B,h,n,d]. A module, so a test can watch which K/V each
+    attention read."""
 
     def __init__(self, scale: float | None):
         super().__init__()
         self.scale = scale
 
-    def forward(self, qkv, kv):
-        return F.scaled_dot_product_attention(qkv[0], kv[0], kv[1], scale=self.scale)
+    def forward(self, q, kv, mask=None):
+        return attend_joint(q, kv, self.scale, mask)
 
 
 def kv_of(qkv: torch.Tensor) -> torch.Tensor:
@@ -84,11 +85,20 @@ def write_patch(kv: torch.Tensor, qkv: torch.Tensor, index: int, parts: int) -> 
     return kv
 
 
-def with_piece(gathered: torch.Tensor, qkv: torch.Tensor, index: int) -> torch.Tensor:
-    """Every rank's k and v from an all-gather, [G,2,B,h,n,d] -> [2,B,h,G*n,d] (a copy), with this
-    rank's piece (`index`) replaced by this step's k and v from qkv [3,B,h,n,d]."""
-    gathered[index] = qkv[1:]  # the gathered buffer is done with: overwrite it, then one copy
+def with_piece(gathered: torch.Tensor, kv: torch.Tensor, index: int) -> torch.Tensor:
+    """Every rank's image k and v from an all-gather, [G,2,B,h,n,d] -> [2,B,h,G*n,d] (a copy), with
+    this rank's piece (`index`) replaced by this step's k and v [2,B,h,n,d]."""
+    gathered[index] = kv  # the gathered buffer is done with: overwrite it, then one copy
     return from_ranks(gathered, 3)
+
+
+def with_text(kv: torch.Tensor, image: torch.Tensor, before: int, piece: int) -> torch.Tensor:
+    """kv [2,B,h,L,d] of this rank's rows with its `piece` image rows (after `before` text rows)
+    replaced by `image`, the image rows of every rank (the text rows around them are kept)."""
+    after = kv.shape[-2] - before - piece
+    if before == after == 0:
+        return image
+    return torch.cat([kv.narrow(-2, 0, before), image, kv.narrow(-2, before + piece, after)], -2)
 
 
 def token_buffer(like: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -269,13 +279,7 @@ def joint_rows(image: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_layout,
     heads = q.shape[1] // ranks
     q, kv = _rows(q, 1, index * heads, heads), _rows(kv, 2, index * heads, heads)
 
-    def around(text: torch.Tensor, rows: torch.Tensor, before: int) -> torch.Tensor:
-        after = text.shape[-2] - before - piece
-        if before == after == 0:
-            return rows
-        return torch.cat([_rows(text, -2, 0, before), rows, _rows(text, -2, before + piece, after)], -2)
-
-    return around(q, image[0], q_layout[0]), around(kv, image[1:], k_layout[0])
+    return with_text(q, image[0], q_layout[0], piece), with_text(kv, image[1:], k_layout[0], piece)
 
 
 def image_out_to_ranks(o: torch.Tensor, before: int, rows: int, ranks: int) -> torch.Tensor:

@@ -106,8 +106,9 @@ def _probe_worker(rank, world, name):
                 attn = gm.get_submodule(f"blocks.{block}.attn")
             except AttributeError:
                 continue  # another stage's block
-            attn.sp_qkv.register_forward_hook(
-                lambda _m, _i, out, b=block: fresh.setdefault((b, step[0]), []).append(out[1:].clone()))
+            attn.sp_qkv.register_forward_hook(  # (q, kv) under patch parallelism, stacked q/k/v under PipeFusion
+                lambda _m, _i, out, b=block: fresh.setdefault((b, step[0]), []).append(
+                    out[1].clone() if isinstance(out, tuple) else out[1:].clone()))
             attn.sp_attend.register_forward_hook(
                 lambda _m, inputs, _o, b=block: used.setdefault((b, step[0]), []).append(inputs[1].clone()))
     runtime.reset(steps=PROBE_STEPS)

@@ -20,28 +20,33 @@ MODELS = {
     "nucleus": (tiny_nucleus, lambda b: nucleus_inputs(b, mask=b == 3), None, True),  # batch 3: a padded text mask
     "flux": (tiny_flux, flux_inputs, FLUX_BATCH_DIMS, False),
 }
-PLANS = {  # name -> (world, sequence_parallel)
-    "ulysses 2": (2, {"ulysses": 2}),
-    "ring 2": (2, {"ring": 2}),
-    "usp 2x2": (4, {"ulysses": 2, "ring": 2}),
+PLANS = {  # name -> (world, plan without expert parallelism); patch parallelism: every step synchronous
+    "ulysses 2": (2, dict(sequence_parallel={"ulysses": 2})),
+    "ring 2": (2, dict(sequence_parallel={"ring": 2})),
+    "usp 2x2": (4, dict(sequence_parallel={"ulysses": 2, "ring": 2})),
+    "patch 2": (2, dict(patch_parallel={"degree": 2, "warmup_steps": 1})),
 }
 
 
-def _plan(name: str, moe: bool, **more) -> moedit.Plan:
-    world, sp = PLANS[name]
-    return moedit.Plan(sequence_parallel=sp, expert_parallel={"degree": world if moe else 1}, **more)
+def _plan(name: str, moe: bool) -> moedit.Plan:
+    world, plan = PLANS[name]
+    return moedit.Plan(expert_parallel={"degree": world if moe else 1}, **plan)
 
 
 def _worker(rank, world, model_name, plan_name, batches):
     build, inputs, batch_dims, moe = MODELS[model_name]
     compiled = moedit.compile(build(), _plan(plan_name, moe), example_inputs=inputs(batches[0]), batch_dims=batch_dims)
+    outputs = []
     with compiled.to_runtime() as runner:
-        return [runner.denoise(**inputs(b))[0] for b in batches]
+        for b in batches:
+            runner.reset(steps=1)  # one synchronous step per sample (patch parallelism's warm-up)
+            outputs.append(runner.denoise(**inputs(b))[0])
+    return outputs
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_sequence_parallel_plans_equal_the_eager_model(spawn, model_name, plan_name):
+def test_split_plans_equal_the_eager_model(spawn, model_name, plan_name):
     build, inputs, _, _ = MODELS[model_name]
     model, batches = build(), [2, 3]
     with torch.no_grad():
@@ -75,12 +80,57 @@ def test_expert_choice_chooses_over_the_whole_image():
     assert "joint attention: the image's tokens are split, the text tokens are on every rank" in explained
 
 
-@pytest.mark.parametrize("plan", [dict(patch_parallel={"degree": 2}), dict(pipefusion={"degree": 2})],
-                         ids=["patch_parallel", "pipefusion"])
-def test_joint_attention_under_patch_plans_is_refused_by_name(plan):
+ATTENTIONS = ["double_stream_blocks.0.block.attn1", "single_stream_blocks.0.block.attn1",
+              "single_stream_blocks.1.block.attn1"]
+
+
+def _patch_probe_worker(rank, world):
+    """Each attention's fresh K/V (`sp_qkv`) and the K/V it attends to (`sp_attend`), per step,
+    with a different input at every step."""
+    plan = moedit.Plan(patch_parallel={"degree": 2}, expert_parallel={"degree": 2})
+    runtime = moedit.compile(tiny_hidream(), plan, example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS).to_runtime()
+    fresh, used, step = {}, {}, [0]
+    for gm in runtime.programs.values():
+        for path in ATTENTIONS:
+            attn = gm.get_submodule(path)
+            attn.sp_qkv.register_forward_hook(lambda _m, _i, out, p=path: fresh.__setitem__((p, step[0]), out[1].clone()))
+            attn.sp_attend.register_forward_hook(
+                lambda _m, inputs, _o, p=path: used.__setitem__((p, step[0]), inputs[1].clone()))
+    runtime.reset(steps=4)
+    for step[0] in range(4):
+        inputs = hidream_inputs(2)
+        inputs["hidden_states"] = inputs["hidden_states"] + step[0]
+        inputs["timesteps"] = inputs["timesteps"] - 10 * step[0]
+        runtime.denoise(**inputs)
+    runtime.close()
+    return fresh, used, [kind.name for kind in runtime.step_log]
+
+
+def test_patch_parallel_on_hidream_reads_other_patches_image_kv_from_the_step_before(spawn):
+    """DistriFusion's rule on joint attention: another patch's image K/V at step t is what its rank
+    computed at step t-1 (all of step t on synchronous steps), this rank's own image rows and
+    every text row (each rank computes them) are step t's."""
+    ranks = spawn(2, _patch_probe_worker)
+    log = ranks[0][2]
+    assert log == ["sync", "async", "async", "async"]
+    image, piece, differs = 16, 8, 0
+    for rank, (fresh, used, _) in enumerate(ranks):
+        assert len(used) == len(ATTENTIONS) * 4
+        for (path, t), kv in used.items():
+            torch.testing.assert_close(kv[..., image:, :], fresh[path, t][..., piece:, :], rtol=0, atol=0)
+            for patch in range(2):
+                source = t if log[t] == "sync" or patch == rank else t - 1
+                expected = ranks[patch][0][path, source][..., :piece, :]
+                torch.testing.assert_close(kv[..., patch * piece:(patch + 1) * piece, :], expected, rtol=0, atol=0,
+                                           msg=lambda m: f"rank {rank}, {path}, step {t}, patch {patch}: {m}")
+                differs += source != t and not torch.equal(expected, ranks[patch][0][path, t][..., :piece, :])
+    assert differs > 0, "stale K/V must differ from this step's, or the probe proves nothing"
+
+
+def test_joint_attention_under_pipefusion_is_refused_by_name():
     with pytest.raises(moedit.PlanError, match=r"double_stream_blocks.0.block.attn1 \(HiDreamAttention\) attends "
                                                "over more than one token stream"):
-        moedit.compile(tiny_hidream(), moedit.Plan(expert_parallel={"degree": 2}, **plan),
+        moedit.compile(tiny_hidream(), moedit.Plan(expert_parallel={"degree": 2}, pipefusion={"degree": 2}),
                        example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS).graph(0)
 
 
