@@ -2,7 +2,7 @@
 (unmodified diffusers classes, small random float32 configs), beside one rank: step time,
 speed-up and agreement with the eager model, with the simulator's prediction per row.
 
-    python benchmarks/real_models.py [--models hidream nucleus] [--worlds 1 2 4] [--rounds 3] [--steps 10] [--save]
+    python benchmarks/real_models.py [--link loopback|shaped] [--models hidream nucleus] [--worlds 1 2 4] [--rounds 3] [--steps 10] [--save]
 
 Expected run time: about 12 min on a 2-core CPU with the defaults (both models, 1, 2 and 4
 ranks, 3 rounds, 10 steps); `--worlds 1 2` about 7 min. Most of it is starting each plan's
@@ -22,15 +22,15 @@ processes and capturing the model (7 s a launch at 1 rank, 12 s at 2, 20 s at 4)
   the warm-up and every timed step is a stale step where the plan makes it one.
 * Plans (moedit.Plan keyword arguments, read from examples/plans/ with the expert-parallel
   degree set to the world size, see `_launch.plan_of`): 1 rank: single; 2 ranks: sync_ep,
-  ulysses, ring, dice (interweaved staleness, warm-up 1, the deep half of the MoE layers
+  ulysses, ring, patch_parallel (DistriFusion, warm-up 1), dice (interweaved staleness, warm-up 1, the deep half of the MoE layers
   synchronous, conditional communication every 2nd step); 4 ranks: sync_ep, usp (Ulysses 2
   x Ring 2). NucleusMoE routes by expert choice, which conditional_comm refuses, so its
   dice row runs without conditional_comm (the row says so).
 * Each plan runs as `torchrun --standalone --nproc_per_node=N` of this script's worker
   mode, OMP_NUM_THREADS=1 and one torch thread per rank (4 ranks share the 2 cores: the
-  4-rank rows show oversubscription, not a speed-up), over gloo on loopback only: no
-  `--link shaped`, since `_launch.run_plan` launches `moedit.run`'s DiT sampler, not a
-  diffusers model, and a shaped launch would need its own two-namespace torchrun code.
+  4-rank rows show oversubscription, not a speed-up), over gloo on loopback, or with
+  `--link shaped` (as root) half the ranks in each of two network namespaces joined by a
+  400 Mbit/s veth (`torchrun --nnodes=2`; the 1-rank row stays on loopback).
 * Step time: per step the slowest rank's wall time of `runner.denoise` (the sampler's
   arithmetic included), the mean of the timed steps per run; the table gives the median
   [min-max] over `--rounds` rounds, the plans alternating within each round (the first one
@@ -162,10 +162,10 @@ def eager_final(name: str, steps: int) -> torch.Tensor:
 
 PLANS = {  # world -> plan names (examples/plans/<name>.yaml; the expert-parallel degree is the world size)
     1: ["single"],
-    2: ["sync_ep", "ulysses", "ring", "dice"],
+    2: ["sync_ep", "ulysses", "ring", "patch_parallel", "dice"],
     4: ["sync_ep", "usp"],
 }
-STALE = {"dice"}  # rows compared by relative L2 error; the others must equal the eager model
+STALE = {"dice", "patch_parallel"}  # rows compared by relative L2 error; the others must equal the eager model
 
 
 def plan_for(model: str, name: str, world: int) -> tuple[dict, str]:
@@ -233,18 +233,34 @@ def worker(args) -> int:
     return 0
 
 
-def launch(model: str, plan: dict, world: int, steps: int) -> dict:
+def launch(model: str, plan: dict, world: int, steps: int, link=None) -> dict:
     """Run `plan` on `world` ranks; the worker's result, plus "final" (the last step's output),
-    or {"error": ...}."""
+    or {"error": ...}. With `link` (a ShapedLink) half the ranks run in each of its two
+    namespaces (`torchrun --nnodes=2`), so every exchange between the halves crosses it."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               os.path.abspath(__file__), "--worker", "--model", model, "--plan", json.dumps(plan),
-               "--steps", str(steps), "--out", tmp]
+        script = [os.path.abspath(__file__), "--worker", "--model", model, "--plan", json.dumps(plan),
+                  "--steps", str(steps), "--out", tmp]
+        launcher = [sys.executable, "-m", "torch.distributed.run"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if link is None or world == 1:
+            commands = [(launcher + ["--standalone", f"--nproc_per_node={world}", *script], env)]
+        else:
+            from moedit.runtime.netns import free_port
+
+            port = str(free_port())
+            commands = [(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", f"--nproc_per_node={world // 2}",
+                                                  f"--master_addr={link.addresses[0]}", f"--master_port={port}",
+                                                  *script]), {**env, **link.env(i)}) for i in range(2)]
+        procs = [subprocess.Popen(cmd, env=cmd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cmd, cmd_env in commands]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+            outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S) for proc in procs]
         except subprocess.TimeoutExpired:
+            for proc in procs:
+                proc.kill()
             return {"error": f"timed out after {LAUNCH_TIMEOUT_S} s"}
+        proc = next((p for p in procs if p.returncode != 0), procs[0])
+        proc.stderr = outputs[procs.index(proc)][1]
         errors = sorted(f for f in os.listdir(tmp) if f.startswith("error_rank"))
         if proc.returncode != 0 or errors:
             if errors:
@@ -283,7 +299,7 @@ def predicted(model: str, plan: dict, steps: int, hardware) -> dict:
 
 # --- the driver -----------------------------------------------------------------------------
 
-def measure(args, rows: list[dict]) -> None:
+def measure(args, rows: list[dict], link=None) -> None:
     """Fill every row's "runs", the plans of each model alternating within each round."""
     for round_index in range(args.rounds):
         for model in args.models:
@@ -291,7 +307,7 @@ def measure(args, rows: list[dict]) -> None:
             shift = round_index % len(mine)
             for r in mine[shift:] + mine[:shift]:
                 started = time.perf_counter()
-                result = launch(model, r["plan"], r["world"], args.steps)
+                result = launch(model, r["plan"], r["world"], args.steps, link)
                 wall = time.perf_counter() - started
                 if "error" in result:
                     r.setdefault("errors", []).append(result)
@@ -345,12 +361,12 @@ def print_rows(rows: list[dict]) -> None:
             footnotes.append(text)
         return f"[{footnotes.index(text) + 1}]"
 
-    print(f"{'model':<9}{'plan':<10}{'ranks':>6}{'step ms':>24}{'blocked ms':>22}{'speed-up':>10}"
+    print(f"{'model':<9}{'plan':<16}{'ranks':>6}{'step ms':>24}{'blocked ms':>22}{'speed-up':>10}"
           f"{'vs eager':>20}  {'predicted':>16}")
     for r in rows:
         label = r["name"] + (f" {ref(r['note'])}" if r["note"] else "")
         if "measured_ms" not in r:
-            print(f"{r['model']:<9}{label:<10}{r['world']:>6}   failed: {r.get('error', 'not run')}")
+            print(f"{r['model']:<9}{label:<16}{r['world']:>6}   failed: {r.get('error', 'not run')}")
             continue
         if r["stale"]:
             agree = f"rel L2 {r['rel_l2']:.1e}"
@@ -359,7 +375,7 @@ def print_rows(rows: list[dict]) -> None:
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"  # no single row measured
         pred = r["predicted"]
         pred = f"{pred['ms']:.1f} ({pred['error']:+.0%})" if "ms" in pred else f"error {ref(pred['error'])}"
-        print(f"{r['model']:<9}{label:<10}{r['world']:>6}{show(r['measured_ms']):>24}{show(r['blocked']):>22}"
+        print(f"{r['model']:<9}{label:<16}{r['world']:>6}{show(r['measured_ms']):>24}{show(r['blocked']):>22}"
               f"{speedup:>10}{agree:>20}  {pred:>16}")
     for i, text in enumerate(footnotes, 1):
         print(f"[{i}] {text}")
@@ -371,7 +387,10 @@ def main() -> int:
     parser.add_argument("--worlds", nargs="+", type=int, choices=sorted(PLANS), default=sorted(PLANS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after one warm-up step")
-    parser.add_argument("--save", action="store_true", help="write benchmarks/results/real_models.json")
+    parser.add_argument("--link", choices=["loopback", "shaped"], default="loopback",
+                        help="shaped: half the ranks in each of two network namespaces joined by a 400 Mbit/s "
+                             "veth (as root)")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/real_models_<link>.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one plan, under torchrun
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -381,7 +400,7 @@ def main() -> int:
         return worker(args)
 
     os.chdir(ROOT)  # the plans are read from examples/plans/
-    from _launch import machine
+    from _launch import machine, made, shaped_link
     from moedit.costs import Hardware, HardwareError
 
     print(f"expected run time: {RUN_TIME}", flush=True)
@@ -401,16 +420,19 @@ def main() -> int:
                 print(f"  predicted {model} {name} ({world} rank(s)): "
                       f"{rows[-1]['predicted'].get('ms', rows[-1]['predicted'].get('error'))}", flush=True)
     started = time.perf_counter()
-    measure(args, rows)
+    link = shaped_link(args.link, "real_models.py")
+    with made(link, "real_models.py"):
+        measure(args, rows, link)
     summarise(rows)
     wall = time.perf_counter() - started
-    print(f"\nloopback gloo; {machine()}; OMP_NUM_THREADS=1 per rank; batch {BATCH} (one image with CFG), "
+    where = "loopback gloo" if link is None else f"gloo over {link.describe()} (1-rank rows on loopback)"
+    print(f"\n{where}; {machine()}; OMP_NUM_THREADS=1 per rank; batch {BATCH} (one image with CFG), "
           f"1 warm-up + {args.steps} timed steps; {args.rounds} alternating round(s); measured in {wall / 60:.1f} min")
     print_rows(rows)
     if args.save:
-        out = os.path.join("benchmarks", "results", "real_models.json")
+        out = os.path.join("benchmarks", "results", f"real_models_{args.link}.json")
         with open(out, "w") as f:
-            json.dump({"machine": machine(), "link": "loopback", "profile": "cpu-local", "rounds": args.rounds,
+            json.dump({"machine": machine(), "link": where, "profile": "cpu-local", "rounds": args.rounds,
                        "steps": args.steps, "batch": BATCH, "guidance": GUIDANCE, "models": {"hidream": HIDREAM,
                        "nucleus": NUCLEUS}, "rows": rows}, f, indent=1, default=str)
         print(f"wrote {out}")

@@ -43,11 +43,10 @@ class Layout(NamedTuple):
 
 def call_arguments(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
     """A leaf's call, by the names of its forward's parameters (`**kwargs` spread out)."""
-    module = gm.get_submodule(node.target)
-    bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    signature = inspect.signature(gm.get_submodule(node.target).forward)
     args = {}
-    for name, value in bound.arguments.items():
-        kind = inspect.signature(module.forward).parameters[name].kind
+    for name, value in signature.bind(*node.args, **node.kwargs).arguments.items():
+        kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             args.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
@@ -65,7 +64,7 @@ def streams_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Streams, dict[str, An
     streams = attention_adapter_for(attn).streams(attn)
     if streams is None:
         first = next(iter(inspect.signature(attn.forward).parameters))
-        if set(args) - {first} and any(v is not None for k, v in args.items() if k != first):
+        if any(value is not None for name, value in args.items() if name != first):
             raise PlanError(f"{node.target} is called with more than the hidden states ({node.format_node()}); its "
                             "adapter describes self-attention over one token sequence: give it `streams` (see "
                             "[Note: attention streams] in moedit/adapters.py)")

@@ -138,3 +138,36 @@ def test_a_dense_model_refuses_expert_plans():
     with pytest.raises(moedit.PlanError, match="expert_parallel.degree, staleness.mode: the model has no MoE layer"):
         moedit.compile(tiny_flux(), moedit.Plan(expert_parallel={"degree": 2}, staleness={"mode": "displaced"}),
                        example_inputs=flux_inputs(2), batch_dims=FLUX_BATCH_DIMS)
+
+
+def _choice_probe_worker(rank, world):
+    """Every expert-choice layer's router scores on this rank (`ep_scores`) and the scores its
+    choice is made over (`ep_choice`), per step, under stale patch parallelism."""
+    plan = moedit.Plan(patch_parallel={"degree": 2}, expert_parallel={"degree": 2})
+    runtime = moedit.compile(tiny_nucleus(), plan, example_inputs=nucleus_inputs(2)).to_runtime()
+    scores, chosen, step = {}, {}, [0]
+    for gm in runtime.programs.values():
+        for layer in range(3):
+            moe = gm.get_submodule(f"transformer_blocks.{layer}.img_mlp")
+            moe.ep_scores.register_forward_hook(lambda _m, _i, out, n=layer: scores.__setitem__((n, step[0]), out))
+            moe.ep_choice.register_forward_hook(
+                lambda _m, inputs, _o, n=layer: chosen.__setitem__((n, step[0]), inputs[0]))
+    runtime.reset(steps=3)
+    for step[0] in range(3):
+        inputs = nucleus_inputs(2)
+        inputs["hidden_states"] = inputs["hidden_states"] + step[0]
+        inputs["timestep"] = inputs["timestep"] - 10 * step[0]
+        runtime.denoise(**inputs)
+    runtime.close()
+    return scores, chosen, [kind.name for kind in runtime.step_log]
+
+
+def test_expert_choice_under_stale_patches_chooses_from_this_steps_scores(spawn):
+    """The rule for scores under stale patch parallelism: unlike other patches' K/V (a step old),
+    the scores an expert choice is made over are every patch's of this step."""
+    ranks = spawn(2, _choice_probe_worker)
+    assert ranks[0][2] == ["sync", "async", "async"]
+    for _, chosen, _ in ranks:
+        for (layer, t), over in chosen.items():
+            pieces = [scores[layer, t].unflatten(0, (2, -1)) for scores, _, _ in ranks]  # [B, n, E] a rank
+            torch.testing.assert_close(over, torch.cat(pieces, 1), rtol=0, atol=0)
