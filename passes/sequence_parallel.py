@@ -186,7 +186,7 @@ def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str, joint: bo
 def local_attention(gm: fx.GraphModule, node: fx.Node, kv_buffer: bool = False) -> float | None:
     """Give attention leaf `node` a copy of its module holding graph nodes for its q/k/v projection
     (`sp_qkv`) and output projection (`sp_out`), and with `kv_buffer` for attention to a K/V
-    buffer (`sp_attend`, patch parallelism and PipeFusion); returns the attention's scale."""
+    buffer (`sp_attend`, PipeFusion); returns the attention's scale."""
     attn = gm.get_submodule(node.target)
     adapter = attention_adapter_for(attn)
     scale = adapter.scale(attn)

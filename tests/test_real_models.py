@@ -84,26 +84,38 @@ ATTENTIONS = ["double_stream_blocks.0.block.attn1", "single_stream_blocks.0.bloc
               "single_stream_blocks.1.block.attn1"]
 
 
+def _probe(runtime, watch, inputs, timestep: str, steps: int):
+    """Run a `steps`-step sample with a different input and a falling timestep at every step;
+    `watch(gm, record)` hooks the modules to watch, and `record(key, value)` keeps a value per
+    (key, step). Returns the records and the step kinds."""
+    records, step = {}, [0]
+    for gm in runtime.programs.values():
+        watch(gm, lambda key, value: records.__setitem__((*key, step[0]), value.clone()))
+    runtime.reset(steps=steps)
+    for step[0] in range(steps):
+        call = inputs(2)
+        call["hidden_states"] = call["hidden_states"] + step[0]
+        call[timestep] = call[timestep] - 10 * step[0]
+        runtime.denoise(**call)
+    runtime.close()
+    return records, [kind.name for kind in runtime.step_log]
+
+
 def _patch_probe_worker(rank, world):
-    """Each attention's fresh K/V (`sp_qkv`) and the K/V it attends to (`sp_attend`), per step,
-    with a different input at every step."""
+    """Each attention's fresh K/V (`sp_qkv`) and the K/V it attends to (`sp_attend`), per step."""
     plan = moedit.Plan(patch_parallel={"degree": 2}, expert_parallel={"degree": 2})
     runtime = moedit.compile(tiny_hidream(), plan, example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS).to_runtime()
-    fresh, used, step = {}, {}, [0]
-    for gm in runtime.programs.values():
+
+    def watch(gm, record):
         for path in ATTENTIONS:
             attn = gm.get_submodule(path)
-            attn.sp_qkv.register_forward_hook(lambda _m, _i, out, p=path: fresh.__setitem__((p, step[0]), out[1].clone()))
-            attn.sp_attend.register_forward_hook(
-                lambda _m, inputs, _o, p=path: used.__setitem__((p, step[0]), inputs[1].clone()))
-    runtime.reset(steps=4)
-    for step[0] in range(4):
-        inputs = hidream_inputs(2)
-        inputs["hidden_states"] = inputs["hidden_states"] + step[0]
-        inputs["timesteps"] = inputs["timesteps"] - 10 * step[0]
-        runtime.denoise(**inputs)
-    runtime.close()
-    return fresh, used, [kind.name for kind in runtime.step_log]
+            attn.sp_qkv.register_forward_hook(lambda _m, _i, out, p=path: record(("fresh", p), out[1]))
+            attn.sp_attend.register_forward_hook(lambda _m, inputs, _o, p=path: record(("used", p), inputs[1]))
+
+    records, log = _probe(runtime, watch, hidream_inputs, "timesteps", 4)
+    fresh = {key[1:]: value for key, value in records.items() if key[0] == "fresh"}
+    used = {key[1:]: value for key, value in records.items() if key[0] == "used"}
+    return fresh, used, log
 
 
 def test_patch_parallel_on_hidream_reads_other_patches_image_kv_from_the_step_before(spawn):
@@ -145,21 +157,17 @@ def _choice_probe_worker(rank, world):
     choice is made over (`ep_choice`), per step, under stale patch parallelism."""
     plan = moedit.Plan(patch_parallel={"degree": 2}, expert_parallel={"degree": 2})
     runtime = moedit.compile(tiny_nucleus(), plan, example_inputs=nucleus_inputs(2)).to_runtime()
-    scores, chosen, step = {}, {}, [0]
-    for gm in runtime.programs.values():
+
+    def watch(gm, record):
         for layer in range(3):
             moe = gm.get_submodule(f"transformer_blocks.{layer}.img_mlp")
-            moe.ep_scores.register_forward_hook(lambda _m, _i, out, n=layer: scores.__setitem__((n, step[0]), out))
-            moe.ep_choice.register_forward_hook(
-                lambda _m, inputs, _o, n=layer: chosen.__setitem__((n, step[0]), inputs[0]))
-    runtime.reset(steps=3)
-    for step[0] in range(3):
-        inputs = nucleus_inputs(2)
-        inputs["hidden_states"] = inputs["hidden_states"] + step[0]
-        inputs["timestep"] = inputs["timestep"] - 10 * step[0]
-        runtime.denoise(**inputs)
-    runtime.close()
-    return scores, chosen, [kind.name for kind in runtime.step_log]
+            moe.ep_scores.register_forward_hook(lambda _m, _i, out, n=layer: record(("scores", n), out))
+            moe.ep_choice.register_forward_hook(lambda _m, inputs, _o, n=layer: record(("chosen", n), inputs[0]))
+
+    records, log = _probe(runtime, watch, nucleus_inputs, "timestep", 3)
+    scores = {key[1:]: value for key, value in records.items() if key[0] == "scores"}
+    chosen = {key[1:]: value for key, value in records.items() if key[0] == "chosen"}
+    return scores, chosen, log
 
 
 def test_expert_choice_under_stale_patches_chooses_from_this_steps_scores(spawn):
