@@ -294,13 +294,14 @@ def joint_call(gm: fx.GraphModule, node: fx.Node, split: TokenSplit, kv_buffer: 
     local = shallow_copy(attn)
     local.add_module("sp_qkv", JointProjections(adapter, local, streams.queries[0]))
     local.add_module("sp_out", JointOutput(adapter, local))
+    scale = adapter.scale(attn)
     if kv_buffer:
-        local.add_module("sp_attend", KVAttention(adapter.scale(attn)))
+        local.add_module("sp_attend", KVAttention(scale))
     parent, _, name = node.target.rpartition(".")
     setattr(gm.get_submodule(parent), name, local)
     returned = tuple(layout.get(s) if layout.get(s) is not None and layout[s].tokens else None
                      for s in streams.returned())
-    return JointCall(args, queries, keys, mask, adapter.scale(attn), returned if len(returned) > 1 else returned[0])
+    return JointCall(args, queries, keys, mask, scale, returned if len(returned) > 1 else returned[0])
 
 
 def _text(value) -> Layout | None:

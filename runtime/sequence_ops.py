@@ -240,10 +240,11 @@ class JointProjections(nn.Module):
     def __init__(self, adapter, attn: nn.Module, first: str):
         super().__init__()
         self.adapter, self.first = adapter, first
+        self.joint = adapter.streams(attn) is not None  # asked once, not at every call
         object.__setattr__(self, "_attn", attn)  # a view, see [Note: layer views] in expert_ops.py
 
     def forward(self, **args):
-        if self.adapter.streams(self._attn) is None:
+        if not self.joint:
             q, k, v = self.adapter.qkv(self._attn, args[self.first])
         else:
             q, k, v = self.adapter.joint_qkv(self._attn, args)
@@ -256,10 +257,11 @@ class JointOutput(nn.Module):
     def __init__(self, adapter, attn: nn.Module):
         super().__init__()
         self.adapter = adapter
+        self.joint = adapter.streams(attn) is not None
         object.__setattr__(self, "_attn", attn)  # a view
 
     def forward(self, o, **args):
-        if self.adapter.streams(self._attn) is None:
+        if not self.joint:
             return self.adapter.out(self._attn, o)
         return self.adapter.joint_out(self._attn, o, args)
 
