@@ -22,9 +22,11 @@ processes and capturing the model (7 s a launch at 1 rank, 12 s at 2, 20 s at 4)
   the warm-up and every timed step is a stale step where the plan makes it one.
 * Plans (moedit.Plan keyword arguments, read from examples/plans/ with the expert-parallel
   degree set to the world size, see `_launch.plan_of`): 1 rank: single; 2 ranks: sync_ep,
-  ulysses, ring, patch_parallel (DistriFusion, warm-up 1), dice (interweaved staleness, warm-up 1, the deep half of the MoE layers
-  synchronous, conditional communication every 2nd step); 4 ranks: sync_ep, usp (Ulysses 2
-  x Ring 2). NucleusMoE routes by expert choice, which conditional_comm refuses, so its
+  ulysses, ring, patch_parallel (DistriFusion, warm-up 1), pipefusion (2 stages, 4 patches,
+  warm-up 1, every stage holding all its blocks' experts), dice (interweaved staleness,
+  warm-up 1, the deep half of the MoE layers synchronous, conditional communication every
+  2nd step); 4 ranks: sync_ep, usp (Ulysses 2 x Ring 2), patch_parallel, pipefusion 4 (4
+  stages of the 6 blocks). NucleusMoE routes by expert choice, which conditional_comm refuses, so its
   dice row runs without conditional_comm (the row says so).
 * Each plan runs as `torchrun --standalone --nproc_per_node=N` of this script's worker
   mode, OMP_NUM_THREADS=1 and one torch thread per rank (4 ranks share the 2 cores: the
@@ -160,12 +162,17 @@ def eager_final(name: str, steps: int) -> torch.Tensor:
 
 # --- the plans ------------------------------------------------------------------------------
 
-PLANS = {  # world -> plan names (examples/plans/<name>.yaml; the expert-parallel degree is the world size)
+PLANS = {  # world -> row names (examples/plans/<name>.yaml; the expert-parallel degree is the world size)
     1: ["single"],
-    2: ["sync_ep", "ulysses", "ring", "patch_parallel", "dice"],
-    4: ["sync_ep", "usp"],
+    2: ["sync_ep", "ulysses", "ring", "patch_parallel", "pipefusion", "dice"],
+    4: ["sync_ep", "usp", "patch_parallel", "pipefusion 4"],
 }
-STALE = {"dice", "patch_parallel"}  # rows compared by relative L2 error; the others must equal the eager model
+SPECS = {  # row name -> plan spec (benchmarks/_launch.py's plan_of), where it is not the name
+    "pipefusion": "pipefusion@expert_parallel.degree=1",  # 2 stages, each with all its blocks' experts
+    "pipefusion 4": "pipefusion@pipefusion.degree=4,expert_parallel.degree=1",
+}
+STALE = {"dice", "patch_parallel", "pipefusion", "pipefusion 4"}  # rows compared by relative L2 error; the others
+# must equal the eager model
 
 
 def plan_for(model: str, name: str, world: int) -> tuple[dict, str]:
@@ -177,7 +184,7 @@ def plan_for(model: str, name: str, world: int) -> tuple[dict, str]:
 
     if name == "single":
         return {}, ""
-    plan = plan_of(name, world)
+    plan = plan_of(SPECS.get(name, name), world)
     if "conditional_comm" in plan:
         latents, text = initial(model)
         try:

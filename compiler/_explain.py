@@ -188,6 +188,24 @@ def _joint(compiled) -> list[str]:
     return lines
 
 
+def _pipefusion_streams(compiled) -> list[str]:
+    """What joint attention and expert choice add under PipeFusion (see passes/pipefusion.py),
+    read from rank 0's stale program."""
+    nodes = compiled.graph(0, compiled.kinds[-1]).graph.nodes
+    joint = any(isinstance(a, Layout) and (a.before or a.after) for n in nodes for a in n.args)
+    scores = {n.kwargs["key"] for n in nodes if str(n.kwargs.get("key", "")).endswith("_scores")}
+    patches = compiled.plan.pipefusion.num_patches
+    lines = []
+    if joint:
+        lines.append(f"  joint attention: every patch carries all the text rows, so a stage runs their token-wise work "
+                     f"and sends them {patches} times a step; the K/V buffers hold the image's K/V only, the text's "
+                     "are each patch's own")
+    if scores:
+        lines.append(f"  expert choice over whole images: {len(scores)} layer(s) on rank 0 keep their router scores "
+                     "[B, N, E] like the K/V (this step's for patches 0..p, the step before's for the rest)")
+    return lines
+
+
 def _patches(compiled, tokens: int | None, slots: int | None) -> list[str]:
     """Patch parallelism and PipeFusion: what each attention reads, and the K/V buffers and
     activations a rank holds, per attention layer."""
@@ -207,6 +225,7 @@ def _patches(compiled, tokens: int | None, slots: int | None) -> list[str]:
         lines = ["", f"pipefusion ({pf.degree} stages, {pf.num_patches} patches, LOSSY): stage s runs its blocks "
                  "patch by patch on the ranks at place s of the 'pipefusion' axis; patch p's attention reads this "
                  "step's K/V for patches 0..p and the previous step's for the rest"]
+    lines += _joint(compiled) if pp.degree > 1 else _pipefusion_streams(compiled)
     if slots is None:
         return lines
     layer = compiled.layers[0]

@@ -94,13 +94,12 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
                             "communication refreshes the slot outputs it reuses; remove conditional_comm from the plan")
         split = [name for name, section in (("sequence_parallel", plan.sequence_parallel), ("patch_parallel",
                  plan.patch_parallel), ("pipefusion", plan.pipefusion)) if section.degree > 1]
-        whole = "pipefusion" not in split and overrides(layer.adapter, "choose")
-        if split and layer.adapter.empty_slots and not whole:
+        if split and layer.adapter.empty_slots and not overrides(layer.adapter, "choose"):
             raise PlanError(f"{split[0]}: layer {layer.index} ({layer.path}) routes with empty slots (expert "
                             "choice), where the experts choose among the tokens a rank holds; split over ranks, an "
-                            f"image's tokens would be chosen from a part of it. Under sequence_parallel and patch_parallel "
-                            "moedit chooses over the whole image if the adapter routes in two steps (scores and choose, "
-                            f"see [Note: adapter shapes]); otherwise set {split[0]}.degree to 1")
+                            "image's tokens would be chosen from a part of it. moedit chooses over the whole image if "
+                            "the adapter routes in two steps (scores and choose, see [Note: adapter shapes]); "
+                            f"otherwise set {split[0]}.degree to 1")
         if plan.offload.enabled and not layer.sharded:
             raise PlanError(f"offload: the experts of layer {layer.index} ({layer.path}) are views of packed "
                             "parameters, not submodules, so they cannot be moved one by one; disable offload, or "

@@ -136,6 +136,21 @@ class _ResidentExperts:
         return None
 
 
+def _concrete(value):
+    """Real 0-dim integer tensors (a captured model's shape constants: a slice's bound, a
+    reshape's size) as Python ints, so that the fake tensors' op needs no data."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.dim() == 0 \
+            and value.dtype in (torch.int32, torch.int64):
+        return int(value)
+    if isinstance(value, slice):
+        return slice(*map(_concrete, (value.start, value.stop, value.step)))
+    if type(value) in (tuple, list):
+        return type(value)(map(_concrete, value))
+    if type(value) is dict:
+        return {key: _concrete(item) for key, item in value.items()}
+    return value
+
+
 class _Replay(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, run: _SimRun, fake: FakeTensorMode, counter: OpCounter):
         super().__init__(gm)
@@ -165,6 +180,7 @@ class _Replay(fx.Interpreter):
 
     def _run(self, fn, args, kwargs):
         if any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0]):
+            args, kwargs = _concrete(args), _concrete(kwargs)
             with self.fake, self.counter:
                 return fn(*args, **kwargs)
         with self.counter:
@@ -270,12 +286,14 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     sequences (with CFG: twice the images)."""
     world, layout = compiled.world_size, compiled.plan.mesh
     shards = [len(s) for s in torch.arange(batch).tensor_split(layout.data)]
+    if compiled.signature is not None:  # a rank without a sample runs a copy of one (Runtime.denoise)
+        shards = [max(1, shard) for shard in shards]
     if min(shards) == 0:
         raise SimulationError(f"a global batch of {batch} leaves a data shard of {layout.data} with nothing to do")
     model = compiled.model
-    if not hasattr(model, "example_inputs"):
+    if compiled.signature is None and not hasattr(model, "example_inputs"):
         raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
-                              "the shapes of the model's inputs")
+                              "the shapes of the model's inputs; compile it with example_inputs=")
     if ranks is None or layout.data != world:  # only plain expert parallelism has ranks that mirror rank 0
         ranks = list(range(world))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -283,11 +301,16 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     events, weights, activations, caches = [], [], [], []
     dtype = next(model.parameters()).dtype
     for rank in ranks:
-        with fake:
-            inputs = [t.to(dtype) if t.is_floating_point() else t
-                      for t in model.example_inputs(shards[layout.index("data", rank)])]
+        shard = shards[layout.index("data", rank)]
+        if compiled.signature is None:
+            with fake:
+                inputs = [t.to(dtype) if t.is_floating_point() else t for t in model.example_inputs(shard)]
+            programs = compiled.programs(rank)
+        else:
+            captured, tensors = _captured_for(compiled, shard)
+            inputs = [fake.from_tensor(t) for t in tensors]
+            programs = captured.programs(rank)
         run = _SimRun(rank, world, layout)
-        programs = compiled.programs(rank)
         order = [StepKind(True)] + [k for k in compiled.kinds if not k.synchronous]
         order += [k for k in compiled.kinds if k not in order]
         per_kind, peak = {}, 0
@@ -308,6 +331,19 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
         for values in (weights, activations, caches):
             values += [values[0]] * (world - len(ranks))
     return Replayed(world, compiled.steps, events, weights, activations, caches, shards[0])
+
+
+def _captured_for(compiled, shard: int):
+    """A captured model's programs for a call of `shard` samples (the captured call's shapes with
+    that batch, as Runtime.denoise cuts it), and the call's tensors (zeros: a capture depends on
+    shapes only)."""
+    signature, tensors = compiled.signature, []
+    for name, (shape, dtype, _) in zip(signature.names, signature.tensors):
+        axis = compiled.batch_dims.get(name, 0)
+        if axis is not None and len(shape) > axis:
+            shape = (*shape[:axis], shard, *shape[axis + 1:])
+        tensors.append(torch.zeros(shape, dtype=dtype))
+    return compiled.specialise(signature.with_tensors(tensors), tensors), tensors
 
 
 def _parameters(programs: dict) -> list:

@@ -76,11 +76,14 @@ class TokenSplit:
     """Cut the image's tokens where they enter the blocks, follow their layouts through the graph,
     and gather them where they leave (the caller splits the attention leaves, `on_attention`)."""
 
-    def __init__(self, gm: fx.GraphModule, blocks: set[str], emit: Emitter, axis: str, parts: int, index: int,
-                 technique: str):
+    def __init__(self, gm: fx.GraphModule, blocks: set[str], emit: Emitter, axis: str | None, parts: int, index: int,
+                 technique: str, even: bool = True):
+        """`even`: the parts must divide the image's tokens (PipeFusion's patches may not, unless
+        the model slices its token rows)."""
         self.gm, self.blocks, self.emit, self.axis = gm, blocks, emit, axis
-        self.parts, self.index, self.technique = parts, index, technique
+        self.parts, self.index, self.technique, self.even = parts, index, technique, even
         self.layouts: dict[fx.Node, Any] = {}
+        self.cuts: list[fx.Node] = []  # every `take_rows` of a value that all parts hold whole
         self._gathered: dict[fx.Node, fx.Node] = {}
         self._cut: dict[tuple, fx.Node] = {}
 
@@ -119,7 +122,7 @@ class TokenSplit:
             raise PlanError(f"{self.technique} needs the model's activation shapes: give the model an "
                             "`example_inputs(batch)` method, or compile with example_inputs=")
         tokens, pending, seen = shape[1], [image], set()
-        if tokens % self.parts:
+        if self.even and tokens % self.parts:
             raise PlanError(f"{self.technique}: its degree ({self.parts} ranks) must divide the tokens per image "
                             f"({tokens}); choose degrees whose product divides {tokens}")
         while pending:
@@ -134,6 +137,7 @@ class TokenSplit:
             with self.gm.graph.inserting_after(value):
                 piece = self.emit.call(Kind.SHARD, take_rows, value, Layout(0, tokens, 0), self.parts, self.index)
             self.layouts[piece] = Layout(0, tokens, 0)
+            self.cuts.append(piece)
             value.replace_all_uses_with(piece, delete_user_cb=lambda user: user is not piece and self.inside(user))
         return tokens
 
@@ -150,6 +154,7 @@ class TokenSplit:
             with self.gm.graph.inserting_after(anchor):
                 self._cut[key] = self.emit.call(Kind.SHARD, take_rows, value, layout, self.parts, self.index,
                                                 element)
+            self.cuts.append(self._cut[key])
         return self._cut[key]
 
     def gather(self, value: fx.Node, name: str = "gather of the tokens") -> fx.Node:
@@ -224,6 +229,9 @@ class TokenSplit:
         piece = layout.tokens // self.parts
         if step != 1:
             self._refuse(node, "slices the tokens with a step")
+        if layout.tokens % self.parts:
+            self._refuse(node, f"slices the token rows, which needs {self.parts} parts that divide the image's "
+                               f"{layout.tokens} tokens")
         if stop <= image_start or start >= image_stop:  # text rows only: the same on every rank
             shift = 0 if stop <= image_start else layout.tokens - piece
             rows = slice(start - shift, stop - shift)

@@ -61,7 +61,7 @@ def patch_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PlanError("patch_parallel: the model has no attention layer moedit recognises; register an adapter "
                         "for its attention class with moedit.register_attention(cls, adapter)")
     for node in attentions:
-        check_attention(gm, node, "patch_parallel", joint=True)
+        check_attention(gm, node, "patch_parallel")
     emit = Emitter(gm, None, prefix="pp")
     split = TokenSplit(gm, {block_of(node, "patch_parallel") for node in attentions}, emit, AXIS, pp.degree,
                        ctx.plan.mesh.index(AXIS, ctx.rank), "patch_parallel")

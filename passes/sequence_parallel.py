@@ -21,16 +21,17 @@ where they leave the token-wise region, before the model un-patchifies; text tok
 joint attention stay whole on every rank ([Note: joint layouts] below).
 
 [Note: the token region]
-Patch parallelism and PipeFusion split self-attention over one token sequence and find
-their region more simply. The blocks are the modules around attention layers (`blocks.3`
-around `blocks.3.attn`); with the recorded shapes, a value is a token value if it is
-[B, N, ...] with N the attention input's token count. The region is every node inside the
-blocks, plus the token values computed from it after the last block (the final layer). A
-token value that enters the region from outside (the patch embedding plus positions) is
-cut to this rank's piece where it enters; a token value that leaves it is gathered where
-it leaves. Inside the region every op must be token-wise: a node that turns token values
-into something else (a mean over tokens, say) would see only a piece, so the pass refuses
-it by name.
+Sequence parallelism, patch parallelism and PipeFusion find the tokens they split the same
+way (passes/_tokens.py). The blocks are the modules around attention layers (`blocks.3`
+around `blocks.3.attn`). The image's tokens are cut where they enter the blocks: walking
+back from the first attention's image argument (`Streams.image`, or a self-attention's
+input) to the values outside the blocks with its token count (the patch embedding plus
+positions). From there a layout follows every value that holds them ([Note: joint layouts]
+below); a value that loses them outside the blocks (un-patchifying) is where they leave,
+and they are gathered there (PipeFusion: joined from the patches and broadcast by the last
+stage). Inside the blocks every op must keep the image's rows whole or cut along them: a
+node that turns them into something else (a mean over tokens, a slice into the image) would
+see only a piece, so the pass refuses it by name.
 
 `cfg_parallel` (plan `cfg_parallel: true`) splits the batch the model is called with into
 two halves over the "cfg" axis: under classifier-free guidance the sampler stacks the
@@ -46,13 +47,12 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from moedit.adapters import attention_adapter_for
-from moedit.graph import Emitter, Inserted, Kind, kind_of, meta, run_input
-from moedit.pipeline import PassContext, PassResult, shallow_copy
+from moedit.graph import Emitter, Inserted, Kind, kind_of, run_input
+from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.tracer import attention_nodes
-from moedit.runtime.sequence_ops import (KVAttention, OutputProjection, Projections,
-                                         attend_block, attend_joint, from_ranks, image_heads_to_ranks,
+from moedit.runtime.sequence_ops import (attend_block, attend_joint, from_ranks, image_heads_to_ranks,
                                          image_out_to_ranks, image_rows, joint_output, joint_rows, key_block_mask,
                                          merge_blocks, merged_output, pad_rows, ranks_to_heads, ranks_to_tokens,
                                          shard, text_key_mask, text_rows, unpad_rows)
@@ -114,16 +114,11 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _check_heads(gm: fx.GraphModule, node: fx.Node, ulysses: int) -> None:
     attn = gm.get_submodule(node.target)
-    heads = check_attention(gm, node, "sequence_parallel", joint=True).heads(attn)
+    heads = check_attention(gm, node, "sequence_parallel").heads(attn)
     if heads % ulysses:
         raise PlanError(f"sequence_parallel.ulysses ({ulysses}) must divide the head count of {node.target} "
                         f"({heads}); choose a Ulysses degree that divides {heads} and put the rest of the ranks on "
                         "ring")
-
-
-def is_token(node: fx.Node, tokens: int) -> bool:
-    shape = meta(node).get("shape")
-    return shape is not None and len(shape) >= 3 and shape[1] == tokens
 
 
 def block_of(node: fx.Node, technique: str = "sequence_parallel") -> str:
@@ -136,70 +131,14 @@ def block_of(node: fx.Node, technique: str = "sequence_parallel") -> str:
                     "'blocks.3.attn'); moedit splits the tokens for the stack of blocks around attention")
 
 
-def token_region(gm: fx.GraphModule, attentions: list[fx.Node], technique: str) -> tuple[set[fx.Node], int]:
-    """The nodes that run on this rank's token piece, and the token count (see [Note: the token region]).
-    After expert_parallel, the nodes it emitted for a MoE layer are in the region too."""
-    if not attentions:
-        raise PlanError(f"{technique}: the model has no attention layer moedit recognises; register an "
-                        "adapter for its attention class with moedit.register_attention(cls, adapter)")
-    shape = meta(attentions[0].args[0]).get("shape")
-    if shape is None:
-        raise PlanError(f"{technique} needs the model's activation shapes: give the model an "
-                        "`example_inputs(batch)` method returning inputs of the right shapes")
-    tokens = shape[1]
-    blocks = {block_of(node, technique) for node in attentions}
-    region: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-        inside = any(path in blocks for path in paths) or meta(node).get("layer") is not None
-        if inside or (is_token(node, tokens) and any(a in region for a in node.all_input_nodes)):
-            region.add(node)
-    for node in region:
-        if kind_of(node) is None and not is_token(node, tokens) and node.target is not operator.getitem \
-                and any(a in region and is_token(a, tokens) for a in node.all_input_nodes):
-            raise PlanError(f"{technique}: {node.format_node()} inside the blocks turns token values into a value "
-                            f"of shape {meta(node).get('shape')}; with the tokens split each rank would see only "
-                            "its piece, so moedit cannot split this model's tokens")
-    return region, tokens
-
-
-def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str, joint: bool = False):
-    """Refuse an attention leaf moedit cannot split the tokens of; return its adapter. `joint`:
-    the technique splits attention over several streams (see [Note: attention streams])."""
+def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str):
+    """Refuse an attention leaf moedit cannot split the tokens of (its adapter says why); return its adapter."""
     attn = gm.get_submodule(node.target)
     adapter = attention_adapter_for(attn)
     problem = adapter.check(attn)
     if problem is not None:
         raise PlanError(f"{technique}: {node.target}: {problem}")
-    if joint:
-        return adapter
-    if adapter.streams(attn) is not None:
-        raise PlanError(f"{technique}: {node.target} ({type(attn).__name__}) attends over more than one token stream "
-                        f"(joint image and text attention); {technique} splits self-attention over one token "
-                        "sequence only so far; use sequence_parallel (Ulysses, Ring) or patch_parallel for this model")
-    if len(node.args) != 1 or node.kwargs:
-        raise PlanError(f"{technique}: {node.target} is called with more than the hidden states "
-                        f"({node.format_node()}); moedit splits self-attention over one token sequence only")
     return adapter
-
-
-def local_attention(gm: fx.GraphModule, node: fx.Node, kv_buffer: bool = False) -> float | None:
-    """Give attention leaf `node` a copy of its module holding graph nodes for its q/k/v projection
-    (`sp_qkv`) and output projection (`sp_out`), and with `kv_buffer` for attention to a K/V
-    buffer (`sp_attend`, PipeFusion); returns the attention's scale."""
-    attn = gm.get_submodule(node.target)
-    adapter = attention_adapter_for(attn)
-    scale = adapter.scale(attn)
-    local = shallow_copy(attn)
-    local.add_module("sp_qkv", Projections(adapter, local))
-    local.add_module("sp_out", OutputProjection(adapter, local))
-    if kv_buffer:
-        local.add_module("sp_attend", KVAttention(scale))
-    parent, _, name = node.target.rpartition(".")
-    setattr(gm.get_submodule(parent), name, local)
-    return scale
-
-
 
 
 # [Note: joint layouts]

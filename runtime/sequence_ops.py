@@ -26,30 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Projections(nn.Module):
-    """Graph node for an attention layer's q/k/v projection, through its adapter. [B,n,H] -> [3,B,h,n,d]."""
-
-    def __init__(self, adapter, attn: nn.Module):
-        super().__init__()
-        self.adapter = adapter
-        object.__setattr__(self, "_attn", attn)  # a view, see [Note: layer views] in expert_ops.py
-
-    def forward(self, x):
-        return torch.stack(self.adapter.qkv(self._attn, x))
-
-
-class OutputProjection(nn.Module):
-    """Graph node for an attention layer's head merge and output projection. [B,h,n,d] -> [B,n,H]."""
-
-    def __init__(self, adapter, attn: nn.Module):
-        super().__init__()
-        self.adapter = adapter
-        object.__setattr__(self, "_attn", attn)  # a view
-
-    def forward(self, out):
-        return self.adapter.out(self._attn, out)
-
-
 class KVAttention(nn.Module):
     """Graph node for the attention of one patch's queries to a K/V buffer over every token whose
     other patches may be from an earlier step: q [B,h,n,d] (this patch's rows), kv [2,B,h,N,d],
@@ -64,12 +40,6 @@ class KVAttention(nn.Module):
         return attend_joint(q, kv, self.scale, mask)
 
 
-def kv_of(qkv: torch.Tensor) -> torch.Tensor:
-    """[3,B,h,n,d] -> k and v [2,B,h,n,d] in storage of their own (a buffer kept across steps
-    must not keep q alive)."""
-    return qkv[1:].clone()
-
-
 def piece_bounds(total: int, parts: int, index: int) -> tuple[int, int]:
     """Where piece `index` of `total` items split into `parts` starts and stops, as `tensor_split` cuts."""
     sizes = [total // parts + (i < total % parts) for i in range(parts)]
@@ -77,12 +47,12 @@ def piece_bounds(total: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + sizes[index]
 
 
-def write_patch(kv: torch.Tensor, qkv: torch.Tensor, index: int, parts: int) -> torch.Tensor:
-    """Overwrite patch `index` of `parts` in the K/V buffer kv [2,B,h,N,d] with this step's k and v
-    from qkv [3,B,h,n,d], in place; returns the buffer."""
-    start, stop = piece_bounds(kv.shape[-2], parts, index)
-    kv[..., start:stop, :] = qkv[1:]
-    return kv
+def write_patch(buffer: torch.Tensor, rows: torch.Tensor, index: int, parts: int, dim: int) -> torch.Tensor:
+    """Overwrite patch `index` of `parts` along `dim` of `buffer` (K/V [2,B,h,N,d], router scores
+    [B,N,E]) with this step's `rows`, in place; returns the buffer."""
+    start, stop = piece_bounds(buffer.shape[dim], parts, index)
+    buffer.narrow(dim, start, stop - start).copy_(rows)
+    return buffer
 
 
 def with_piece(gathered: torch.Tensor, kv: torch.Tensor, index: int) -> torch.Tensor:
@@ -101,10 +71,10 @@ def with_text(kv: torch.Tensor, image: torch.Tensor, before: int, piece: int) ->
     return torch.cat([kv.narrow(-2, 0, before), image, kv.narrow(-2, before + piece, after)], -2)
 
 
-def token_buffer(like: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty [B, n, *tail] tensor of `dtype` with `like`'s batch, token count and device, for
-    a value arriving from another rank."""
-    return like.new_empty((like.shape[0], like.shape[1], *tail), dtype=dtype)
+def patch_buffer(like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of `shape` (its batch taken from `like`) and `dtype` on `like`'s device, for a
+    value arriving from another rank."""
+    return like.new_empty((like.shape[0], *shape[1:]), dtype=dtype)
 
 
 def heads_to_ranks(qkv: torch.Tensor, ranks: int) -> torch.Tensor:
@@ -231,6 +201,15 @@ def join_rows(gathered: torch.Tensor, layout) -> torch.Tensor:
         return image
     first = gathered[0]
     return torch.cat([_rows(first, dim, 0, before), image, _rows(first, dim, before + piece, after)], dim)
+
+
+def join_patches(pieces: list[torch.Tensor], layout) -> torch.Tensor:
+    """A value's patches joined in the global order of `layout`: every patch's image rows, and the
+    text rows around them from the last patch (the one that saw this step's K/V of every patch)."""
+    before, _, after, dim = layout
+    last = pieces[-1]
+    image = [_rows(piece, dim, before, piece.shape[dim] - before - after) for piece in pieces]
+    return torch.cat([_rows(last, dim, 0, before), *image, _rows(last, dim, last.shape[dim] - after, after)], dim)
 
 
 class JointProjections(nn.Module):

@@ -25,12 +25,16 @@ PLANS = {  # name -> (world, plan without expert parallelism); patch parallelism
     "ring 2": (2, dict(sequence_parallel={"ring": 2})),
     "usp 2x2": (4, dict(sequence_parallel={"ulysses": 2, "ring": 2})),
     "patch 2": (2, dict(patch_parallel={"degree": 2, "warmup_steps": 1})),
+    "pipefusion 2": (2, dict(pipefusion={"degree": 2, "patches": 2, "warmup_steps": 1})),  # each stage all experts
+    "pipefusion 2, experts over 2 (data 2)": (4, dict(pipefusion={"degree": 2, "patches": 2, "warmup_steps": 1},
+                                                      expert_parallel={"degree": 2})),
 }
 
 
 def _plan(name: str, moe: bool) -> moedit.Plan:
+    """The plan with experts over every rank of a token split (PipeFusion: a stage's ranks)."""
     world, plan = PLANS[name]
-    return moedit.Plan(expert_parallel={"degree": world if moe else 1}, **plan)
+    return moedit.Plan(**{"expert_parallel": {"degree": 1 if "pipefusion" in plan or not moe else world}, **plan})
 
 
 def _worker(rank, world, model_name, plan_name, batches):
@@ -44,8 +48,8 @@ def _worker(rank, world, model_name, plan_name, batches):
     return outputs
 
 
-@pytest.mark.parametrize("plan_name", list(PLANS))
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name, plan_name", [(model, plan) for model in MODELS for plan in PLANS
+                                                    if MODELS[model][3] or "expert_parallel" not in PLANS[plan][1]])
 def test_split_plans_equal_the_eager_model(spawn, model_name, plan_name):
     build, inputs, _, _ = MODELS[model_name]
     model, batches = build(), [2, 3]
@@ -86,11 +90,11 @@ ATTENTIONS = ["double_stream_blocks.0.block.attn1", "single_stream_blocks.0.bloc
 
 def _probe(runtime, watch, inputs, timestep: str, steps: int):
     """Run a `steps`-step sample with a different input and a falling timestep at every step;
-    `watch(gm, record)` hooks the modules to watch, and `record(key, value)` keeps a value per
-    (key, step). Returns the records and the step kinds."""
+    `watch(gm, record)` hooks the modules to watch, and `record(key, value)` keeps the values per
+    (key, step), one a call. Returns the records and the step kinds."""
     records, step = {}, [0]
     for gm in runtime.programs.values():
-        watch(gm, lambda key, value: records.__setitem__((*key, step[0]), value.clone()))
+        watch(gm, lambda key, value: records.setdefault((*key, step[0]), []).append(value.clone()))
     runtime.reset(steps=steps)
     for step[0] in range(steps):
         call = inputs(2)
@@ -113,8 +117,8 @@ def _patch_probe_worker(rank, world):
             attn.sp_attend.register_forward_hook(lambda _m, inputs, _o, p=path: record(("used", p), inputs[1]))
 
     records, log = _probe(runtime, watch, hidream_inputs, "timesteps", 4)
-    fresh = {key[1:]: value for key, value in records.items() if key[0] == "fresh"}
-    used = {key[1:]: value for key, value in records.items() if key[0] == "used"}
+    fresh = {key[1:]: value for key, [value] in records.items() if key[0] == "fresh"}
+    used = {key[1:]: value for key, [value] in records.items() if key[0] == "used"}
     return fresh, used, log
 
 
@@ -139,11 +143,88 @@ def test_patch_parallel_on_hidream_reads_other_patches_image_kv_from_the_step_be
     assert differs > 0, "stale K/V must differ from this step's, or the probe proves nothing"
 
 
-def test_joint_attention_under_pipefusion_is_refused_by_name():
-    with pytest.raises(moedit.PlanError, match=r"double_stream_blocks.0.block.attn1 \(HiDreamAttention\) attends "
-                                               "over more than one token stream"):
-        moedit.compile(tiny_hidream(), moedit.Plan(expert_parallel={"degree": 2}, pipefusion={"degree": 2}),
-                       example_inputs=hidream_inputs(2), batch_dims=BATCH_DIMS).graph(0)
+PIPEFUSION = moedit.Plan(pipefusion={"degree": 2, "patches": 2, "warmup_steps": 1})
+
+
+def _pipefusion_probe_worker(rank, world, model_name):
+    """Under PipeFusion (2 stages, 2 patches): HiDream's attentions' fresh K/V and the K/V they
+    attend to; NucleusMoE's router scores and the scores its expert choice is made over; per call."""
+    build, inputs, batch_dims, _ = MODELS[model_name]
+    runtime = moedit.compile(build(), PIPEFUSION, example_inputs=inputs(2), batch_dims=batch_dims).to_runtime()
+
+    def watch(gm, record):
+        modules = dict(gm.named_modules())
+        for path in ATTENTIONS if model_name == "hidream" else ():
+            if path in modules:  # this rank's stage
+                modules[path].sp_qkv.register_forward_hook(lambda _m, _i, out, p=path: record(("fresh", p), out[1]))
+                modules[path].sp_attend.register_forward_hook(lambda _m, i, _o, p=path: record(("used", p), i[1]))
+        for path in [f"transformer_blocks.{n}.img_mlp" for n in range(3)] if model_name == "nucleus" else ():
+            if path in modules:
+                modules[path].ep_scores.register_forward_hook(
+                    lambda _m, _i, out, p=path: record(("fresh", p), out.unflatten(0, (2, -1))))  # [B, n, E]
+                modules[path].ep_choice.register_forward_hook(lambda _m, i, _o, p=path: record(("used", p), i[0]))
+
+    records, log = _probe(runtime, watch, inputs, "timesteps" if model_name == "hidream" else "timestep", 4)
+    return records, log
+
+
+def _pipefusion_rule(used, fresh, log, image: int, dim: int) -> int:
+    """PipeFusion's rule for what patch p reads of patch q at a stale step t: q <= p this step's
+    (written earlier in the step), q > p the step before's. `fresh[key, t]`: a tensor per patch
+    (one on synchronous steps) with the patch's image rows first along `dim`; `used[key, t]`: the
+    buffers read, one per patch. Returns how many stale pieces differ from this step's."""
+    differs = 0
+    for (key, t), calls in used.items():
+        if log[t] == "sync":
+            assert len(calls) == 1
+            assert torch.equal(calls[0].narrow(dim, 0, image), fresh[key, t][0].narrow(dim, 0, image))
+            continue
+        patches = len(calls)
+        piece = image // patches
+        for p, over in enumerate(calls):
+            for q in range(patches):
+                if q <= p:
+                    want = fresh[key, t][q].narrow(dim, 0, piece)
+                elif log[t - 1] == "sync":
+                    want = fresh[key, t - 1][0].narrow(dim, q * piece, piece)
+                else:
+                    want = fresh[key, t - 1][q].narrow(dim, 0, piece)
+                torch.testing.assert_close(over.narrow(dim, q * piece, piece), want, rtol=0, atol=0,
+                                           msg=lambda m: f"{key}, step {t}, patch {p} reading patch {q}: {m}")
+                differs += q > p and not torch.equal(want, fresh[key, t][q].narrow(dim, 0, piece))
+    return differs
+
+
+@pytest.mark.parametrize("model_name", ["hidream", "nucleus"])
+def test_pipefusion_reads_earlier_patches_of_this_step_and_later_ones_of_the_step_before(spawn, model_name):
+    """PipeFusion on the real models: HiDream's joint attention reads the image K/V by the rule
+    above, and its text rows' K/V are always the patch's own (the text travels with every
+    patch); NucleusMoE's expert choice chooses over router scores kept by the same rule."""
+    ranks = spawn(2, _pipefusion_probe_worker, model_name)
+    log = ranks[0][1]
+    assert log == ["sync", "async", "async", "async"]
+    records = {**ranks[0][0], **ranks[1][0]}  # each stage's layers, on its rank
+    fresh = {key[1:]: value for key, value in records.items() if key[0] == "fresh"}
+    used = {key[1:]: value for key, value in records.items() if key[0] == "used"}
+    assert {path for path, _ in used} == set(ATTENTIONS if model_name == "hidream" else
+                                              [f"transformer_blocks.{n}.img_mlp" for n in range(3)])
+    image = {"hidream": 16, "nucleus": 24}[model_name]  # the image's tokens
+    differs = _pipefusion_rule(used, fresh, log, image, -2 if model_name == "hidream" else 1)
+    assert differs > 0, "stale pieces must differ from this step's, or the probe proves nothing"
+    if model_name == "hidream":  # keys: [image, text]
+        for (path, t), calls in used.items():
+            for p, kv in enumerate(calls):
+                own = fresh[path, t][p]
+                torch.testing.assert_close(kv[..., image:, :], own[..., own.shape[-2] - kv.shape[-2] + image:, :],
+                                           rtol=0, atol=0)
+
+
+def test_pipefusion_explains_what_the_text_rows_and_expert_choice_cost():
+    explained = moedit.compile(tiny_hidream(), PIPEFUSION, example_inputs=hidream_inputs(2),
+                               batch_dims=BATCH_DIMS).explain()
+    assert "joint attention: every patch carries all the text rows" in explained
+    explained = moedit.compile(tiny_nucleus(), PIPEFUSION, example_inputs=nucleus_inputs(2)).explain()
+    assert "expert choice over whole images: 2 layer(s) on rank 0 keep their router scores" in explained
 
 
 def test_a_dense_model_refuses_expert_plans():
@@ -165,8 +246,8 @@ def _choice_probe_worker(rank, world):
             moe.ep_choice.register_forward_hook(lambda _m, inputs, _o, n=layer: record(("chosen", n), inputs[0]))
 
     records, log = _probe(runtime, watch, nucleus_inputs, "timestep", 3)
-    scores = {key[1:]: value for key, value in records.items() if key[0] == "scores"}
-    chosen = {key[1:]: value for key, value in records.items() if key[0] == "chosen"}
+    scores = {key[1:]: value for key, [value] in records.items() if key[0] == "scores"}
+    chosen = {key[1:]: value for key, [value] in records.items() if key[0] == "chosen"}
     return scores, chosen, log
 
 
