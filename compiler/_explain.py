@@ -169,11 +169,16 @@ def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
     return lines
 
 
+def _has_text_rows(nodes) -> bool:
+    """Whether a program splits values holding text rows beside the image's (joint attention)."""
+    return any(isinstance(a, Layout) and (a.before or a.after) for n in nodes for a in n.args)
+
+
 def _joint(compiled) -> list[str]:
     """What joint attention and expert choice over whole images add under sequence parallelism
     (see [Note: joint layouts] in passes/sequence_parallel.py), read from rank 0's program."""
     nodes = compiled.graph(0).graph.nodes
-    joint = any(isinstance(a, Layout) and (a.before or a.after) for n in nodes for a in n.args)
+    joint = _has_text_rows(nodes)
     text = sum(1 for n in nodes if n.kwargs.get("name", "").endswith("text output"))
     scores = [n for n in nodes if n.kwargs.get("name") == "gather of the router scores"]
     lines = []
@@ -192,7 +197,7 @@ def _pipefusion_streams(compiled) -> list[str]:
     """What joint attention and expert choice add under PipeFusion (see passes/pipefusion.py),
     read from rank 0's stale program."""
     nodes = compiled.graph(0, compiled.kinds[-1]).graph.nodes
-    joint = any(isinstance(a, Layout) and (a.before or a.after) for n in nodes for a in n.args)
+    joint = _has_text_rows(nodes)
     scores = {n.kwargs["key"] for n in nodes if str(n.kwargs.get("key", "")).endswith("_scores")}
     patches = compiled.plan.pipefusion.num_patches
     lines = []

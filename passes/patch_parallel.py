@@ -39,14 +39,12 @@ import torch.fx as fx
 
 from moedit.graph import Emitter, Inserted, Kind
 from moedit.pipeline import PassContext, PassResult
-from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
 from moedit.runtime.sequence_ops import image_rows, with_piece, with_text
-from moedit.tracer import attention_nodes
 
 from ._tokens import TokenSplit, joint_call
-from .sequence_parallel import block_of, check_attention
+from .sequence_parallel import block_of, split_attentions
 
 AXIS = "patch"
 STALE = "stale"  # the channel of gathers consumed at the next step (see [Note: channels] in runtime/mesh.py)
@@ -56,12 +54,7 @@ def patch_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pp = ctx.plan.patch_parallel
     if pp.degree == 1:
         return PassResult(gm, False, [])
-    attentions = attention_nodes(gm)
-    if not attentions:
-        raise PlanError("patch_parallel: the model has no attention layer moedit recognises; register an adapter "
-                        "for its attention class with moedit.register_attention(cls, adapter)")
-    for node in attentions:
-        check_attention(gm, node, "patch_parallel")
+    attentions = split_attentions(gm, "patch_parallel")
     emit = Emitter(gm, None, prefix="pp")
     split = TokenSplit(gm, {block_of(node, "patch_parallel") for node in attentions}, emit, AXIS, pp.degree,
                        ctx.plan.mesh.index(AXIS, ctx.rank), "patch_parallel")

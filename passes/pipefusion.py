@@ -67,11 +67,10 @@ from moedit.runtime import ops
 from moedit.runtime.comm import P2P
 from moedit.runtime.sequence_ops import (image_rows, join_patches, patch_buffer, piece_bounds, take_rows, with_text,
                                          write_patch)
-from moedit.tracer import attention_nodes
 
 from ._tokens import JointCall, Layout, TokenSplit, joint_call
 from .patch_parallel import kv_key
-from .sequence_parallel import block_of, check_attention
+from .sequence_parallel import block_of, split_attentions
 
 AXIS = "pipefusion"
 _SENDS_ROWS = (Kind.DISPATCH_START, Kind.COMBINE_START)  # copies that send `row_bytes` per routed token slot
@@ -81,12 +80,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pf = ctx.plan.pipefusion
     if pf.degree == 1:
         return PassResult(gm, False, [])
-    attentions = attention_nodes(gm)
-    if not attentions:
-        raise PlanError("pipefusion: the model has no attention layer moedit recognises; register an adapter for its "
-                        "attention class with moedit.register_attention(cls, adapter)")
-    for node in attentions:
-        check_attention(gm, node, "pipefusion")
+    attentions = split_attentions(gm, "pipefusion")
     blocks = list(dict.fromkeys(block_of(node, "pipefusion") for node in attentions))
     if len(blocks) < pf.degree:
         raise PlanError(f"pipefusion.degree ({pf.degree}) must not exceed the blocks ({len(blocks)}): every stage "
@@ -123,6 +117,11 @@ def stages_of_blocks(blocks: list[str], degree: int) -> dict[str, int]:
     """Block path -> its stage: `degree` runs of consecutive blocks, the first ones a block
     longer when they do not divide evenly."""
     return {block: s for s in range(degree) for block in blocks[slice(*piece_bounds(len(blocks), degree, s))]}
+
+
+def _is_choice(node: fx.Node) -> bool:
+    """An expert choice's node (expert_parallel's `ep_choice`, see [Note: adapter shapes])."""
+    return node.op == "call_module" and node.target.endswith(".ep_choice")
 
 
 def _leaving(value):
@@ -196,7 +195,7 @@ class _Stage:
                                 "but not from the image's token rows; each patch computes its own, so moedit "
                                 "cannot tell which to return")
         for node in region:
-            if node.op == "call_module" and node.target.endswith(".ep_choice"):
+            if _is_choice(node):
                 layout = self.split.layouts.get(node.args[0])
                 if not isinstance(layout, Layout) or layout.before or layout.after:
                     raise PlanError(f"pipefusion: the expert choice of {node.target.removesuffix('.ep_choice')} "
@@ -282,7 +281,7 @@ class _Stage:
         for node in self.per_patch:
             if kind_of(node) is Kind.ATTENTION:
                 env[node] = self._attention(emit, node, env, p, patches, buffers)
-            elif node.op == "call_module" and node.target.endswith(".ep_choice"):
+            elif _is_choice(node):
                 env[node] = self._choice(emit, node, env, p, patches, buffers)
             else:
                 env[node] = self._copy(node, env, patches)

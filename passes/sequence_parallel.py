@@ -92,10 +92,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sp = ctx.plan.sequence_parallel
     if sp.degree == 1:
         return PassResult(gm, False, [])
-    attentions = attention_nodes(gm)
-    if not attentions:
-        raise PlanError("sequence_parallel: the model has no attention layer moedit recognises; register an adapter "
-                        "for its attention class with moedit.register_attention(cls, adapter)")
+    attentions = split_attentions(gm, "sequence_parallel")
     for node in attentions:
         _check_heads(gm, node, sp.ulysses)
     emit = Emitter(gm, None, prefix="sp")
@@ -114,7 +111,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _check_heads(gm: fx.GraphModule, node: fx.Node, ulysses: int) -> None:
     attn = gm.get_submodule(node.target)
-    heads = check_attention(gm, node, "sequence_parallel").heads(attn)
+    heads = attention_adapter_for(attn).heads(attn)
     if heads % ulysses:
         raise PlanError(f"sequence_parallel.ulysses ({ulysses}) must divide the head count of {node.target} "
                         f"({heads}); choose a Ulysses degree that divides {heads} and put the rest of the ranks on "
@@ -131,14 +128,19 @@ def block_of(node: fx.Node, technique: str = "sequence_parallel") -> str:
                     "'blocks.3.attn'); moedit splits the tokens for the stack of blocks around attention")
 
 
-def check_attention(gm: fx.GraphModule, node: fx.Node, technique: str):
-    """Refuse an attention leaf moedit cannot split the tokens of (its adapter says why); return its adapter."""
-    attn = gm.get_submodule(node.target)
-    adapter = attention_adapter_for(attn)
-    problem = adapter.check(attn)
-    if problem is not None:
-        raise PlanError(f"{technique}: {node.target}: {problem}")
-    return adapter
+def split_attentions(gm: fx.GraphModule, technique: str) -> list[fx.Node]:
+    """The attention leaves a token split splits, in program order; refuses a model without any,
+    and an attention its adapter says moedit cannot split (naming it)."""
+    attentions = attention_nodes(gm)
+    if not attentions:
+        raise PlanError(f"{technique}: the model has no attention layer moedit recognises; register an adapter "
+                        "for its attention class with moedit.register_attention(cls, adapter)")
+    for node in attentions:
+        attn = gm.get_submodule(node.target)
+        problem = attention_adapter_for(attn).check(attn)
+        if problem is not None:
+            raise PlanError(f"{technique}: {node.target}: {problem}")
+    return attentions
 
 
 # [Note: joint layouts]
