@@ -224,7 +224,7 @@ class _FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        q, k, v = args[:3]
+        q, k, v = (*args, *(kwargs.get(name) for name in ("query", "key", "value")[len(args):]))[:3]
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         flops = 4.0 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
         if isinstance(q, torch.Tensor) and q.is_floating_point():

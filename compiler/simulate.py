@@ -13,8 +13,9 @@ Two stages, so that one replay serves every hardware profile:
 
    Routing is data-dependent, so the router's choices are replaced by a uniform one (token
    i's slots go to experts i*K, i*K+1, ... modulo E): every expert gets the same number of
-   rows, as a trained router's load balancing aims for. The rest is the program as compiled
-   and scheduled, with its own shapes.
+   rows, as a trained router's load balancing aims for. An expert choice (each expert takes
+   its top tokens of an image) chooses on random inputs, so each expert still takes its
+   share of every image. The rest is the program as compiled and scheduled, with its own shapes.
 
 2. `simulate(replayed, hardware, steps)`: a discrete-event run of all ranks over a sample's
    steps (each step runs its kind's events, as the executor would): a rank's compute lane
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from moedit.costs import Hardware, OpCounter
 from moedit.passes.schedule import peak_bytes_of
@@ -136,6 +137,13 @@ class _ResidentExperts:
         return None
 
 
+def _random(value):
+    """Real random tensors (the same each call) in place of fake ones, for an expert choice."""
+    generator = torch.Generator().manual_seed(0)
+    return tree_map(lambda t: torch.rand(t.shape, generator=generator).to(t.dtype) if isinstance(t, FakeTensor)
+                    else _concrete(t), value)
+
+
 def _concrete(value):
     """Real 0-dim integer tensors (a captured model's shape constants: a slice's bound, a
     reshape's size) as Python ints, so that the fake tensors' op needs no data."""
@@ -188,7 +196,10 @@ class _Replay(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if isinstance(module, expert_ops.Router):
+        if isinstance(module, expert_ops.Choice) or (type(module) is expert_ops.Router and module.adapter.empty_slots):
+            self._run(module, args, kwargs)  # counted; then each expert picks its tokens of random inputs
+            return module(*_random(args), **_random(kwargs))
+        if type(module) is expert_ops.Router:
             ids, weights = self._run(module, args, kwargs)
             tokens, top_k = ids.shape
             experts = len(module.adapter.experts(module._moe))

@@ -260,3 +260,21 @@ def test_expert_choice_under_stale_patches_chooses_from_this_steps_scores(spawn)
         for (layer, t), over in chosen.items():
             pieces = [scores[layer, t].unflatten(0, (2, -1)) for scores, _, _ in ranks]  # [B, n, E] a rank
             torch.testing.assert_close(over, torch.cat(pieces, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("plan_name", ["sync ep 2", "ulysses 2"])
+def test_the_simulator_replays_expert_choice_at_its_capacity(plan_name):
+    """Each expert takes capacity rows of every image (12 of 24 tokens here) in a replay too, so
+    EP 2 sends half of them to the rank holding the other half of the experts."""
+    from moedit.costs import Hardware
+    from moedit.simulate import replay, simulate
+
+    plan = moedit.Plan(expert_parallel={"degree": 2}, **PLANS.get(plan_name, (2, {}))[1])
+    compiled = moedit.compile(tiny_nucleus(), plan, example_inputs=nucleus_inputs(4))
+    predicted = simulate(replay(compiled, 4), Hardware.load("l40-pcie-8"), steps=2)
+    images, experts, capacity, hidden, layers = 4 // 2, 4, 12, 32, 3
+    if plan_name == "sync ep 2":
+        rows = images * (experts // 2) * capacity  # to the other rank, each way
+        counts = (experts // 2) * 8
+        assert predicted.sent_bytes[0] == layers * (2 * rows * hidden * 4 + counts) + 4  # + the finite check
+    assert all(s > 0 for s in predicted.step_s)
