@@ -193,6 +193,7 @@ class AttentionAdapter:
 _ADAPTERS: dict[type, MoEAdapter] = {}
 _ATTENTION: dict[type, AttentionAdapter] = {}
 _LEAVES: set[type] = set()
+_BATCH_DIMS: dict[type, dict[str, int | None]] = {}
 
 
 def register_adapter(module_type: type, adapter: MoEAdapter) -> None:
@@ -220,6 +221,19 @@ def register_leaf(module_type: type) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_leaf needs an nn.Module subclass, got {module_type!r}")
     _LEAVES.add(module_type)
+
+
+def register_batch_dims(model_type: type, batch_dims: dict[str, int | None]) -> None:
+    """The batch axis of each input of `model_type` whose batch axis is not the first (see
+    `compile`'s `batch_dims`), used when the caller names none: a model's own layout, as
+    HiDream-I1 stacks its Llama states [layers, B, n, C]."""
+    if not (isinstance(model_type, type) and issubclass(model_type, nn.Module)):
+        raise TypeError(f"register_batch_dims needs an nn.Module subclass, got {model_type!r}")
+    _BATCH_DIMS[model_type] = dict(batch_dims)
+
+
+def batch_dims_for(model: nn.Module) -> dict[str, int | None]:
+    return next((dict(_BATCH_DIMS[cls]) for cls in type(model).__mro__ if cls in _BATCH_DIMS), {})
 
 
 def adapter_for(module: nn.Module) -> MoEAdapter | None:

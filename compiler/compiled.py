@@ -41,7 +41,7 @@ from moedit.runtime.expert_ops import swiglu_weights
 from moedit.runtime.kernels import resolve as resolve_kernels
 
 from ._explain import explain
-from .adapters import overrides
+from .adapters import batch_dims_for, overrides
 from .capture import capture
 from .graph import copy_module
 from .pipeline import PassContext, PassFn, layers_of, run_passes
@@ -141,7 +141,8 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, e
     for models whose forward branches or loops on shapes (see moedit/capture.py).
     `batch_dims`: the batch axis of each forward argument whose batch axis is not the first
     (by the name the program gives it, e.g. {"encoder_hidden_states_llama3": 1}; None: not
-    split); `Runtime.denoise` splits inputs along it.
+    split); `Runtime.denoise` splits inputs along it. Default: what `register_batch_dims`
+    registered for the model's class (the shipped diffusers adapters do for HiDream-I1).
     """
     if plan is None:
         plan = Plan()
@@ -161,6 +162,7 @@ def compile(model: nn.Module, plan: Plan | str | os.PathLike | None = None, *, e
                             "concatenated, as diffusers pipelines call the transformer) is split over the ranks by "
                             "Runtime.denoise like any batch")
         traced, signature, out_spec = capture(model, args, kwargs)
+        batch_dims = batch_dims_for(model) if batch_dims is None else batch_dims
         unknown = sorted(set(batch_dims or {}) - set(signature.names))
         if unknown:
             raise ValueError(f"batch_dims names {unknown}, which are not tensor inputs of the example call; its "

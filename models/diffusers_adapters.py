@@ -26,7 +26,8 @@ from torch import nn
 
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from moedit.adapters import AttentionAdapter, MoEAdapter, Streams, register_adapter, register_attention
+from moedit.adapters import (AttentionAdapter, MoEAdapter, Streams, register_adapter, register_attention,
+                            register_batch_dims)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,7 @@ register_attention(Attention, DiffusersAttentionAdapter())
 
 try:
     from diffusers.models.transformers.transformer_hidream_image import (HiDreamAttention, HiDreamAttnProcessor,
+                                                                         HiDreamImageTransformer2DModel,
                                                                          MOEFeedForwardSwiGLU, apply_rope)
 except ImportError:  # an older diffusers
     HiDreamAttention = None
@@ -212,13 +214,16 @@ class HiDreamMoEAdapter(MoEAdapter):
 if HiDreamAttention is not None:
     register_attention(HiDreamAttention, HiDreamAttentionAdapter())
     register_adapter(MOEFeedForwardSwiGLU, HiDreamMoEAdapter())
+    # the Llama layers' states come stacked first, [layers, B, n, C]
+    register_batch_dims(HiDreamImageTransformer2DModel, {"encoder_hidden_states_llama3": 1})
 
 
 # -- Flux -----------------------------------------------------------------------------------
 
 try:
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
+    from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor, FluxTransformer2DModel,
+                                                                _get_qkv_projections)
 except ImportError:
     FluxAttention = None
 
@@ -268,6 +273,7 @@ class FluxAttentionAdapter(AttentionAdapter):
 
 if FluxAttention is not None:
     register_attention(FluxAttention, FluxAttentionAdapter())
+    register_batch_dims(FluxTransformer2DModel, {"img_ids": None, "txt_ids": None})  # per token, not per sample
 
 
 # -- NucleusMoE-Image -----------------------------------------------------------------------

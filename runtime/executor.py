@@ -17,8 +17,16 @@ sample's timesteps ran so far (a new sample begun early, without `reset`), each 
 naming `reset`; a step that raises closes the sample too. What the guard cannot see: a model
 with no timestep input whose sample ends early, and a sampler that calls the model twice per
 step (conditional and unconditional halves as separate calls), where the second call would
-read the first one's caches: batch the two halves, as `sample()` does. Plans that carry
-nothing across steps need no `reset`.
+read the first one's caches: batch the two halves, as `sample()` does, or give each call of
+a step its own stream. Plans that carry nothing across steps need no `reset`.
+
+[Note: streams]
+A sampler that calls the model more than once per step with inputs that differ (a diffusers
+pipeline that predicts the conditional and the unconditional noise in two calls) needs each
+call of step t to read what the same call of step t-1 left. `Runtime.stream(i)` makes stream
+i of the open sample current: each stream has its own caches, step counter and step kinds,
+and `reset` empties them all. `moedit.parallelize` picks the stream of each call (see
+[Note: pipeline samples] in moedit/parallelize.py). The staleness cache limit holds per stream.
 
 The global batch is split over the mesh's "data" axis (a plain expert-parallel plan: every
 rank); ranks that differ only in the pipefusion, cfg, patch, ring or ulysses axes get the same
@@ -95,6 +103,10 @@ class Runtime:
         # a captured model: the programs for each global call signature met so far (see `prepare`)
         self._captures: dict[Signature, RankProgram] = {}
         self._timesteps: list[float] = []  # of the current sample's denoise calls, where the call names one
+        # the open sample's streams (see [Note: streams]); the current one's entry is refreshed
+        # when another becomes current: until then `state` and the fields above hold it
+        self._streams = [_Stream(state.cache)]
+        self._stream = 0  # the current stream's index
         self._closed = False
 
     @classmethod
@@ -136,18 +148,44 @@ class Runtime:
         caches, step 0, and seed `seed` for anything random in the plan (conditional_comm.drop:
         random). Plans that carry state across steps need it before every sample, with `steps`
         (see [Note: samples]); `sample()` calls it itself."""
+        for cache in self._other_caches():
+            self._drain(cache)
         self._drain()
         self.state.cache.entries.clear()
         if self.state.experts is not None:
             self.state.experts.forget_fetches()
         if self.state.timeline is not None:
             self.state.timeline.forget_in_flight()
-        self.state.step, self.state.seed = 0, seed
+        self.state.step, self.state.seed, self.state.kind = 0, seed, None
         self.total_steps, self.step_log, self._timesteps = steps, [], []
+        self._streams, self._stream = [_Stream(self.state.cache)], 0
 
-    def _drain(self) -> None:
-        """Wait for every exchange still in flight (a stale step's last dispatch, say)."""
-        for pending in self.state.cache.running():
+    def stream(self, index: int) -> None:
+        """Make stream `index` of the open sample current (see [Note: streams]); index
+        len(streams) starts a new one at step 0. Stream 0 is current after `reset`."""
+        if index == self._stream:
+            return
+        if self.total_steps is None:
+            raise ValueError("runner.stream: no sample is open; call runner.reset(steps=N, seed=...) first")
+        count = len(self._streams)
+        if not 0 <= index <= count:
+            raise ValueError(f"runner.stream({index}): the sample has {count} stream(s); the next new one is {count}")
+        state = self.state
+        self._streams[self._stream] = _Stream(state.cache, state.step, state.kind, self.step_log, self._timesteps)
+        if index == count:
+            self._streams.append(_Stream(StepCache(state.cache.limit_bytes)))
+        chosen = self._streams[index]
+        state.cache, state.step, state.kind, self.step_log, self._timesteps = (
+            chosen.cache, chosen.step, chosen.kind, chosen.log, chosen.timesteps)
+        self._stream = index
+
+    def _other_caches(self) -> list[StepCache]:
+        return [stream.cache for i, stream in enumerate(self._streams) if i != self._stream]
+
+    def _drain(self, cache: StepCache | None = None) -> None:
+        """Wait for every exchange still in flight (a stale step's last dispatch, say) in
+        `cache` (default: the current stream's)."""
+        for pending in (cache or self.state.cache).running():
             self.state.wait(pending)
         self.state.settle()
 
@@ -206,6 +244,11 @@ class Runtime:
     # -- batch sharding -------------------------------------------------------------
     def _shard(self, *tensors):
         return [self._split(t).to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+    def all_gather(self, name: str, tensor: torch.Tensor, axis: str = WORLD) -> list[torch.Tensor]:
+        """Every rank's `tensor` (of one shape everywhere), in rank order: a check of the
+        runtime's own, on its groups, bounded by the plan's timeout."""
+        return self._all_gather(name, tensor.to(self.device), axis)
 
     def _all_gather(self, name: str, tensor: torch.Tensor, axis: str = BATCH_AXIS) -> list[torch.Tensor]:
         exchange = Exchange(name, None, axis)
@@ -394,12 +437,15 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        caches = [self.state.cache, *self._other_caches()]
         if not self.state.failed:
-            self._drain()
+            for cache in caches:
+                self._drain(cache)
         self.state.mesh.close()
         # What this runtime holds beyond the model's weights goes now, not at garbage collection:
         # cached activations, the store's device and pinned copies, the kernels' stacked weights.
-        self.state.cache.entries.clear()
+        for cache in caches:
+            cache.entries.clear()
         if self.state.experts is not None:
             self.state.experts.release()
         if self.state.timeline is not None:
@@ -448,6 +494,17 @@ def _check_collective_order_across_processes(orders: dict, layout) -> set[tuple[
     for kind in orders:
         verify_collective_order({rank: other[kind] for rank, other in enumerate(gathered)}, kind, layout)
     return {comm for other in gathered for order in other.values() for comm in order}
+
+
+@dataclasses.dataclass
+class _Stream:
+    """What one stream of a sample carries from step to step (see [Note: streams])."""
+
+    cache: StepCache
+    step: int = 0
+    kind: StepKind | None = None
+    log: list[StepKind] = dataclasses.field(default_factory=list)
+    timesteps: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -14,13 +14,13 @@ from _diffusers import BATCH_DIMS, hidream_inputs, tiny_hidream  # noqa: E402
 
 def _hidream_worker(rank, world, plan, batches):
     model = tiny_hidream()
-    compiled = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]),
-                              batch_dims=BATCH_DIMS)
+    compiled = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]))  # batch_dims:
+    assert compiled.batch_dims == BATCH_DIMS  # registered for HiDream by moedit.models.diffusers_adapters
     with compiled.to_runtime() as runner:
         outputs = [runner.denoise(**hidream_inputs(b)) for b in batches]
         outputs.append(runner.denoise(**hidream_inputs(batches[0], return_dict=True)).sample)
     captures, refused = len(runner._captures), None
-    forgot = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]))  # no batch_dims
+    forgot = moedit.compile(model, moedit.Plan(**plan), example_inputs=hidream_inputs(batches[0]), batch_dims={})
     with forgot.to_runtime() as runner:
         try:
             runner.denoise(**hidream_inputs(batches[0]))
@@ -42,7 +42,7 @@ def test_hidream_matches_the_unmodified_model(world, plan):
             assert out.shape == ref.shape
             assert (out - ref).abs().max() <= 1e-5
         assert captures >= 2  # programs captured again for another signature
-        if world > 1:  # without batch_dims the Llama states' batch axis (1) is not the first: refused, never merged
+        if world > 1:  # with no batch_dims the Llama states' batch axis (1) is not the first: refused, never merged
             assert refused is not None and "encoder_hidden_states_llama3 [3, 2, 6, 4] (axis 0)" in refused
         else:
             assert refused is None  # one data rank splits nothing

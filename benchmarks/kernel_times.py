@@ -1,7 +1,10 @@
 """Triton kernels against their torch references (moedit/runtime/kernels), at DiT-MoE-S and
 -XL shapes, and a 1-rank compiled model step against the eager model.
 
-    python benchmarks/kernels.py [--images 8] [--repeats 20] [--save]
+    python benchmarks/kernel_times.py [--images 8] [--repeats 20] [--save]
+
+(Not `kernels.py`: a script's folder comes first on sys.path, and a file of that name would
+shadow Hugging Face's `kernels` package, which diffusers imports, for every script here.)
 
 On a CUDA device: times from CUDA events, median of `--repeats` after warm-up, for permute
 (row gather), unpermute (weighted sum), the grouped SwiGLU experts of one MoE layer (every
@@ -172,7 +175,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"expected run time: {RUN_TIME}", flush=True)
     if not triton_installed():
-        print("kernels.py: Triton is not installed; pip install -e \".[kernels]\"", file=sys.stderr)
+        print("kernel_times.py: Triton is not installed; pip install -e \".[kernels]\"", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
