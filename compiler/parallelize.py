@@ -9,7 +9,8 @@ always do, on every rank (each rank encodes the prompt and decodes the latents o
 batch: the same work as one process, repeated; for the MoE-DiTs this supports the
 transformer's steps dominate). Only `pipe.transformer` is replaced, by a `ParallelTransformer`
 that passes every attribute but the call through to the original model, and the pipeline's
-class gains a `__call__` that marks where a sample begins.
+class gains a `__call__` that marks where a sample begins. Save a pipeline before
+parallelizing it: `save_pretrained` does not save the wrapper.
 
 [Note: pipeline samples]
 The first transformer call compiles the model for that call's shapes (`compile(...,
@@ -30,10 +31,14 @@ calls made before the timestep first changes is the number of streams. (A pipeli
 batches the two halves, as HiDream-I1's does, is one stream; its batch is split over the
 data ranks like any batch.)
 
-Every rank must run the same pipeline call: the same prompt and the same initial latents
-(pass the same `generator` seed on every rank). The first call of each sample compares the
-transformer's inputs across ranks and stops with the name of the input that differs,
-instead of letting each rank denoise its own noise.
+Every rank must run the same pipeline call: the same prompt, settings and initial latents
+(pass the same `generator` seed on every rank). The first transformer call of each sample
+compares fingerprints of the `pipe(...)` arguments, the scheduler's timesteps and the
+transformer's inputs across ranks (sizes, sums and position-weighted sums of tensors,
+generator seeds, plain values; not objects such as callbacks) and stops every rank, naming
+what differs, instead of letting each rank denoise its own noise. The process group is
+joined by `parallelize` itself, so a rank that never calls the pipeline stalls the others'
+first exchange, which ends after `runtime.timeout_s` naming it.
 
 What it relies on: `pipe.transformer` (an `nn.Module` moedit can compile), `pipe.scheduler
 .timesteps` (and `begin_index` where the scheduler has one), and the transformer's timestep
@@ -44,12 +49,15 @@ from __future__ import annotations
 
 import atexit
 import inspect
-import weakref
 import os
+import weakref
+import zlib
 from typing import Any
 
 import torch
 from torch import nn
+
+from moedit.runtime.executor import TIMESTEP_NAMES, join
 
 from .compiled import compile
 from .plan import Plan, PlanError
@@ -58,18 +66,21 @@ from .tracer import TraceError
 __all__ = ["ParallelTransformer", "parallelize"]
 
 
-def parallelize(pipe, plan: Plan | str | os.PathLike, **compile_options) -> Any:
-    """Route `pipe`'s transformer calls through moedit's runtime under `plan` (a `Plan` or a
-    plan file) and return `pipe`. `compile_options` go to `moedit.compile` (`batch_dims`,
+def parallelize(pipe, plan: Plan | dict | str | os.PathLike, **compile_options) -> Any:
+    """Route `pipe`'s transformer calls through moedit's runtime under `plan` (a `Plan`, its
+    keyword arguments as a dict, or a plan file) and return `pipe`. `compile_options` go to `moedit.compile` (`batch_dims`,
     ...; the shipped diffusers adapters supply HiDream-I1's). Run it on every rank, under
     torchrun with `--nproc_per_node` = the plan's world size (or in one process for a 1-rank
     plan). See [Note: pipeline samples]."""
-    plan = plan if isinstance(plan, Plan) else Plan.from_file(plan)
+    plan = plan if isinstance(plan, Plan) else Plan(**plan) if isinstance(plan, dict) else Plan.from_file(plan)
     transformer = getattr(pipe, "transformer", None)
     if isinstance(transformer, ParallelTransformer):
         raise PlanError(f"moedit.parallelize: this {type(pipe).__name__} is parallelized already")
+    if isinstance(pipe, nn.Module):
+        raise PlanError(f"moedit.parallelize takes a pipeline, not a model ({type(pipe).__name__}); compile a bare "
+                        "model with moedit.compile(model, plan, example_inputs=...)")
     if not isinstance(transformer, nn.Module):
-        modules = sorted(name for name, value in vars(pipe).items() if isinstance(value, nn.Module))
+        modules = sorted(name for name, value in getattr(pipe, "__dict__", {}).items() if isinstance(value, nn.Module))
         raise PlanError(f"moedit.parallelize: {type(pipe).__name__} has no `transformer` module to parallelize "
                         f"(its modules: {', '.join(modules) or 'none'}); moedit compiles a pipeline's transformer")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,9 +88,10 @@ def parallelize(pipe, plan: Plan | str | os.PathLike, **compile_options) -> Any:
         raise PlanError(f"moedit.parallelize: the plan needs {plan.world_size} rank(s) ({plan.mesh.describe()}) but "
                         f"{launched} were launched; run under `torchrun --nproc_per_node={plan.world_size}` or "
                         "change the plan")
+    join(plan)  # now, so that a rank that never calls the pipeline stalls the others' first exchange
     parallel = ParallelTransformer(transformer, plan, pipe, compile_options)
     # Set past DiffusionPipeline.__setattr__, which would record the wrapper's class in the
-    # pipeline's config: the pipeline still saves and describes the original transformer.
+    # pipeline's config (save a pipeline before parallelizing it: the wrapper is not saved).
     object.__setattr__(pipe, "transformer", parallel)
     pipe.__class__ = _sampling(type(pipe))
     return pipe
@@ -92,7 +104,7 @@ def _sampling(cls: type) -> type:
     """`cls` with a `__call__` that opens a new sample at the pipeline call's first step."""
     if cls not in _SAMPLING:
         def __call__(self, *args, **kwargs):
-            self.transformer.new_sample()
+            self.transformer.new_sample((args, kwargs))
             return cls.__call__(self, *args, **kwargs)
 
         _SAMPLING[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
@@ -118,6 +130,7 @@ class ParallelTransformer(nn.Module):
         self._calls = 0  # of the open sample
         self._streams: int | None = None  # calls per step, once the timestep has changed
         self._first_timestep: float | None = None
+        self._pipe_call: Any = None  # the arguments of the pipeline call running now
 
     def __getattr__(self, name: str):
         try:
@@ -125,15 +138,18 @@ class ParallelTransformer(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    def new_sample(self) -> None:
-        """The next call is step 0 of a new sample (the pipeline's `__call__` says so)."""
-        self._open = False
+    def new_sample(self, pipe_call: Any = None) -> None:
+        """The next call is step 0 of a new sample (the pipeline's `__call__` says so, with its
+        arguments, which every rank must share)."""
+        self._open, self._pipe_call = False, pipe_call
 
     def forward(self, *args, **kwargs):
         bound = self._bind(self.model, *args, **kwargs)
         call = {name: value for name, value in bound.arguments.items() if name != "self"}
         if self.runtime is None:
             self.runtime = self._start(call)
+        if self.runtime.closed:
+            raise RuntimeError("moedit.parallelize: this pipeline's runtime was closed; parallelize a fresh pipeline")
         timestep = _timestep(call)
         if not self._open:
             self._begin(call, timestep)
@@ -160,7 +176,7 @@ class ParallelTransformer(nn.Module):
         except (TraceError, TypeError, NotImplementedError) as err:
             raise PlanError(f"moedit.parallelize: cannot capture the pipeline's transformer ({name}): {err}") from err
         runtime = compiled.to_runtime()
-        atexit.register(self.close)  # before the default group goes (atexit runs last-registered first)
+        atexit.register(_close, weakref.ref(self))  # before the default group goes (last registered runs first)
         return runtime
 
     def _begin(self, call: dict, timestep: float | None) -> None:
@@ -171,33 +187,63 @@ class ParallelTransformer(nn.Module):
             raise PlanError("moedit.parallelize: the pipeline's scheduler has no timesteps set when the transformer "
                             "is first called; moedit counts a sample's steps from scheduler.timesteps")
         self._steps = len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+        self._check_same_on_every_rank({"the arguments of pipe(...)": self._pipe_call,
+                                        "scheduler.timesteps": timesteps,
+                                        **{f"the transformer's `{name}`": value for name, value in call.items()}})
         self.runtime.reset(steps=self._steps)
-        self._check_same_on_every_rank(call)
         self._open, self._calls, self._streams, self._first_timestep = True, 0, None, timestep
         if timestep is None:
             self._streams = 1  # no timestep to tell the calls of a step apart: one call a step
 
-    def _check_same_on_every_rank(self, call: dict) -> None:
-        """Stop on every rank, naming the input, if the ranks were given different inputs."""
-        names, values = [], []
-        for name, value in call.items():
-            for tensor in (t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)):
-                names.append(name)
-                values.append(tensor.detach().double().abs().sum().cpu())
-        if self.runtime.world_size == 1 or not values:
+    def _check_same_on_every_rank(self, values: dict) -> None:
+        """Stop on every rank, naming the first value that differs, unless every rank was given
+        the same pipeline call and transformer inputs (by a fingerprint of each; see `_fingerprint`)."""
+        if self.runtime.world_size == 1:
             return
-        gathered = self.runtime.all_gather("check that every rank has the same inputs", torch.stack(values))
-        for rank, other in enumerate(gathered):
-            differs = ~torch.isclose(other.cpu(), gathered[0].cpu(), rtol=1e-5, atol=1e-8)
+        names, prints = [], []
+        for name, value in values.items():
+            for leaf in torch.utils._pytree.tree_leaves(value):
+                names.append(name)
+                prints.append(_fingerprint(leaf))
+        mine = torch.tensor(prints, dtype=torch.float64)
+        check = "check that every rank has the same inputs"
+        counts = self.runtime.all_gather(check, torch.tensor([len(prints)]))
+        if any(int(c) != len(prints) for c in counts):
+            raise ValueError("moedit.parallelize: the ranks' pipeline calls differ in their arguments; every rank "
+                             "must make the same call (same prompt, settings and generator seed)")
+        for rank, other in enumerate(self.runtime.all_gather(check, mine)):
+            differs = ~torch.isclose(other.cpu(), mine, rtol=1e-6, atol=1e-9).all(-1)
             if differs.any():
-                raise ValueError(f"moedit.parallelize: rank {rank}'s `{names[int(differs.nonzero()[0])]}` differs "
-                                 "from rank 0's; every rank must run the same pipeline call: pass the same "
-                                 "prompt and generator=torch.Generator().manual_seed(seed) on every rank")
+                raise ValueError(f"moedit.parallelize: {names[int(differs.nonzero()[0])]} differ between rank "
+                                 f"{rank} and rank {self.runtime.rank}; every rank must make the same pipeline call "
+                                 "(same prompt, settings and generator=torch.Generator().manual_seed(seed))")
+
+
+def _fingerprint(value) -> list[float]:
+    """Four numbers that differ where two ranks' values differ: a tensor's size, sum, and two
+    position-weighted sums (order and sign show); a generator's seed; a plain value's repr;
+    anything else (a callback, say) by its type name, since its repr names an address."""
+    if isinstance(value, torch.Tensor):
+        x = value.detach().flatten().double().cpu()
+        position = torch.arange(x.numel(), dtype=torch.float64)
+        return [float(x.numel()), float(x.sum()), float((x * torch.cos(position)).sum()),
+                float((x * torch.sin(0.37 * position)).sum())]
+    if isinstance(value, torch.Generator):
+        text = f"generator {value.initial_seed()}"
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+    else:
+        text = type(value).__qualname__
+    return [float(zlib.crc32(text.encode())), 0.0, 0.0, 0.0]
+
+
+def _close(ref: weakref.ref) -> None:
+    transformer = ref()
+    if transformer is not None:
+        transformer.close()
 
 
 def _timestep(call: dict) -> float | None:
-    from moedit.runtime.executor import TIMESTEP_NAMES
-
     for name in TIMESTEP_NAMES:
         value = call.get(name)
         if isinstance(value, torch.Tensor) and value.numel():

@@ -142,6 +142,10 @@ class Runtime:
             raise
         return cls(program, state, device)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- step control ---------------------------------------------------------------
     def reset(self, steps: int | None = None, seed: int = 0) -> None:
         """Start a new sample of `steps` diffusion steps: finish exchanges in flight, empty the

@@ -57,9 +57,10 @@ def test_parallelize_gives_the_eager_pipelines_images(spawn, name):
     for exact, stale, ulysses in ranks:
         for got, want in zip(exact + ulysses, eager + eager[1:], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        seeds_apart = float((eager[1] - eager[0]).norm() / eager[0].norm())
         for got, want in zip(stale, eager):
             error = float((got - want).norm() / want.norm())
-            assert torch.isfinite(got).all() and 0 < error < 0.2, error
+            assert torch.isfinite(got).all() and 0 < error < 0.2 * seeds_apart, (error, seeds_apart)
         assert torch.equal(stale[2], stale[0])
     assert all(torch.equal(rank[1][0], ranks[0][1][0]) for rank in ranks)  # every rank returns the same images
 
@@ -88,9 +89,23 @@ def _different_latents_worker(rank, world):
         pipe.transformer.close()
 
 
-def test_ranks_given_different_latents_are_told_which_input_differs(spawn):
-    for message in spawn(2, _different_latents_worker):
-        assert "rank 1's `hidden_states` differs from rank 0's" in message and "generator=" in message
+def _different_guidance_worker(rank, world):
+    pipe = moedit.parallelize(hidream_pipeline(), SYNC_EP)  # (a plan's keyword arguments as a dict)
+    try:
+        pipe(**hidream_prompt(0), num_inference_steps=STEPS, guidance_scale=2.0 + rank, output_type="pt",
+             generator=torch.Generator().manual_seed(0))
+    except ValueError as err:
+        return str(err)
+    finally:
+        pipe.transformer.close()
+
+
+def test_ranks_given_different_calls_are_told_what_differs(spawn):
+    """Other seeds (so other latents) or another guidance scale (which the transformer's first
+    call does not show) on one rank: every rank stops, naming the pipeline call."""
+    for worker in (_different_latents_worker, _different_guidance_worker):
+        for message in spawn(2, worker):
+            assert "the arguments of pipe(...) differ between rank" in message and "generator=" in message
 
 
 def test_bad_pipelines_and_plans_fail_before_the_first_step():
@@ -105,6 +120,8 @@ def test_bad_pipelines_and_plans_fail_before_the_first_step():
     pipe = moedit.parallelize(hidream_pipeline(), moedit.Plan())
     with pytest.raises(moedit.PlanError, match="parallelized already"):
         moedit.parallelize(pipe, moedit.Plan())
+    with pytest.raises(moedit.PlanError, match="takes a pipeline, not a model .*moedit.compile"):
+        moedit.parallelize(pipe.transformer.model, moedit.Plan())
 
 
 class _Branchy(torch.nn.Module):
