@@ -36,9 +36,9 @@ Every rank must run the same pipeline call: the same prompt, settings and initia
 compares fingerprints of the `pipe(...)` arguments, the scheduler's timesteps and the
 transformer's inputs across ranks (sizes, sums and position-weighted sums of tensors,
 generator seeds, plain values; not objects such as callbacks) and stops every rank, naming
-what differs, instead of letting each rank denoise its own noise. The process group is
-joined by `parallelize` itself, so a rank that never calls the pipeline stalls the others'
-first exchange, which ends after `runtime.timeout_s` naming it.
+what differs, instead of letting each rank denoise its own noise. A rank that never calls
+the pipeline makes the others stop after `runtime.timeout_s`, in the runtime's start-up
+exchange (gloo's timeout message, which does not yet name the missing rank).
 
 What it relies on: `pipe.transformer` (an `nn.Module` moedit can compile), `pipe.scheduler
 .timesteps` (and `begin_index` where the scheduler has one), and the transformer's timestep
@@ -88,7 +88,7 @@ def parallelize(pipe, plan: Plan | dict | str | os.PathLike, **compile_options) 
         raise PlanError(f"moedit.parallelize: the plan needs {plan.world_size} rank(s) ({plan.mesh.describe()}) but "
                         f"{launched} were launched; run under `torchrun --nproc_per_node={plan.world_size}` or "
                         "change the plan")
-    join(plan)  # now, so that a rank that never calls the pipeline stalls the others' first exchange
+    join(plan)  # now: the group's timeout is the plan's, and a bad launch fails here, not at the first step
     parallel = ParallelTransformer(transformer, plan, pipe, compile_options)
     # Set past DiffusionPipeline.__setattr__, which would record the wrapper's class in the
     # pipeline's config (save a pipeline before parallelizing it: the wrapper is not saved).
