@@ -55,9 +55,10 @@ import zlib
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from moedit.runtime.executor import TIMESTEP_NAMES, join
+from moedit.runtime.executor import join, timestep_of
 
 from .compiled import compile
 from .plan import Plan, PlanError
@@ -150,7 +151,7 @@ class ParallelTransformer(nn.Module):
             self.runtime = self._start(call)
         if self.runtime.closed:
             raise RuntimeError("moedit.parallelize: this pipeline's runtime was closed; parallelize a fresh pipeline")
-        timestep = _timestep(call)
+        timestep = timestep_of(call)
         if not self._open:
             self._begin(call, timestep)
         elif self._streams is None and timestep != self._first_timestep:
@@ -202,7 +203,7 @@ class ParallelTransformer(nn.Module):
             return
         names, prints = [], []
         for name, value in values.items():
-            for leaf in torch.utils._pytree.tree_leaves(value):
+            for leaf in pytree.tree_leaves(value):
                 names.append(name)
                 prints.append(_fingerprint(leaf))
         mine = torch.tensor(prints, dtype=torch.float64)
@@ -241,13 +242,3 @@ def _close(ref: weakref.ref) -> None:
     transformer = ref()
     if transformer is not None:
         transformer.close()
-
-
-def _timestep(call: dict) -> float | None:
-    for name in TIMESTEP_NAMES:
-        value = call.get(name)
-        if isinstance(value, torch.Tensor) and value.numel():
-            return float(value.reshape(-1)[0])
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None

@@ -189,7 +189,7 @@ class Runtime:
     def _drain(self, cache: StepCache | None = None) -> None:
         """Wait for every exchange still in flight (a stale step's last dispatch, say) in
         `cache` (default: the current stream's)."""
-        for pending in (cache or self.state.cache).running():
+        for pending in (self.state.cache if cache is None else cache).running():
             self.state.wait(pending)
         self.state.settle()
 
@@ -522,8 +522,17 @@ class _Call:
     stand_in: bool  # this rank holds no sample and runs on a copy of sample 0
 
     def timestep(self) -> float | None:
-        """The call's diffusion timestep (its first sample's), if an input is named for one."""
-        for name, tensor in zip(self.signature.names, self.tensors):
-            if name in TIMESTEP_NAMES and tensor.numel():
-                return float(tensor.reshape(-1)[0])
-        return None
+        return timestep_of(dict(zip(self.signature.names, self.tensors)))
+
+
+def timestep_of(values: dict) -> float | None:
+    """A call's diffusion timestep (its first sample's), if one of its named values (a tensor
+    or a number) is named for one (TIMESTEP_NAMES)."""
+    for name, value in values.items():
+        if name not in TIMESTEP_NAMES:
+            continue
+        if isinstance(value, torch.Tensor) and value.numel():
+            return float(value.reshape(-1)[0])
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
