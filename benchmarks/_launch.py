@@ -119,9 +119,10 @@ def show(spread: dict, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(spread['median'])} [{fmt.format(spread['min'])}-{fmt.format(spread['max'])}]"
 
 
-def plan_of(spec: str, world: int, profile: str | None = None) -> dict:
+def plan_of(spec: str, world: int | None = None, profile: str | None = None) -> dict:
     """"dice" is examples/plans/dice.yaml; "dice@schedule.policy=overlap,expert_parallel.chunks=2" also
-    sets those fields; a value "PROFILE" stands for the timeline of the profiling run (--profile)."""
+    sets those fields; a value "PROFILE" stands for the timeline of the profiling run (--profile).
+    `world`: the expert-parallel degree (None: the file's)."""
     name, _, settings = spec.partition("@")
     plan = load_plan(os.path.join("examples", "plans", f"{name}.yaml"), world)
     for item in filter(None, settings.split(",")):

@@ -2,6 +2,9 @@
 
     python benchmarks/quality.py [--seeds 0 1 2] [--images 200] [--steps 25] [--plans ...] [--name quality] [--save]
 
+A plan is a file name in examples/plans/, or one with settings as benchmarks/overlap.py takes
+them ("sync_ep@expert_parallel.wire_dtype=float8"), compared with sync_ep.
+
 Per plan and seed (each run under torchrun on the plan's own number of CPU ranks):
 classifier accuracy against the requested labels, FD-digits (Fréchet distance of
 classifier features to the real test digits), and relative L2 / PSNR against the
@@ -25,7 +28,7 @@ from moedit.models import metrics
 from moedit.models.images import save_grid
 from moedit.models.pretrained import SAMPLING
 
-from _launch import load_plan, machine, run_plan
+from _launch import load_plan, machine, plan_of, run_plan
 
 BASE = "sync_ep"
 SCMOE = "digits-scmoe"
@@ -63,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"expected run time: {RUN_TIME}", flush=True)
     rows = _rows()
+    rows.update({name: ("digits", name, BASE) for name in args.plans or () if "@" in name})
     if args.plans:
         unknown = sorted(set(args.plans) - set(rows))
         if unknown:
@@ -75,7 +79,7 @@ def main() -> None:
     real, _ = metrics.digits_dataset("test")
     images, raw = {}, {}
     for name, (model, plan_name, base_name) in rows.items():
-        plan = load_plan(f"examples/plans/{plan_name}.yaml")
+        plan = plan_of(plan_name)
         world = moedit.Plan(**plan).world_size
         for seed in args.seeds:
             result = run_plan(plan, world, model=model, steps=args.steps, images=args.images,

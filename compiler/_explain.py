@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from moedit.passes._tokens import Layout
+from moedit.runtime.wire import wire_of
 
 from .graph import meta
 from .tracer import attention_nodes
@@ -24,6 +25,21 @@ def _tokens_per_sample(model) -> int | None:
     if cfg is None or not hasattr(cfg, "input_size"):
         return None
     return (cfg.input_size // cfg.patch_size) ** 2
+
+
+def _wires(compiled) -> list[str]:
+    """What the routed exchanges send a row as, where the plan compresses them (see [Note: wire dtypes])."""
+    wires = compiled.plan.expert_parallel.wire_dtypes
+    if set(wires.values()) == {"auto"} or not compiled.layers:
+        return []
+    layer = compiled.layers[0]
+    parts = []
+    for name, dtype in wires.items():
+        wire = wire_of(dtype, compiled.plan.expert_parallel.wire_block)
+        parts.append(f"{name} {dtype} ({layer.row_bytes} bytes a row)" if wire is None else
+                     f"{name} {wire.describe()} ({wire.row_bytes(layer.hidden_size)} bytes a row)")
+    return [f"wire: {', '.join(parts)}; the activations' own {layer.row_bytes} bytes a row (layer {layer.index}); "
+            "each expert's input and output are rounded to it, at any world size"]
 
 
 def explain(compiled, batch_size: int, steps: int) -> str:
@@ -56,6 +72,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
                 else f"{cc.slots} slot(s) ({cc.drop})")
         lines.append(f"conditional communication: '_drop' steps leave out {what} per token and reuse the "
                      "outputs cached at the last step that sent every slot")
+    lines += _wires(compiled)
     slots = None
     if tokens is not None:
         # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.

@@ -38,7 +38,8 @@ def _plan(args) -> None:
     import yaml
 
     from moedit.costs import Hardware
-    from moedit.planner import describe, search
+    from moedit.models.pretrained import PRETRAINED, SAMPLING
+    from moedit.planner import QualityProbe, describe, search
 
     hardware = Hardware.load(args.hardware)
     dtype = getattr(torch, args.dtype or ("float32" if args.hardware in ("cpu-local", "shaped-link") else "bfloat16"))
@@ -47,7 +48,15 @@ def _plan(args) -> None:
     if not args.json:
         print(f"moedit plan: {args.model} ({dtype}), {args.ranks} ranks on {hardware.name}, {args.images} images"
               f"{' with CFG' if args.cfg else ''}, {args.steps} steps; searching...", flush=True)
-    found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness)
+    quality = None
+    if args.model in PRETRAINED and args.quality_images > 0:  # trained weights: measure what lossy plans cost
+        quality = QualityProbe(load_model(args.model), images=args.quality_images, steps=args.steps,
+                               cfg_scale=SAMPLING.get(args.model, {}).get("cfg_scale", 1.5) if args.cfg else 1.0)
+    if args.max_rel_l2 is not None and quality is None:
+        raise SystemExit(f"moedit plan: --max-rel-l2 needs each plan's quality measured, on a model with trained "
+                         f"weights ({', '.join(PRETRAINED)}) and --quality-images above 0; {args.model} has none")
+    found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness,
+                   wire_dtypes=tuple(args.wire_dtypes), quality=quality, max_rel_l2=args.max_rel_l2)
     if not found:
         _print_dropped(found.dropped, sys.stderr)
         raise SystemExit(f"moedit plan: no candidate plan fits {args.model} on {args.ranks} ranks with {args.images} "
@@ -69,12 +78,18 @@ def _plan(args) -> None:
         sync = next(c for c in found if c.staleness == 0)
         print(f"synchronous EP cannot split {batch} sequences over {args.ranks} ranks; 'vs sync' compares with the "
               f"fastest exact plan ({describe(sync.plan)})\n")
-    print(f"{'plan':<58}{'step ms':>9}{'vs sync':>9}{'exposed ms':>12}{'stale':>7}{'peak GB':>9}")
+    print(f"{'plan':<66}{'step ms':>9}{'vs sync':>9}{'exposed ms':>12}{'stale':>7}{'peak GB':>9}{'rel L2':>9}")
     shown = found[: args.top] + ([sync] if sync not in found[: args.top] else [])
     for c in shown:
         speedup = sync.predicted_step_s / c.predicted_step_s
-        print(f"{describe(c.plan):<58}{c.predicted_step_s * 1e3:>9.2f}{speedup:>8.2f}x"
-              f"{c.exposed_comm_s * 1e3:>12.2f}{c.staleness:>7}{c.peak_bytes / 1e9:>9.2f}")
+        rel_l2 = "-" if c.quality_rel_l2 is None else f"{c.quality_rel_l2:.4f}"
+        print(f"{describe(c.plan):<66}{c.predicted_step_s * 1e3:>9.2f}{speedup:>8.2f}x"
+              f"{c.exposed_comm_s * 1e3:>12.2f}{c.staleness:>7}{c.peak_bytes / 1e9:>9.2f}{rel_l2:>9}")
+    if quality is not None:
+        print(f"rel L2: measured, a {args.quality_images}-image {args.steps}-step sample under the plan's lossy "
+              "settings against the exact plan's, on one process with the trained weights")
+    else:
+        print("rel L2 '-': not measured (a model without trained weights, or --quality-images 0)")
     _print_dropped(found.dropped, sys.stdout)
     print(f"\nbest plan written to {args.out}")
 
@@ -147,6 +162,12 @@ def main(argv=None) -> int:
     plan.add_argument("--top", type=int, default=6, help="how many plans to print")
     plan.add_argument("--out", default="best_plan.yaml", help="where to write the best plan")
     plan.add_argument("--json", action="store_true", help="print every candidate as JSON")
+    plan.add_argument("--wire-dtypes", nargs="+", default=["auto"], choices=["auto", "bfloat16", "float16", "float8"],
+                      help="try every candidate with each of these expert_parallel.wire_dtype values")
+    plan.add_argument("--max-rel-l2", type=float, help="leave out plans whose measured quality cost (rel. L2 of their "
+                      "images to the exact plan's) is above this")
+    plan.add_argument("--quality-images", type=int, default=8, help="images of the sample each lossy candidate's "
+                      "quality cost is measured on (models with trained weights; 0: do not measure)")
     models = commands.add_parser("models", help="list every model name with its size and whether a checkpoint ships")
     models.add_argument("names", nargs="*", metavar="NAME", help=f"only these ({MODEL_HELP})")
     commands.add_parser("plan-schema", help="print every plan field as a Markdown table (the plan reference in "

@@ -26,6 +26,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+WireDtype = Literal["auto", "bfloat16", "float16", "float8"]  # see [Note: wire dtypes] in moedit/runtime/wire.py
+
+
 class ExpertParallel(_Section):
     degree: int = Field(1, ge=1, description="Consecutive ranks the routed experts are sharded over; expert e lives "
                         "on the (e % degree)-th rank of its group.")
@@ -34,11 +37,30 @@ class ExpertParallel(_Section):
                        "dispatch and combine overlap another's experts (exact). auto: chosen from the measured costs "
                        "in schedule.profile.")
 
+    wire_dtype: WireDtype = Field(
+        "auto", description="The dtype the dispatch (and, unless combine_wire_dtype says otherwise, the combine) sends "
+                            "rows in: auto the activations' own; bfloat16 or float16 half the bytes of float32; float8 "
+                            "(e4m3) with a float32 scale per wire_block elements. Lossy unless auto: the experts' "
+                            "inputs and outputs are rounded to it.")
+    combine_wire_dtype: WireDtype | None = Field(None, description="The combine's wire dtype (null: wire_dtype), "
+                                                 "e.g. float8 dispatch and bfloat16 combine, as DeepEP.")
+    wire_block: int = Field(128, ge=0, description="float8 wires: elements of a row that share one scale (0, or a "
+                            "shorter row: one scale per row).")
+
     @model_validator(mode="after")
     def _positive_chunks(self):
         if self.chunks != "auto" and self.chunks < 1:
             raise ValueError(f"chunks must be a positive number or 'auto', got {self.chunks}")
+        default_block = type(self).model_fields["wire_block"].default  # (to_dict writes it, so not fields_set)
+        if self.wire_block != default_block and "float8" not in self.wire_dtypes.values():
+            raise ValueError(f"wire_block: {self.wire_block} only applies to a float8 wire; set wire_dtype or "
+                             "combine_wire_dtype to float8, or leave wire_block out")
         return self
+
+    @property
+    def wire_dtypes(self) -> dict[str, str]:
+        """The wire dtype of the "dispatch" and of the "combine" ("auto": the activations')."""
+        return {"dispatch": self.wire_dtype, "combine": self.combine_wire_dtype or self.wire_dtype}
 
 
 class Staleness(_Section):

@@ -14,13 +14,23 @@ degree that does not divide the heads, fewer images than data shards) is left ou
 Synchronous EP is among the results whenever the batch can be split over the ranks. Staleness is how many steps old the oldest expert output a step uses
 can be: 0 synchronous, 1 interweaved, 2 displaced, and conditional communication reuses a
 dropped slot's output from up to `interval - 1` steps back.
+
+Wire dtypes (`--wire-dtypes auto bfloat16 float8`) are one more axis: every candidate is
+tried with each (see [Note: wire dtypes] in moedit/runtime/wire.py). What a lossy candidate
+costs in quality is measured, not predicted, where the model has trained weights
+(`QualityProbe`): a short sample under the candidate's lossy settings, on one process, its
+relative L2 distance to the exact plan's images. The layout axes (ranks, CFG, Ulysses,
+Ring, chunks, the schedule) are exact and left out of that run, and the lossy settings give
+the same images at any world size, so one process measures what the ranks would compute.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
+import warnings
 from typing import NamedTuple
 
 from .compiled import compile as compile_model
@@ -39,6 +49,7 @@ class Candidate:
     comm_share_sync: float | None  # the all-to-all share of synchronous EP's step on this hardware
     staleness: int
     peak_bytes: int
+    quality_rel_l2: float | None = None  # measured by a QualityProbe (0 for exact plans); None: not measured
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -50,9 +61,10 @@ def staleness_of(plan: dict) -> int:
     return max(mode, interval - 1 if interval else 0)
 
 
-def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None) -> list[dict]:
+def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None,
+                    wire_dtypes: tuple[str, ...] = ("auto",)) -> list[dict]:
     """Plan dicts over the axes moedit has for a model of `layers` MoE layers, within
-    `max_staleness`; synchronous EP first."""
+    `max_staleness`, each with every one of `wire_dtypes`; synchronous EP first."""
     selective = [None, {"strategy": "deep"}, {"strategy": "staggered"}]
     if layers >= 4:  # the deepest quarter, and all but the shallowest quarter
         selective += [{"strategy": list(range(layers - layers // 4, layers))},
@@ -80,7 +92,14 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None) -
         plans.append({**layout, "expert_parallel": ep, "staleness": {"mode": "interweaved", "warmup_steps": 1},
                       "conditional_comm": {"interval": 2, "drop": "low"}})
     plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
+    plans = [_with_wire(p, wire) for p in plans for wire in wire_dtypes]
     return [p for p in plans if _valid(p)]
+
+
+def _with_wire(plan: dict, wire: str) -> dict:
+    if wire == "auto":
+        return plan
+    return {**plan, "expert_parallel": {**plan["expert_parallel"], "wire_dtype": wire}}
 
 
 def _dense_layouts(ranks: int) -> list[dict]:
@@ -119,14 +138,16 @@ class Candidates(list):
 
 
 def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
-           max_staleness: int | None = None, progress=None) -> Candidates:
+           max_staleness: int | None = None, wire_dtypes: tuple[str, ...] = ("auto",),
+           quality: QualityProbe | None = None, max_rel_l2: float | None = None, progress=None) -> Candidates:
     """Every candidate plan's prediction, fastest first; those the model or the batch cannot
     take are left out, each logged and listed in the result's `dropped` with the reason.
     `comm_share_sync` is synchronous EP's exposed share, None when the batch cannot be split
-    over the ranks."""
+    over the ranks. With `quality`, each candidate's measured quality cost comes with it, and
+    those that cost more than `max_rel_l2` are left out."""
     results, dropped = [], []
     sync_share = None
-    for index, plan in enumerate(candidate_plans(ranks, len(_layers(model)), max_staleness)):
+    for index, plan in enumerate(candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes)):
         try:
             compiled = compile_model(model, Plan(**plan))
             prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
@@ -136,11 +157,67 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
             continue
         if index == 0:  # the first candidate is synchronous EP
             sync_share = prediction.exposed_comm_s / prediction.mean_step_s
+        rel_l2 = None if quality is None else quality(plan)
+        if rel_l2 is not None and max_rel_l2 is not None and rel_l2 > max_rel_l2:
+            dropped.append(Dropped(plan, f"its images are {rel_l2:.4f} rel. L2 from the exact plan's, above "
+                                         f"--max-rel-l2 {max_rel_l2:g}"))
+            continue
         results.append(Candidate(plan, prediction.mean_step_s, prediction.exposed_comm_s, sync_share,
-                                 staleness_of(plan), prediction.peak_bytes))
+                                 staleness_of(plan), prediction.peak_bytes, rel_l2))
         if progress:
             progress(results[-1])
     return Candidates(sorted(results, key=lambda c: c.predicted_step_s), dropped)
+
+
+class QualityProbe:
+    """What a plan's lossy settings cost: the relative L2 distance between a short sample under
+    them and the exact plan's sample (same labels, noise and sampler), run in this process on
+    one rank with `model`'s trained weights. Plans that share their lossy settings share one run."""
+
+    def __init__(self, model, *, images: int = 8, steps: int = 10, cfg_scale: float = 1.5, seed: int = 0,
+                 sampler: str = "rflow"):
+        self.model = model
+        self.sample_args = {"class_labels": [i % model.config.num_classes for i in range(images)], "steps": steps,
+                            "cfg_scale": cfg_scale, "seed": seed, "sampler": sampler, "progress": False}
+        self.measured: dict[str, float] = {}
+        self.exact = self._sample({})
+
+    def __call__(self, plan: dict) -> float:
+        lossy = lossy_part(plan)
+        if not lossy:
+            return 0.0
+        key = json.dumps(lossy, sort_keys=True)
+        if key not in self.measured:
+            images = self._sample(lossy)
+            self.measured[key] = float((images - self.exact).norm() / self.exact.norm())
+        return self.measured[key]
+
+    def _sample(self, lossy: dict):
+        with warnings.catch_warnings():  # stale modes on one rank warn that they gain nothing there
+            warnings.simplefilter("ignore")
+            compiled = compile_model(self.model, Plan(**{**lossy, "expert_parallel": {
+                **lossy.get("expert_parallel", {}), "degree": 1}}))
+        with compiled.to_runtime() as runtime:
+            return runtime.sample(**self.sample_args)
+
+
+_EXACT_EP = ("degree", "chunks")  # expert_parallel fields that do not change the outputs
+_LOSSY = ("staleness", "selective_sync", "conditional_comm", "shortcut")  # sections that may
+
+
+def lossy_part(plan: dict) -> dict:
+    """The settings of `plan` that may change its outputs: staleness and what comes with it,
+    conditional communication, the shortcut rewrite and the wire dtypes ({} for an exact plan)."""
+    lossy = {key: plan[key] for key in _LOSSY if key in plan}
+    if lossy.get("staleness", {}).get("mode", "sync") == "sync":  # which layers stay synchronous: moot
+        lossy.pop("staleness", None)
+        lossy.pop("selective_sync", None)
+    if not lossy.get("shortcut", {}).get("rewrite"):
+        lossy.pop("shortcut", None)  # the shortcut schedule alone is exact
+    wire = {k: v for k, v in plan.get("expert_parallel", {}).items() if k not in _EXACT_EP and v not in (None, "auto")}
+    if wire:
+        lossy["expert_parallel"] = wire
+    return lossy
 
 
 def _layers(model) -> list:
@@ -169,4 +246,7 @@ def describe(plan: dict) -> str:
         parts.append("overlap schedule")
     if plan.get("shortcut", {}).get("enabled"):
         parts.append("shortcut schedule")
+    wire = plan["expert_parallel"].get("wire_dtype", "auto")
+    if wire != "auto":
+        parts.append(f"{wire} wire")
     return ", ".join(parts)

@@ -51,6 +51,7 @@ from moedit.runtime.cache import StepCache
 from moedit.runtime.comm import MAIN, Exchange, Pending
 from moedit.runtime.executor import BATCH_AXIS
 from moedit.runtime.timeline import COMPUTE, Span, exchange_name, lane_of, region
+from moedit.runtime.wire import wire_of
 from moedit.steps import StepKind
 
 
@@ -259,9 +260,13 @@ class _Replay(fx.Interpreter):
             _, rows, send_splits, recv_splits = args
             with self.fake:
                 out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-            row = math.prod(rows.shape[1:]) * rows.element_size()
+            wire = wire_of(kwargs.get("wire"), kwargs.get("wire_block", 128))
+            width = math.prod(rows.shape[1:])
+            row = width * rows.element_size() if wire is None else wire.row_bytes(width)
             sent = [row * n for n in send_splits]
-            self.counter.add(2 * _nbytes(rows))  # the copy into the send buffer
+            self.counter.add(_nbytes(rows) + row * rows.shape[0])  # the copy (or the cast) into the send buffer
+            if wire is not None:  # and the cast back at the wait
+                self.counter.add(row * sum(recv_splits) + width * rows.element_size() * sum(recv_splits))
         elif target is ops.gather_start:
             piece = args[1]
             with self.fake:

@@ -28,10 +28,11 @@ import torch.fx as fx
 
 from moedit.graph import Emitter, Inserted, Kind, LayerNodes, kind_of, meta
 from moedit.pipeline import MoELayer, PassContext
+from moedit.plan import Plan
 from moedit.runtime import ops
 from moedit.runtime.expert_ops import splits, unpermute
 
-from .expert_parallel import AXIS
+from .expert_parallel import AXIS, routed_exchange
 
 STALE, COUNTS = "stale", "counts"  # channels, see [Note: channels]
 
@@ -83,8 +84,8 @@ def remove_exchange(gm: fx.GraphModule, view: StaleLayer) -> None:
 class StaleSlot:
     """Emits one stale layer's slot before its `merge` node."""
 
-    def __init__(self, gm: fx.GraphModule, view: StaleLayer, staleness: int):
-        self.gm, self.view = gm, view
+    def __init__(self, gm: fx.GraphModule, view: StaleLayer, staleness: int, plan: Plan):
+        self.gm, self.view, self.plan = gm, view, plan
         self.emit = Emitter(gm, view.layer.index, staleness=staleness)
         self._ctx = gm.graph.inserting_before(view.nodes[Kind.MERGE])
 
@@ -110,8 +111,7 @@ class StaleSlot:
         send_splits = emit.call(Kind.SEND_SPLITS, splits, send_counts, recv_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         combine = emit.call(Kind.COMBINE_START, ops.exchange_start, outputs, recv_splits, send_splits,
-                            name="combine", layer=owner.layer.index, axis=AXIS, channel=STALE,
-                            bytes_per_token=owner.layer.row_bytes)
+                            **routed_exchange(self.plan, owner.layer, "combine"), channel=STALE)
         for node in (received, outputs, combine):  # in this layer's slot, but for `owner`'s tokens
             meta(node).owner = owner.layer.index
         return emit.call(Kind.GLUE, ops.in_flight, combine, order, send_counts, recv_counts)
@@ -133,8 +133,7 @@ class StaleSlot:
         send_splits = emit.call(Kind.SEND_SPLITS, splits, nodes[Kind.SEND_COUNTS], recv_counts)
         recv_splits = emit.call(Kind.RECV_SPLITS, splits, recv_counts)
         pending = emit.call(Kind.DISPATCH_START, ops.exchange_start, nodes[Kind.ROWS], send_splits, recv_splits,
-                            name="dispatch", layer=view.layer.index, axis=AXIS, channel=STALE,
-                            bytes_per_token=view.layer.row_bytes)
+                            **routed_exchange(self.plan, view.layer, "dispatch"), channel=STALE)
         return emit.call(Kind.GLUE, ops.in_flight, pending, nodes[Kind.ORDER], nodes[Kind.SEND_COUNTS], recv_counts)
 
     def read(self, key: str) -> fx.Node:

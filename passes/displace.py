@@ -32,7 +32,7 @@ def displace(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             inserted += fill_from_sync(gm, view, combine_key, "returned")
             inserted += fill_from_sync(gm, view, dispatch_key, "received")
             continue
-        with StaleSlot(gm, view, STALENESS) as slot:
+        with StaleSlot(gm, view, STALENESS, ctx.plan) as slot:
             counts = slot.start_counts()
             combine = slot.run_experts(slot.read(dispatch_key), owner=view)  # step t-1's tokens
             slot.consume_combine(slot.read(combine_key))                    # step t-2's outputs

@@ -42,14 +42,27 @@ from moedit.graph import META, Emitter, Inserted, Kind, meta
 from moedit.pipeline import MoELayer, PassContext, PassResult, strip_modules
 from moedit.plan import Plan, PlanError
 from moedit.runtime import ops
-from moedit.runtime.sequence_ops import join_rows, take_rows
 from moedit.runtime.expert_ops import (Choice, LocalExperts, Merge, Output, RemovedExpert, Router, Scores, by_image,
                                       permute, splits, unpermute)
+from moedit.runtime.sequence_ops import join_rows, take_rows
+from moedit.runtime.wire import wire_of
 from moedit.tracer import moe_nodes
 
 from .schedule import measured_costs
 
 AXIS = "ep"
+
+
+def routed_exchange(plan: Plan, layer: MoELayer, name: str) -> dict:
+    """The keyword arguments of `ops.exchange_start` for `layer`'s "dispatch" or "combine": where
+    it runs, the plan's wire dtype for it (see [Note: wire dtypes] in moedit/runtime/wire.py)
+    and the bytes it sends per routed row, for explain() and the planner."""
+    ep = plan.expert_parallel
+    wire = wire_of(ep.wire_dtypes[name], ep.wire_block)
+    kwargs = {"name": name, "layer": layer.index, "axis": AXIS, "bytes_per_token": layer.row_bytes}
+    if wire is not None:
+        kwargs.update(wire.kwargs(), bytes_per_token=wire.row_bytes(layer.hidden_size))
+    return kwargs
 
 
 def expert_owner(expert: int, world_size: int) -> int:
@@ -143,7 +156,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
         moe.add_module("ep_choice", Choice(layer.adapter, moe))
     moe.add_module("ep_experts", LocalExperts([experts[i] for i in ids], ids, kernels=ctx.kernels))
     moe.add_module("ep_merge", Merge(layer.adapter, moe))
-    exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.", ctx.kernels)
+    exchange = _Exchange(Emitter(gm, layer.index), layer, P, f"{layer.path}.", ctx)
     emit = exchange.emit
     shared_module = layer.adapter.shared_expert(moe)
     shared_path = None if shared_module is None else _submodule_path(moe, layer.path, shared_module)
@@ -178,8 +191,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
 class _Exchange:
     """Emits a layer's routed path from permute to unpermute: whole, or in pipelined chunks."""
 
-    def __init__(self, emit: Emitter, layer: MoELayer, world_size: int, prefix: str, kernels: str):
-        self.emit, self.layer, self.kernels = emit, layer, kernels
+    def __init__(self, emit: Emitter, layer: MoELayer, world_size: int, prefix: str, ctx: PassContext):
+        self.emit, self.layer, self.kernels, self.plan = emit, layer, ctx.kernels, ctx.plan
         self.P, self.L = world_size, layer.num_experts // world_size
         self.path = prefix.__add__
         self.where = {"layer": layer.index, "axis": AXIS}
@@ -191,8 +204,8 @@ class _Exchange:
 
     def _start(self, name: str, rows, send_splits, recv_splits) -> fx.Node:
         kind = Kind.DISPATCH_START if name == "dispatch" else Kind.COMBINE_START
-        return self.emit.call(kind, ops.exchange_start, rows, send_splits, recv_splits, name=name, **self.where,
-                              bytes_per_token=self.layer.row_bytes)
+        return self.emit.call(kind, ops.exchange_start, rows, send_splits, recv_splits,
+                              **routed_exchange(self.plan, self.layer, name))
 
     def whole(self, tokens, expert_ids, weights, keep, during_dispatch) -> fx.Node:
         emit = self.emit

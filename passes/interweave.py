@@ -50,7 +50,7 @@ def interweave(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     last_combine = None  # a_{n-1}'s combine, started by a_0's slot
     for j, view in enumerate(ring):
         previous = ring[j - 1]  # a_{n-1} for j == 0
-        with StaleSlot(gm, view, STALENESS) as slot:
+        with StaleSlot(gm, view, STALENESS, ctx.plan) as slot:
             counts = slot.start_counts()
             previous_dispatch = slot.read(RING) if j == 0 else carried
             carried = slot.dispatch(counts)  # this layer's dispatch first: the next slot needs it

@@ -69,11 +69,12 @@ from moedit.runtime.sequence_ops import (image_rows, join_patches, patch_buffer,
                                          write_patch)
 
 from ._tokens import JointCall, Layout, TokenSplit, joint_call
+from .expert_parallel import routed_exchange
 from .patch_parallel import kv_key
 from .sequence_parallel import block_of, split_attentions
 
 AXIS = "pipefusion"
-_SENDS_ROWS = (Kind.DISPATCH_START, Kind.COMBINE_START)  # copies that send `row_bytes` per routed token slot
+_SENDS_ROWS = (Kind.DISPATCH_START, Kind.COMBINE_START)  # copies that send a routed row per token slot
 
 
 def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -294,7 +295,8 @@ class _Stage:
             copy.meta[META] = dataclasses.replace(node.meta[META])
             kind, layer = kind_of(node), meta(node).get("layer")
             if kind is not None and kind not in VALUES:
-                sends = self.ctx.layers[layer].row_bytes if kind in _SENDS_ROWS else 0
+                sends = (routed_exchange(self.ctx.plan, self.ctx.layers[layer], node.kwargs["name"])["bytes_per_token"]
+                         if kind in _SENDS_ROWS else 0)
                 self.copies.append(Inserted(node=copy.name, layer=layer, kind=kind.value, bytes_per_token=sends,
                                             share=1 / patches))
         return copy

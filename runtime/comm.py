@@ -15,7 +15,7 @@ import dataclasses
 import datetime
 import logging
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,11 +44,13 @@ class Exchange(NamedTuple):
 
 @dataclasses.dataclass
 class Pending:
-    """An exchange in flight: read `output` only after `wait`."""
+    """An exchange in flight: read `output` only after `wait`. `expand`, if set, turns the
+    packed rows of a compressed exchange back into the model's (see [Note: wire dtypes])."""
 
     output: torch.Tensor
     work: dist.Work | None
     exchange: Exchange | None = None
+    expand: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class WorkGroup:

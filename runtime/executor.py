@@ -363,9 +363,9 @@ class Runtime:
 
     @torch.no_grad()
     def sample(self, class_labels, steps: int = 50, cfg_scale: float = 1.5, seed: int = 0,
-               sampler: str = "rflow") -> torch.Tensor:
+               sampler: str = "rflow", progress: bool = True) -> torch.Tensor:
         """Sampling of one image per label with `sampler` ("rflow", "ddpm" or "ddim", see
-        moedit.runtime.sampling); every rank returns the full batch.
+        moedit.runtime.sampling); every rank returns the full batch. `progress`: rank 0 shows a bar.
 
         All noise (the initial latents, DDPM's noise at every step) is drawn for the global
         batch from `seed` and sharded, so the images do not depend on the number of ranks."""
@@ -388,7 +388,7 @@ class Runtime:
         global_noise = step_noise(labels.shape[0], cfg.in_channels, cfg.input_size, seed)
         self.reset(steps, seed)
         self.step_times, self.blocked_times, self.blocked_by, self.sent_bytes = [], [], [], []
-        bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0, leave=False)
+        bar = tqdm(total=steps, desc="sampling", disable=self.rank != 0 or not progress, leave=False)
         last, blocked, sent = time.perf_counter(), self.state.blocked_s, self.state.sent_bytes
         by_name = dict(self.state.blocked_by)
 

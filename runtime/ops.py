@@ -5,6 +5,7 @@ input] in moedit/graph.py) and is registered with `torch.fx.node.has_side_effect
 dead-code elimination keeps it even when its result is unused.
 
     exchange_start(run, rows, send_splits, recv_splits, ...) -> Pending   all-to-all, variable splits
+                                                                            (rows packed in a wire dtype)
     counts_start(run, send_counts, ...)                        -> Pending   all-to-all of [P, L] counts
     gather_start(run, piece, ...)                              -> Pending   all-gather, [G, *piece.shape]
     ring_start(run, block, ...)                                -> Pending   send to the next rank, receive
@@ -26,6 +27,7 @@ bake a process-group name into the graph, which would tie a program to one run.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,6 +39,7 @@ from .comm import MAIN, P2P, Exchange, Pending, WorkGroup
 from .expert_ops import rows_per_expert, unpermute
 from .offload import Fetch
 from .state import RunState
+from .wire import wire_of
 
 
 STATEFUL: set = set()  # every op marked with @stateful
@@ -51,15 +54,21 @@ def stateful(fn):
 
 @stateful
 def exchange_start(run: RunState, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
-                   name: str, layer: int | None, axis: str, channel: str = MAIN) -> Pending:
+                   name: str, layer: int | None, axis: str, channel: str = MAIN, wire: str | None = None,
+                   wire_block: int = 128) -> Pending:
     """Start an all-to-all: rows [sum(send_splits), ...] are cut by `send_splits` (one count
-    per destination rank) and rows arrive by `recv_splits`."""
+    per destination rank) and rows arrive by `recv_splits`. `wire` ("bfloat16", "float16",
+    "float8"): the rows travel packed in that dtype and are expanded at the wait (see
+    [Note: wire dtypes] in moedit/runtime/wire.py)."""
     exchange = Exchange(name, layer, axis, channel)
-    output = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+    codec = wire_of(wire, wire_block)
+    send = rows.contiguous() if codec is None else codec.encode(rows)
+    output = send.new_empty((sum(recv_splits), *send.shape[1:]))
     group = run.group(exchange)
-    work = dist.all_to_all_single(output, rows.contiguous(), recv_splits, send_splits, group=group, async_op=True)
-    run.sent_bytes += (sum(send_splits) - send_splits[group.rank()]) * math.prod(rows.shape[1:]) * rows.element_size()
-    return run.issued(Pending(output, work, exchange))
+    work = dist.all_to_all_single(output, send, recv_splits, send_splits, group=group, async_op=True)
+    run.sent_bytes += (sum(send_splits) - send_splits[group.rank()]) * math.prod(send.shape[1:]) * send.element_size()
+    expand = None if codec is None else functools.partial(codec.decode, dtype=rows.dtype, shape=tuple(rows.shape[1:]))
+    return run.issued(Pending(output, work, exchange, expand))
 
 
 @stateful

@@ -89,6 +89,8 @@ class RunState:
             if self.timeline is not None:
                 self.timeline.waited(pending.work, after)
         pending.work = None
+        if pending.expand is not None:
+            pending.output, pending.expand = pending.expand(pending.output), None
         return pending.output
 
     def _blocked(self, name: str, seconds: float) -> None:

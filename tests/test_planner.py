@@ -10,7 +10,7 @@ import yaml
 import moedit
 from moedit.cli import main
 from moedit.costs import Hardware, Link
-from moedit.planner import candidate_plans, describe, search, staleness_of
+from moedit.planner import QualityProbe, candidate_plans, describe, lossy_part, search, staleness_of
 
 from _dist import run_ranks
 from _models import tiny_model
@@ -57,6 +57,27 @@ def test_one_image_is_planned_over_the_xdit_axes(caplog):
     assert found and all(c.plan.get("cfg_parallel") or c.plan.get("sequence_parallel") for c in found)
     assert found[0].comm_share_sync is None
     assert {describe(c.plan).split(",")[0] for c in found} >= {"cfg 2", "ulysses 4", "ring 4", "cfg 2 x ulysses 2"}
+
+
+def test_wire_dtypes_are_an_axis_and_each_candidate_carries_its_measured_quality_cost():
+    """Every candidate comes with each wire dtype asked for; the quality probe runs each distinct
+    set of lossy settings once (layouts and schedules are exact and share a run), gives exact plans
+    0, and ranks the wires as their precision does; a bound leaves the costlier plans out."""
+    plans = candidate_plans(2, layers=2, max_staleness=0, wire_dtypes=("auto", "bfloat16", "float8"))
+    assert len(plans) == 3 * len(candidate_plans(2, layers=2, max_staleness=0))
+    probe = QualityProbe(tiny_model(), images=2, steps=3)
+    found = search(tiny_model(), _slow_link(), 2, batch=8, steps=3, max_staleness=0,
+                   wire_dtypes=("auto", "bfloat16", "float8"), quality=probe)
+    cost = {c.plan["expert_parallel"].get("wire_dtype", "auto"): c.quality_rel_l2 for c in found
+            if "schedule" not in c.plan and "cfg_parallel" not in c.plan and "sequence_parallel" not in c.plan
+            and "conditional_comm" not in c.plan and c.plan["expert_parallel"].get("chunks", 1) == 1}
+    assert cost["auto"] == 0 and 0 < cost["bfloat16"] < cost["float8"] < 0.1, cost
+    assert len(probe.measured) == 2  # bf16 and fp8 (within staleness 0 nothing else is lossy), not per layout
+    assert lossy_part({"expert_parallel": {"degree": 4, "chunks": 2}, "sequence_parallel": {"ulysses": 2}}) == {}
+    bounded = search(tiny_model(), _slow_link(), 2, batch=8, steps=3, max_staleness=0,
+                     wire_dtypes=("auto", "bfloat16", "float8"), quality=probe, max_rel_l2=cost["bfloat16"])
+    assert bounded and all(c.quality_rel_l2 <= cost["bfloat16"] for c in bounded)
+    assert any("above --max-rel-l2" in d.reason for d in bounded.dropped)
 
 
 def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypatch):
