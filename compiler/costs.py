@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from .plan import read_mapping
+
 BUILTIN = pathlib.Path(__file__).parent / "hardware"
 CALIBRATED = ("cpu-local", "shaped-link")
 
@@ -100,11 +102,10 @@ class Hardware(BaseModel):
                 raise HardwareError(f"no calibrated {name!r} profile at {path}: run `moedit calibrate{link}` first")
             raise HardwareError(f"unknown hardware profile {str(name)!r}; known: {', '.join(known_profiles())}, "
                                 "or a path to a YAML profile")
-        with open(path) as f:
-            try:
-                return cls(**(yaml.safe_load(f) or {}))
-            except (ValueError, TypeError) as err:
-                raise HardwareError(f"hardware profile {path} is not valid: {err}") from err
+        try:
+            return cls(**read_mapping(str(path), "hardware profile", names_only=False))  # rank counts are keys
+        except (ValueError, TypeError) as err:  # PlanError is a ValueError
+            raise HardwareError(f"hardware profile {path} is not valid: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)

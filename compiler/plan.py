@@ -22,10 +22,15 @@ class PlanError(ValueError):
     """A plan that cannot be compiled; the message names the field and the fix."""
 
 
+# strict: a boolean is not a number and 1.5 is not an int; allow_inf_nan: every number is finite
+_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _CONFIG
 
 
+MAX_CHUNKS = 64
 WireDtype = Literal["auto", "bfloat16", "float16", "float8"]  # see [Note: wire dtypes] in moedit/runtime/wire.py
 
 
@@ -49,8 +54,9 @@ class ExpertParallel(_Section):
 
     @model_validator(mode="after")
     def _positive_chunks(self):
-        if self.chunks != "auto" and self.chunks < 1:
-            raise ValueError(f"chunks must be a positive number or 'auto', got {self.chunks}")
+        if self.chunks != "auto" and not 1 <= self.chunks <= MAX_CHUNKS:
+            raise ValueError(f"chunks must be 'auto' or a number from 1 to {MAX_CHUNKS} (each chunk adds an "
+                             f"exchange's latency per layer), got {self.chunks}")
         default_block = type(self).model_fields["wire_block"].default  # (to_dict writes it, so not fields_set)
         if self.wire_block != default_block and "float8" not in self.wire_dtypes.values():
             raise ValueError(f"wire_block: {self.wire_block} only applies to a float8 wire; set wire_dtype or "
@@ -89,8 +95,9 @@ class SelectiveSync(_Section):
         "none", description="Which MoE layers stay synchronous under a stale mode, or an explicit list of layers; "
                             "auto: the most staleness-sensitive ones, measured on a calibration run at compile time.")
     fraction: float = Field(0.5, ge=0, le=1, description="auto: the share of MoE layers kept synchronous.")
-    calibration_steps: int = Field(10, ge=2, description="auto: diffusion steps of the calibration run.")
-    calibration_images: int = Field(4, ge=1, description="auto: images in the calibration run.")
+    calibration_steps: int = Field(10, ge=2, le=1000, description="auto: diffusion steps of the calibration run "
+                                   "(one run per MoE layer, at compile time).")
+    calibration_images: int = Field(4, ge=1, le=256, description="auto: images in the calibration run.")
     calibration_sampler: Literal["rflow", "ddpm", "ddim"] = Field(
         "rflow", description="auto: the sampler of the calibration run; best the one the model samples with "
                              "(rflow: DiT-MoE XL and G; ddpm: S and B).")
@@ -193,8 +200,8 @@ class Schedule(_Section):
 
 
 class Runtime(_Section):
-    timeout_s: float = Field(120.0, gt=0, description="Every collective fails after this many seconds instead of "
-                             "hanging.")
+    timeout_s: float = Field(120.0, gt=0, le=86400, description="Every collective fails after this many seconds "
+                             "instead of hanging (at most a day).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: the backend of the default process "
                                                      "group if one exists (gloo or nccl must match it), else NCCL "
                                                      "when CUDA is available, else gloo.")
@@ -204,7 +211,7 @@ class Runtime(_Section):
 class Plan(BaseModel):
     """A validated plan. Build one with keyword arguments or `Plan.from_file(path)`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _CONFIG
 
     expert_parallel: ExpertParallel = Field(default_factory=ExpertParallel, description="Expert parallelism.")
     staleness: Staleness = Field(default_factory=Staleness, description="DICE / DistriFusion staleness mode.")
@@ -276,19 +283,10 @@ class Plan(BaseModel):
     def from_file(cls, path: str | os.PathLike) -> "Plan":
         """Load a plan from YAML (.yaml/.yml) or JSON (.json)."""
         path = os.fspath(path)
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as err:
-            raise PlanError(f"cannot read plan file {path!r}: {err.strerror}") from err
-        try:
-            data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise PlanError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}") from err
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise PlanError(f"{path} must hold a mapping of plan sections, got {type(data).__name__}")
+        data = read_mapping(path, "plan")
+        if not data:
+            raise PlanError(f"{path} is empty; write at least one section (the single-device plan is "
+                            "`expert_parallel: {degree: 1}`)")
         try:
             return cls(**data)
         except PlanError as err:
@@ -296,6 +294,72 @@ class Plan(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+
+def read_mapping(path: str, what: str, names_only: bool = True) -> dict:
+    """The mapping a YAML or JSON `what` file (a plan, a hardware profile) holds, each key once
+    (and, with `names_only`, every key a string); a PlanError naming the file (and the line,
+    where the parser says) if not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise PlanError(f"cannot read {what} file {path!r}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{path} is not a text file ({err.reason} at byte {err.start}); a {what} is YAML or JSON "
+                        "text") from None
+    is_json = path.endswith(".json")
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if is_json else yaml.load(text, _UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({err.context})" if err.context else ""
+        raise PlanError(f"{path}{where}: not valid YAML: {err.problem}{context}") from None
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:
+        raise PlanError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PlanError(f"{path} must hold a mapping of {what} sections, got {type(data).__name__}")
+    if names_only:
+        _check_keys(data, path, ())
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first on line {first[key] + 1}); keep one", key_node.start_mark)
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _unique_pairs(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"key(s) {', '.join(map(repr, twice))} given twice in one object; keep one")
+    return dict(pairs)
+
+
+def _check_keys(data: dict, path: str, where: tuple) -> None:
+    for key, value in data.items():
+        if not isinstance(key, str):
+            at = ".".join(where) or "the top level"
+            raise PlanError(f"{path}: key {key!r} at {at} is not a name; keys are words such as 'degree'")
+        if isinstance(value, dict):
+            _check_keys(value, path, (*where, key))
 
 
 def _check_patches(plan: "Plan") -> None:
@@ -458,7 +522,15 @@ def _message(error: dict) -> str:
         section = _section_at(error["loc"][:-1])
         accepted = ", ".join(section.model_fields) if section is not None else "(none)"
         return f"unknown key; accepted keys here: {accepted}"
-    return error["msg"].removeprefix("Value error, ")
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] != "value_error" and not isinstance(error.get("input"), dict):
+        message += f" (got {_short(error.get('input'))})"
+    return message
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _section_at(loc) -> type[BaseModel] | None:

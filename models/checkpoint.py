@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ _WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
 # length of one load (a context, not torch's process-wide allow-list). Anything else (a
 # custom class, a function) is refused: unpickling it could run arbitrary code.
 _SAFE_GLOBALS = [argparse.Namespace]
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_GLOBAL = re.compile(r"GLOBAL (\S+)", re.IGNORECASE)  # how torch's weights-only unpickler names what it refused
+_OPERAND = re.compile(r"Unsupported operand (\d+)")
 
 
 class CheckpointError(ValueError):
@@ -30,19 +32,37 @@ def _read(path: str) -> object:
     if path.lower().endswith(".safetensors"):
         return _read_safetensors(path)
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our error says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = _UNSUPPORTED.search(str(err))
-        if refused is None:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (UnpicklingError: {err})") from err
-        raise CheckpointError(
-            f"{path} contains a pickled {refused.group(1)}, which moedit refuses to unpickle (only tensors, plain "
-            "containers and argparse.Namespace are allowed: other objects can run code); if you trust the file, "
-            "load it with torch.load(weights_only=False) and save just the weights with "
-            "torch.save(model.state_dict(), path)") from None
+        if "weights only" not in str(err).lower() or not _looks_pickled(path):  # not refused: not a pickle
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (UnpicklingError: "
+                                  f"{str(err).splitlines()[0]})") from None
+        raise CheckpointError(_refused(path, str(err))) from None
     except (RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err.__class__.__name__}: {err})") from err
+
+
+def _looks_pickled(path: str) -> bool:
+    """Whether `path` starts as torch.save's zip file or as a pickle of protocol 2 or later does."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def _refused(path: str, torch_message: str) -> str:
+    """Why the weights-only unpickler refused `path`, in our words: torch's own message goes on to
+    suggest weights_only=False, which would run whatever the file holds."""
+    if (found := _GLOBAL.search(torch_message)) is not None:
+        what = f"a pickled {found.group(1)}"
+    elif (found := _OPERAND.search(torch_message)) is not None:
+        what = f"pickle opcode {found.group(1)} (not a torch.save file, or one written with an unusual protocol)"
+    else:
+        what = "pickled data that is not tensors and plain containers"
+    return (f"{path} was refused for safety: it contains {what}, and moedit unpickles only tensors, plain "
+            "containers and argparse.Namespace, because any other object can run code while it loads; save the "
+            "weights alone (torch.save(model.state_dict(), path) or a .safetensors file) and load that")
 
 
 def _read_safetensors(path: str) -> dict:

@@ -60,6 +60,15 @@ class DiTMoEConfig:
     num_shared_expert_ratio: int = 2  # the shared expert's width is this many times H
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), type(field.default)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+                raise ValueError(f"{field.name}: give {wanted}, got {value!r}")
+            if kind is int and value < (0 if field.name == "num_shared_expert_ratio" else 1):
+                raise ValueError(f"{field.name}: give a positive number, got {value}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob: give a probability in [0, 1), got {self.class_dropout_prob}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads:

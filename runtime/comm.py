@@ -15,6 +15,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -70,6 +72,32 @@ class WorkGroup:
 
 class CollectiveError(RuntimeError):
     """An exchange did not complete: a peer rank stalled past the timeout, or died."""
+
+
+# [Note: naming the stalled rank]
+# gloo and NCCL say only that a collective timed out, not which rank never joined. A rank
+# that stalls (or died) does not time out itself; every rank that waited for it does, at
+# about the same moment. So a rank whose exchange fails posts that in the default group's
+# key-value store, waits a few seconds for the other ranks' posts, and names the ranks
+# that posted nothing: those were not waiting on an exchange when the others gave up.
+STALL_REPORT_S = 5.0
+
+
+def silent_ranks(me: int, tag: str, wait_s: float = STALL_REPORT_S) -> list[int]:
+    """The ranks of the world that did not post a failed exchange under `tag` within `wait_s`
+    seconds of this rank's post (see [Note: naming the stalled rank]); [] if the store is gone."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"moedit/{tag}/failed/{me}", "1")
+        others = [r for r in range(dist.get_world_size()) if r != me]
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in others if not store.check([f"moedit/{tag}/failed/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, ValueError, AttributeError):  # no store (a closed group, a dead launcher)
+        return []
 
 
 def pick_backend(requested: str) -> str:
@@ -130,7 +158,15 @@ def init_process_group(backend: str, timeout_s: float, world_size: int) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        except RuntimeError as err:  # DistStoreError: a rank never came to the rendezvous
+            missing = re.search(r"keys: \S*/(\d+)\s*$", str(err).splitlines()[0])
+            who = f"rank {missing.group(1)} did not join" if missing else "not every rank joined"
+            raise CollectiveError(
+                f"rank {os.environ['RANK']}: the process group of {os.environ['WORLD_SIZE']} ranks did not form "
+                f"within runtime.timeout_s = {timeout_s:g} s: {who} (it stalled or failed before joining; look for "
+                f"its error first). Backend said: {str(err).splitlines()[0]}") from None
     elif world_size == 1:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:

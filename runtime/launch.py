@@ -12,10 +12,14 @@ and `explain.txt` under --out, and checks that it can write there before any oth
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
+import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -67,15 +71,22 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+OUTPUTS = ("samples.png", "explain.txt", "images.pt", "timings.json", "timeline.json", "timeline.png")
+
+
 def check_out(out: str) -> None:
     """Create the --out folder and write a file in it, so that a folder no one can write
-    fails before any work; raises ValueError saying what to give instead."""
+    fails before any work, and remove what an earlier run wrote there, so that a run that
+    fails leaves no files that look like its own; raises ValueError saying what to give instead."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder; give a folder path (it is created if missing)")
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
+        for name in OUTPUTS:
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     except OSError as err:
         raise ValueError(f"--out {out}: cannot create or write to it ({err.strerror}); give a folder you can "
                          "write to") from None
@@ -128,7 +139,81 @@ def caption(args, labels: list[int], world_size: int) -> str:
             f"steps, cfg {args.cfg_scale:g}, seed {args.seed}; labels {' '.join(map(str, labels))}")
 
 
+MAX_STEPS = 10_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+
+
+def check_args(args) -> None:
+    """Numbers that would overflow, run for days or mean nothing, refused naming the argument."""
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: give 1 to {MAX_STEPS}")
+    if args.labels is None and args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: give at least 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: give 0 to 2**63 - 1")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise ValueError(f"--cfg-scale {args.cfg_scale}: give a finite scale >= 0 (1 means no guidance)")
+
+
+def check_memory(model, images: int) -> None:
+    """Refuse, with the figure, a run whose weights and batch cannot fit in this machine's free
+    memory, before allocating them: weights from `model` (built on the meta device), and per image
+    with CFG its latents, output and the activations of one block's widest step, a rough bound."""
+    cfg = model.config
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_image = 4 * (2 * tokens * cfg.hidden_size * (8 + 4 * cfg.num_experts_per_tok) + 2 * cfg.num_heads * tokens ** 2
+                     + 4 * cfg.in_channels * cfg.input_size ** 2)
+    needed, free = weights + images * per_image, _free_memory()
+    if free is not None and needed > free:
+        raise ValueError(f"{images} images of {cfg.input_size}x{cfg.input_size} with a {weights / 2**30:.2f} GiB model "
+                         f"need about {needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free here; give "
+                         "fewer images (--num-images, --labels) or a smaller model (--set)")
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory this machine can give (Linux: MemAvailable, which counts reclaimable caches;
+    else the free pages), or None if the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def exit_with_launcher() -> None:
+    """Linux: have the kernel end this worker when its launcher dies (torchrun killed with SIGKILL
+    cannot stop its workers itself), so no rank runs on orphaned."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's workers only
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def main(argv=None) -> int:
+    exit_with_launcher()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"moedit.run: interrupted{f' on rank {_rank()}' if _rank() else ''}", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     defaults = sampling_defaults(args.model)
     args.sampler = defaults["sampler"] if args.sampler is None else args.sampler
@@ -142,18 +227,27 @@ def main(argv=None) -> int:
     try:
         if _rank() == 0:  # the only rank that writes
             check_out(args.out)
-        if args.steps < 1 or args.num_images < 1:
-            raise ValueError(f"--steps ({args.steps}) and --num-images ({args.num_images}) must be at least 1")
+        check_args(args)
         if args.sampler != "rflow":
             respaced_timesteps(args.steps)  # Gaussian diffusion takes at most its training steps
         plan = moedit.Plan.from_file(args.plan)
-        model = load_model(args.model, args.checkpoint, **parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        try:
+            shapes = load_model(args.model, device="meta", **overrides)  # no memory: sizes only
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--set {' '.join(args.set)}: {err}" if overrides else err) from None
+        check_memory(shapes, len(args.labels or ()) or args.num_images)
+        model = load_model(args.model, args.checkpoint, **overrides)
         labels = args.labels or [i % model.config.num_classes for i in range(args.num_images)]
         check_labels(labels, model.config.num_classes)
         compiled = moedit.compile(model, plan)
         runtime = compiled.to_runtime(profile=args.timeline)
-    except (moedit.PlanError, moedit.TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError) as err:
+    except (moedit.PlanError, moedit.TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError,
+            OverflowError) as err:
         return _refuse(err)
+    except CollectiveError as err:  # the ranks did not come together
+        print(f"moedit.run: error: {err}", file=sys.stderr)
+        return 1
     try:
         start = time.perf_counter()
         images = runtime.sample(labels, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
@@ -169,6 +263,10 @@ def main(argv=None) -> int:
         return _refuse(err)
     except (CollectiveError, FloatingPointError, MemoryError) as err:
         print(f"moedit.run: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # writing the outputs (a full disk, a folder removed): nothing partial is left
+        print(f"moedit.run: error: could not write the outputs under --out {args.out} ({err.strerror or err}); "
+              "the images were not saved", file=sys.stderr)
         return 1
     finally:
         runtime.close()
@@ -193,21 +291,40 @@ def _timings(args, plan, runtime, labels, total: float) -> dict:
 
 
 def _write(args, compiled, runtime, labels, images, spans, timings: dict) -> list[str]:
-    """Rank 0's files under --out; returns their paths."""
-    path = {name: os.path.join(args.out, name) for name in ("samples.png", "explain.txt", "images.pt",
-                                                            "timings.json", "timeline.json", "timeline.png")}
-    save_grid(images, path["samples.png"], columns=10, scale=4, caption=caption(args, labels, runtime.world_size))
-    with open(path["explain.txt"], "w") as f:
+    """Rank 0's files under --out, each written whole or not at all (`_atomic`); returns their paths."""
+    path = {name: os.path.join(args.out, name) for name in OUTPUTS}
+    with _atomic(path["samples.png"]) as tmp:
+        save_grid(images, tmp, columns=10, scale=4, caption=caption(args, labels, runtime.world_size))
+    with _atomic(path["explain.txt"]) as tmp, open(tmp, "w") as f:
         f.write(compiled.explain(batch_size=len(labels), steps=args.steps) + "\n")
-    torch.save(images, path["images.pt"])
-    with open(path["timings.json"], "w") as f:
+    with _atomic(path["images.pt"]) as tmp:
+        torch.save(images, tmp)
+    with _atomic(path["timings.json"]) as tmp, open(tmp, "w") as f:
         json.dump(timings, f, indent=1)
     if spans is None:
         return [path[name] for name in ("samples.png", "explain.txt", "images.pt", "timings.json")]
-    chrome_trace(spans, path["timeline.json"])
-    draw(spans, path["timeline.png"], steps=range(1, min(3, args.steps)),
-         title=f"{os.path.basename(args.plan)}, {runtime.world_size} ranks")
+    with _atomic(path["timeline.json"]) as tmp:
+        chrome_trace(spans, tmp)
+    with _atomic(path["timeline.png"]) as tmp:
+        draw(spans, tmp, steps=range(1, min(3, args.steps)), title=f"{os.path.basename(args.plan)}, "
+             f"{runtime.world_size} ranks")
     return list(path.values())
+
+
+@contextlib.contextmanager
+def _atomic(path: str):
+    """Yield a temporary name beside `path` to write; rename it to `path` once written, so that a
+    killed or failed run never leaves a partial file under the final name. (The temporary name
+    keeps the extension: savers pick the format by it.)"""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.partial{os.path.splitext(name)[1]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from moedit.steps import StepKind
 
 from .cache import StepCache
-from .comm import CollectiveError, Exchange, Pending
+from .comm import CollectiveError, Exchange, Pending, silent_ranks
 from .mesh import Mesh
 
 if TYPE_CHECKING:
@@ -74,11 +74,14 @@ class RunState:
             pending.work.wait()
         except RuntimeError as err:
             self.failed = True
+            waited = time.perf_counter() - start
+            silent = silent_ranks(dist.get_rank(), self.mesh.name)
+            culprit = (f"rank(s) {', '.join(map(str, silent))} did not join (they were not waiting on any exchange "
+                       "when this one gave up: stalled or dead)" if silent else "a peer rank stalled or died")
             raise CollectiveError(
                 f"rank {self.rank}: exchange {pending.exchange} failed at diffusion step {self.step} "
-                f"({self.kind} program) after {time.perf_counter() - start:.1f} s of waiting "
-                f"(runtime.timeout_s = {self.timeout_s:g}): a peer rank stalled or died; look for its "
-                f"error first. Backend said: {err}") from err
+                f"({self.kind} program) after {waited:.1f} s of waiting (runtime.timeout_s = {self.timeout_s:g}): "
+                f"{culprit}; look for its error first. Backend said: {str(err).splitlines()[0]}") from err
         finally:
             if stream is None:
                 self._blocked(name, time.perf_counter() - start)

@@ -1,4 +1,6 @@
 import argparse
+import os
+import pickle
 
 import pytest
 import torch
@@ -111,11 +113,29 @@ class _Payload:
     """Stands for any class a pickle could instantiate (and run code with)."""
 
 
-def test_a_pickle_with_other_objects_is_refused(tmp_path):
+class _Exploit:
+    """A pickle that, if unpickled, runs a shell command (writes `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_with_other_objects_is_refused_for_safety_and_runs_nothing(tmp_path):
     model = _one_block()
     torch.save({"ema": model.state_dict(), "extra": _Payload()}, tmp_path / "ckpt.pt")
-    with pytest.raises(CheckpointError, match=r"contains a pickled test_models\._Payload, which moedit refuses"):
+    with pytest.raises(CheckpointError, match=r"refused for safety: it contains a pickled test_models\._Payload"):
         load_checkpoint(model, tmp_path / "ckpt.pt")
+    marker = tmp_path / "ran"
+    torch.save({"ema": model.state_dict(), "extra": _Exploit(marker)}, tmp_path / "exploit.pt")
+    with open(tmp_path / "raw.pkl", "wb") as f:  # a bare pickle, not torch.save's zip
+        pickle.dump({"extra": _Exploit(marker)}, f)
+    for name in ("exploit.pt", "raw.pkl"):
+        with pytest.raises(CheckpointError, match="refused for safety") as refused:
+            load_checkpoint(model, tmp_path / name)
+        assert "weights_only" not in str(refused.value) and not marker.exists()
     # The Namespace is allowed only while a checkpoint loads, not in torch's global allow-list.
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
 
