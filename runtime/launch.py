@@ -187,6 +187,9 @@ def _free_memory() -> int | None:
         return None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def exit_with_launcher() -> None:
     """Linux: have the kernel end this worker when its launcher dies (torchrun killed with SIGKILL
     cannot stop its workers itself), so no rank runs on orphaned."""
@@ -199,9 +202,6 @@ def exit_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def main(argv=None) -> int:
