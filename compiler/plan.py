@@ -243,6 +243,10 @@ class Plan(BaseModel):
         if self.staleness.mode == "sync" and self.selective_sync.strategy != "none":
             raise ValueError("selective_sync: has no effect when staleness.mode is 'sync' (every layer is "
                              "synchronous); remove it or choose a stale mode")
+        if (self.schedule.profile is not None and self.schedule.policy != "overlap"
+                and self.expert_parallel.chunks != "auto" and not self.shortcut.enabled):
+            raise ValueError("schedule.profile: only schedule.policy 'overlap', expert_parallel.chunks 'auto' and the "
+                             "shortcut schedule read it; set one of them, or remove the profile")
         if self.schedule.profile is not None and not os.path.isfile(self.schedule.profile):
             raise ValueError(f"schedule.profile: no file {self.schedule.profile!r}; write one with "
                              "`torchrun ... -m moedit.run --timeline --out DIR` (DIR/timeline.json) or remove it")

@@ -296,6 +296,8 @@ def resolve_chunks(plan: Plan) -> tuple[Plan, dict | None]:
     chunks = min(range(1, 9), key=lambda n: (predicted(n), n))
     data = plan.to_dict()
     data["expert_parallel"]["chunks"] = chunks
+    if data["schedule"]["policy"] != "overlap" and not data["shortcut"]["enabled"]:
+        data["schedule"]["profile"] = None  # read: nothing else reads it (a plan refuses an unread profile)
     basis = {"dispatch_s": D, "combine_s": C, "experts_s": E, "latency_s": a, "chunks": chunks,
              "predicted_s": {n: predicted(n) for n in range(1, 9)}}
     return Plan(**data), basis

@@ -185,15 +185,19 @@ def _default_key(node: fx.Node, label: str):
 def measured_costs(path: str) -> dict:
     """Mean time per occurrence of each compute region and each exchange, over every rank and
     step but the first, from a Chrome trace written by `moedit.run --timeline`."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
-    compute, exchange = defaultdict(list), defaultdict(list)
-    for e in events:
-        if e["ph"] != "X" or e["args"].get("step", 0) == 0:
-            continue
-        bucket = compute if lanes[e["pid"], e["tid"]] == "compute" else exchange
-        bucket[e["name"]].append(e["dur"] / 1e6)
+    try:
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+        compute, exchange = defaultdict(list), defaultdict(list)
+        for e in events:
+            if e["ph"] != "X" or e["args"].get("step", 0) == 0:
+                continue
+            bucket = compute if lanes[e["pid"], e["tid"]] == "compute" else exchange
+            bucket[e["name"]].append(e["dur"] / 1e6)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise PlanError(f"schedule.profile {path} is not a timeline written by `moedit.run --timeline` "
+                        f"({err}); give DIR/timeline.json of such a run") from None
     by_name = defaultdict(list)
     for label, durations in exchange.items():
         by_name[re.sub(r"^L\d+ ", "", label)] += durations

@@ -33,6 +33,8 @@ PLANS = {  # file name, content -> what the one error line says
     "dup.json": ('{"expert_parallel": {"degree": 2, "degree": 3}}', "dup.json is not valid JSON: key(s) 'degree' "
                  "given twice"),
     "list.yaml": ("- 1\n- 2\n", "list.yaml must hold a mapping of plan sections, got list"),
+    "profile.yaml": ("schedule:\n  profile: examples/plans/single.yaml\n", "schedule.profile: only schedule.policy "
+                     "'overlap', expert_parallel.chunks 'auto' and the shortcut schedule read it"),
 }
 
 
@@ -69,6 +71,14 @@ def test_a_malformed_plan_is_one_line_naming_the_file_and_the_field(refuse, tmp_
     content, expected = PLANS[name]
     (tmp_path / name).write_text(content)
     refuse(["--plan", str(tmp_path / name)], expected)
+
+
+def test_a_profile_that_is_not_a_timeline_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("schedule:\n  policy: overlap\n  profile: examples/plans/single.yaml\n")
+    assert launch.main(["--model", "tiny", "--plan", str(plan), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys.readouterr().err, "schedule.profile examples/plans/single.yaml is not a timeline")
 
 
 def test_a_binary_plan_file_is_named(refuse, tmp_path):
