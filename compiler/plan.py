@@ -53,7 +53,7 @@ class ExpertParallel(_Section):
                             "shorter row: one scale per row).")
 
     @model_validator(mode="after")
-    def _positive_chunks(self):
+    def _chunks_and_wire_block(self):
         if self.chunks != "auto" and not 1 <= self.chunks <= MAX_CHUNKS:
             raise ValueError(f"chunks must be 'auto' or a number from 1 to {MAX_CHUNKS} (each chunk adds an "
                              f"exchange's latency per layer), got {self.chunks}")

@@ -83,10 +83,11 @@ class CollectiveError(RuntimeError):
 STALL_REPORT_S = 5.0
 
 
-def silent_ranks(me: int, tag: str, wait_s: float = STALL_REPORT_S) -> list[int]:
-    """The ranks of the world that did not post a failed exchange under `tag` within `wait_s`
+def silent_ranks(me: int, mesh, wait_s: float = STALL_REPORT_S) -> list[int]:
+    """The ranks of the world that did not post a failed exchange on `mesh` within `wait_s`
     seconds of this rank's post (see [Note: naming the stalled rank]); [] if the store is gone."""
     try:
+        tag = mesh.name  # (only here: it reads torch's private group names, so a failure path pays for it)
         store = dist.distributed_c10d._get_default_store()
         store.set(f"moedit/{tag}/failed/{me}", "1")
         others = [r for r in range(dist.get_world_size()) if r != me]

@@ -43,12 +43,15 @@ class Mesh:
         for axis, channel in sorted(set(communicators)):  # every rank creates every group, in one order
             mine, _ = dist.new_subgroups_by_enumeration(layout.groups(axis), timeout=timeout, backend=backend)
             self._groups[axis, channel] = mine
-        # a name every rank gives this mesh alike (torch names groups in the order ranks create them)
-        self.name = "-".join(dist.distributed_c10d._get_process_group_name(g) for g in self._groups.values())
         groups = list(self._groups.values())
         if len({id(g) for g in groups}) != len(groups) or dist.group.WORLD in groups:
             raise RuntimeError("the device mesh did not create a process group of its own for every axis and "
                                "channel; closing it would destroy groups that others use")
+
+    @property
+    def name(self) -> str:
+        """A name every rank gives this mesh alike (torch names groups in the order ranks create them)."""
+        return "-".join(dist.distributed_c10d._get_process_group_name(g) for g in self._groups.values())
 
     @property
     def channels(self) -> list[str]:

@@ -75,7 +75,7 @@ class RunState:
         except RuntimeError as err:
             self.failed = True
             waited = time.perf_counter() - start
-            silent = silent_ranks(dist.get_rank(), self.mesh.name)
+            silent = silent_ranks(dist.get_rank(), self.mesh)
             culprit = (f"rank(s) {', '.join(map(str, silent))} did not join (they were not waiting on any exchange "
                        "when this one gave up: stalled or dead)" if silent else "a peer rank stalled or died")
             raise CollectiveError(
