@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import torch
 import yaml
@@ -60,6 +62,74 @@ def made(link: ShapedLink | None, script: str):
         raise SystemExit(2) from None
 
 
+def torchrun_commands(args: list[str], world: int, env: dict, link=None) -> list[tuple[list[str], dict]]:
+    """(command, environment) pairs that run `args` (a script or `-m module`, with its flags) on
+    `world` ranks: one standalone torchrun, or with `link` (a ShapedLink) one torchrun node per
+    namespace (`--nnodes=2`), half the ranks in each, so every exchange between the halves crosses it."""
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    if link is None or world == 1:
+        return [(launcher + ["--standalone", f"--nproc_per_node={world}", *args], env)]
+    port = str(free_port())
+    return [(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", f"--nproc_per_node={world // 2}",
+                                      f"--master_addr={link.addresses[0]}", f"--master_port={port}", *args]),
+             {**env, **link.env(i)}) for i in range(2)]
+
+
+def worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags with which `launch_worker` re-runs a benchmark as one torchrun worker."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one plan, under torchrun
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+
+
+@contextlib.contextmanager
+def reporting_errors(out: str):
+    """In a worker: an exception is written to OUT/error_rank<R>.txt (its line, then the
+    traceback), for `launch_worker` to report, and raised."""
+    try:
+        yield
+    except Exception as err:
+        with open(os.path.join(out, f"error_rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        raise
+
+
+def launch_worker(script: str, model: str, plan, world: int, steps: int, *, tensors: dict[str, str],
+                  timeout_s: float, link=None) -> dict:
+    """Run `script --worker` (see `worker_arguments`) for `plan` on `world` ranks (across `link`, if
+    given, as `torchrun_commands`); rank 0's result.json with `tensors` ({key: file name}) loaded from
+    the files it wrote, or {"error": ...}: the first rank's error file (`reporting_errors`), else
+    torchrun's exit status and the end of its stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [os.path.abspath(script), "--worker", "--model", model, "--plan", json.dumps(plan), "--steps",
+                str(steps), "--out", tmp]
+        commands = torchrun_commands(args, world, {**os.environ, "OMP_NUM_THREADS": "1"}, link)
+        procs = [subprocess.Popen(cmd, env=cmd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cmd, cmd_env in commands]
+        try:
+            outputs = [proc.communicate(timeout=timeout_s) for proc in procs]
+        except subprocess.TimeoutExpired:
+            for proc in procs:
+                proc.kill()
+            return {"error": f"timed out after {timeout_s} s"}
+        errors = sorted(f for f in os.listdir(tmp) if f.startswith("error_rank"))
+        if errors:
+            with open(os.path.join(tmp, errors[0])) as f:
+                text = f.read()
+            return {"error": text.split("\n\n")[0].strip(), "traceback": text, "rank": errors[0][10:-4]}
+        failed = next((i for i, proc in enumerate(procs) if proc.returncode != 0), None)
+        if failed is not None:
+            stderr = outputs[failed][1]
+            return {"error": f"torchrun exited with {procs[failed].returncode}: {stderr[-2000:]}",
+                    "stderr": stderr[-4000:]}
+        with open(os.path.join(tmp, "result.json")) as f:
+            result = json.load(f)
+        for key, name in tensors.items():
+            result[key] = torch.load(os.path.join(tmp, name))
+    return result
+
+
 def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, images: int = 16,
              cfg_scale: float = 1.5, seed: int = 0, extra_args: tuple = (), verbose: bool = False,
              link=None, timeline: str | None = None, name: str = "plan") -> dict:
@@ -77,17 +147,9 @@ def run_plan(plan: dict, world: int, *, model: str = "digits", steps: int = 20, 
                 "--num-images", str(images), "--cfg-scale", str(cfg_scale), "--seed", str(seed), *extra_args]
         if timeline:
             args.append("--timeline")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        launcher = [sys.executable, "-m", "torch.distributed.run"]
-        if link is None:
-            commands = [(launcher + ["--standalone", f"--nproc_per_node={world}", *args], env)]
-        else:
-            if world % 2:
-                raise ValueError(f"the shaped link splits the ranks over two namespaces; {world} ranks do not split")
-            port = str(free_port())
-            commands = [(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", f"--nproc_per_node={world // 2}",
-                                                  f"--master_addr={link.addresses[0]}", f"--master_port={port}",
-                                                  *args]), {**env, **link.env(i)}) for i in range(2)]
+        if link is not None and world % 2:
+            raise ValueError(f"the shaped link splits the ranks over two namespaces; {world} ranks do not split")
+        commands = torchrun_commands(args, world, {**os.environ, "OMP_NUM_THREADS": str(threads)}, link)
         procs = [subprocess.Popen(cmd, env=cmd_env, stdout=None if verbose else subprocess.PIPE,
                                   stderr=None if verbose else subprocess.PIPE, text=True) for cmd, cmd_env in commands]
         outputs = [proc.communicate() for proc in procs]

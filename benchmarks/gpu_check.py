@@ -31,21 +31,12 @@ import torch
 
 import moedit
 from _launch import machine
+from real_models import randomise
 from moedit.models import load_model, pretrained
 from moedit.runtime.timeline import COMPUTE
 
 RUN_TIME = "about 3 min on an H100 (8 at most); without CUDA about 30 s on a 2-core CPU"
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
-
-
-def _randomized(model):
-    """Random weights everywhere (adaLN-Zero's zeros would make every block the identity)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.1
-            param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    return model
 
 
 def check_kernels(cuda: bool) -> tuple[str, str]:
@@ -61,7 +52,7 @@ def check_kernels(cuda: bool) -> tuple[str, str]:
 
 def check_compiled_step(cuda: bool) -> tuple[str, str]:
     device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if cuda else ("cpu", torch.float32, 1e-5)
-    model = _randomized(load_model("S/2-8E2A")).to(device, dtype)
+    model = randomise(load_model("S/2-8E2A")).to(device, dtype)
     x, t, y = (v.to(device) for v in model.example_inputs(8))
     x = x.to(dtype)
     with torch.no_grad():
@@ -108,7 +99,7 @@ def check_copy_stream(cuda: bool) -> tuple[str, str]:
 def check_nccl_timeline(cuda: bool) -> tuple[str, str]:
     if not cuda:
         return SKIP, "no CUDA"
-    model = _randomized(load_model("tiny")).to("cuda")
+    model = randomise(load_model("tiny")).to("cuda")
     plan = moedit.Plan(runtime={"backend": "nccl"})
     with moedit.compile(model, plan).to_runtime(device="cuda", profile=True) as runtime:
         runtime.sample([0, 1, 2, 3], steps=3, cfg_scale=1.5, seed=0, progress=False)

@@ -35,11 +35,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 import torch
 
@@ -111,12 +108,13 @@ def plan_for(model: str, row: str, world: int) -> dict | None:
 
 def worker(args) -> int:
     import torch.distributed as dist
+    from _launch import reporting_errors
 
     import moedit
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    try:
+    with reporting_errors(args.out):
         plan = json.loads(args.plan)
         pipe = pipeline(args.model)
         if plan is not None:
@@ -156,33 +154,14 @@ def worker(args) -> int:
             with open(os.path.join(args.out, "result.json"), "w") as f:
                 json.dump({"image_s": max(m[0] for m in every), "transformer_s": max(m[1] for m in every),
                            "first_s": max(m[2] for m in every)}, f)
-    except Exception as err:
-        with open(os.path.join(args.out, f"error_rank{rank}.txt"), "w") as f:
-            f.write(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        raise
     return 0
 
 
 def launch(model: str, plan: dict | None, world: int, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   os.path.abspath(__file__), "--worker", "--model", model, "--plan", json.dumps(plan),
-                   "--steps", str(steps), "--out", tmp]
-        try:
-            proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                                  timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {LAUNCH_TIMEOUT_S} s"}
-        errors = sorted(f for f in os.listdir(tmp) if f.startswith("error_rank"))
-        if errors:
-            with open(os.path.join(tmp, errors[0])) as f:
-                return {"error": f.read().split("\n\n")[0].strip()}
-        if proc.returncode != 0:
-            return {"error": f"torchrun exited with {proc.returncode}: {proc.stderr[-2000:]}"}
-        with open(os.path.join(tmp, "result.json")) as f:
-            result = json.load(f)
-        result["images"] = torch.load(os.path.join(tmp, "images.pt"))
-        return result
+    from _launch import launch_worker
+
+    return launch_worker(__file__, model, plan, world, steps, tensors={"images": "images.pt"},
+                         timeout_s=LAUNCH_TIMEOUT_S)
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -209,15 +188,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    from _launch import worker_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["hidream", "nucleus"], default=["hidream", "nucleus"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/pipelines.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--plan", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)

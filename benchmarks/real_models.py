@@ -55,11 +55,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 import torch
 
@@ -202,12 +199,13 @@ def plan_for(model: str, name: str, world: int) -> tuple[dict, str]:
 
 def worker(args) -> int:
     import torch.distributed as dist
+    from _launch import reporting_errors
 
     import moedit
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    try:
+    with reporting_errors(args.out):
         plan = json.loads(args.plan)
         name, steps = args.model, 1 + args.steps
         latents, text = initial(name)
@@ -233,52 +231,16 @@ def worker(args) -> int:
                 json.dump({"step_s": [max(t[i] for t, _ in every) for i in range(steps)],
                            "blocked_s": [max(b[i] for _, b in every) for i in range(steps)],
                            "kinds": [str(k) for k in runner.step_log]}, f)
-    except Exception as err:
-        with open(os.path.join(args.out, f"error_rank{rank}.txt"), "w") as f:
-            f.write(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        raise
     return 0
 
 
 def launch(model: str, plan: dict, world: int, steps: int, link=None) -> dict:
-    """Run `plan` on `world` ranks; the worker's result, plus "final" (the last step's output),
-    or {"error": ...}. With `link` (a ShapedLink) half the ranks run in each of its two
-    namespaces (`torchrun --nnodes=2`), so every exchange between the halves crosses it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        script = [os.path.abspath(__file__), "--worker", "--model", model, "--plan", json.dumps(plan),
-                  "--steps", str(steps), "--out", tmp]
-        launcher = [sys.executable, "-m", "torch.distributed.run"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if link is None or world == 1:
-            commands = [(launcher + ["--standalone", f"--nproc_per_node={world}", *script], env)]
-        else:
-            from moedit.runtime.netns import free_port
+    """Run `plan` on `world` ranks (across `link`, if given); the worker's result, plus "final" (the
+    last step's output), or {"error": ...}."""
+    from _launch import launch_worker
 
-            port = str(free_port())
-            commands = [(link.exec(i, launcher + ["--nnodes=2", f"--node_rank={i}", f"--nproc_per_node={world // 2}",
-                                                  f"--master_addr={link.addresses[0]}", f"--master_port={port}",
-                                                  *script]), {**env, **link.env(i)}) for i in range(2)]
-        procs = [subprocess.Popen(cmd, env=cmd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for cmd, cmd_env in commands]
-        try:
-            outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S) for proc in procs]
-        except subprocess.TimeoutExpired:
-            for proc in procs:
-                proc.kill()
-            return {"error": f"timed out after {LAUNCH_TIMEOUT_S} s"}
-        proc = next((p for p in procs if p.returncode != 0), procs[0])
-        proc.stderr = outputs[procs.index(proc)][1]
-        errors = sorted(f for f in os.listdir(tmp) if f.startswith("error_rank"))
-        if proc.returncode != 0 or errors:
-            if errors:
-                with open(os.path.join(tmp, errors[0])) as f:
-                    text = f.read()
-                return {"error": text.split("\n\n")[0].strip(), "traceback": text, "rank": errors[0][10:-4]}
-            return {"error": f"torchrun exited with {proc.returncode}", "stderr": proc.stderr[-4000:]}
-        with open(os.path.join(tmp, "result.json")) as f:
-            result = json.load(f)
-        result["final"] = torch.load(os.path.join(tmp, "final.pt"))
-    return result
+    return launch_worker(__file__, model, plan, world, steps, tensors={"final": "final.pt"},
+                         timeout_s=LAUNCH_TIMEOUT_S, link=link)
 
 
 # --- the simulator --------------------------------------------------------------------------
@@ -389,6 +351,8 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def main() -> int:
+    from _launch import worker_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["hidream", "nucleus"], default=["hidream", "nucleus"])
     parser.add_argument("--worlds", nargs="+", type=int, choices=sorted(PLANS), default=sorted(PLANS))
@@ -398,10 +362,7 @@ def main() -> int:
                         help="shaped: half the ranks in each of two network namespaces joined by a 400 Mbit/s "
                              "veth (as root)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/real_models_<link>.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one plan, under torchrun
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--plan", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
