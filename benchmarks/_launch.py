@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from moedit.calibrate import probe
+from moedit.plan import read_mapping
 from moedit.runtime.netns import LinkError, ShapedLink, free_port
 
 
@@ -27,8 +28,9 @@ def machine() -> str:
 
 
 def load_plan(path: str, world: int | None = None) -> dict:
-    with open(path) as f:
-        plan = yaml.safe_load(f) or {}
+    """A plan file as a dict (read as `moedit.Plan.from_file` reads it), its expert-parallel degree
+    set to `world` if given."""
+    plan = read_mapping(path, "plan")
     if world is not None:
         plan["expert_parallel"] = {**plan.get("expert_parallel", {}), "degree": world}
     return plan
