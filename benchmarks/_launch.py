@@ -18,7 +18,7 @@ import traceback
 import torch
 import yaml
 
-from moedit.calibrate import probe
+from moedit.planner.calibrate import probe
 from moedit.plan import read_mapping
 from moedit.runtime.netns import LinkError, ShapedLink, free_port
 

@@ -26,10 +26,10 @@ import torch
 
 import moedit
 from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
-from moedit.costs import Hardware, HardwareError
+from moedit.planner.costs import Hardware, HardwareError
 from moedit.models import load_model
 from moedit.runtime.timeline import draw
-from moedit.simulate import replay, simulate
+from moedit.planner.simulate import replay, simulate
 
 PLANS = ["single", "sync_ep", "sync_ep_chunked", "displaced", "interweaved", "dice"]
 PICTURED = ("sync_ep", "dice")
@@ -65,7 +65,7 @@ def main() -> int:
     except HardwareError:
         hardware = None
     if hardware is None:
-        from moedit.calibrate import calibrate
+        from moedit.planner.calibrate import calibrate
 
         hardware = calibrate(args.link)
     print(f"profile {profile}: {hardware.source}", flush=True)

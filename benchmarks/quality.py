@@ -1,6 +1,7 @@
 """Image quality of every plan in examples/plans/ on the trained digits model.
 
     python benchmarks/quality.py [--seeds 0 1 2] [--images 200] [--steps 25] [--plans ...] [--name quality] [--save]
+                                 [--grid-only]
 
 A plan is a file name in examples/plans/, or one with settings as benchmarks/overlap.py takes
 them ("sync_ep@expert_parallel.wire_dtype=float8"), compared with sync_ep.
@@ -11,7 +12,7 @@ classifier features to the real test digits), and relative L2 / PSNR against the
 sync_ep plan's images from the same seed. Plans that need an ScMoE model (the shortcut
 schedule) run on digits-scmoe and are compared with its own sync_ep row. Reports mean ± std over seeds; with
 --save writes benchmarks/results/<name>.{json,md} and a side-by-side PNG <name>_plans.png (one row per plan,
-seed 0). Expected run time: about 25 s per plan and seed at 25 steps on 2 CPUs (all plans: ~25 min).
+named at its left, seed 0); --grid-only --save writes the PNG alone, from 20 images of the first seed. Expected run time: about 25 s per plan and seed at 25 steps on 2 CPUs (all plans: ~25 min).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 import moedit
 from moedit.models import metrics
@@ -63,7 +65,11 @@ def main() -> None:
                         "compared with run too)")
     parser.add_argument("--name", default="quality", help="file stem of what --save writes")
     parser.add_argument("--save", action="store_true", help="write the table, the raw numbers and the PNG")
+    parser.add_argument("--grid-only", action="store_true", help="only the labelled PNG: the first seed, 20 images "
+                        "per plan (about 10 s a plan); with --save writes <name>_plans.png alone")
     args = parser.parse_args()
+    if args.grid_only:
+        args.seeds, args.images = args.seeds[:1], min(args.images, 20)
     print(f"expected run time: {RUN_TIME}", flush=True)
     rows = _rows()
     rows.update({name: ("digits", name, BASE) for name in args.plans or () if "@" in name})
@@ -78,6 +84,7 @@ def main() -> None:
     clf = metrics.classifier()
     real, _ = metrics.digits_dataset("test")
     images, raw = {}, {}
+    bar = tqdm(total=len(rows) * len(args.seeds), desc="plans x seeds", unit="run", leave=False)
     for name, (model, plan_name, base_name) in rows.items():
         plan = plan_of(plan_name)
         world = moedit.Plan(**plan).world_size
@@ -94,8 +101,16 @@ def main() -> None:
                 "fd_digits": fd, "fd_minus_sync": fd - base_fd,
                 "rel_l2": metrics.relative_l2(batch, base), "psnr": metrics.psnr(batch, base),
             })
-            print(f"  {name} seed {seed}: accuracy {raw[name][-1]['accuracy']:.3f}, "
-                  f"FD {raw[name][-1]['fd_digits']:.2f}", flush=True)
+            bar.update()
+            tqdm.write(f"  {name} seed {seed}: accuracy {raw[name][-1]['accuracy']:.3f}, "
+                       f"FD {raw[name][-1]['fd_digits']:.2f}")
+    bar.close()
+    if args.grid_only:
+        if args.save:
+            path = os.path.join(args.out, f"{args.name}_plans.png")
+            _save_plans_png(images, names, args, path)
+            print(f"wrote {path} (rows: {', '.join(names)})")
+        return
     keys = ("accuracy", "fd_digits", "fd_minus_sync", "rel_l2")
     table = {name: {key: metrics.summarize([r[key] for r in runs]) for key in keys} for name, runs in raw.items()}
     for name, runs in raw.items():
@@ -129,9 +144,16 @@ def main() -> None:
         json.dump({"machine": machine(), "images": args.images, "steps": args.steps, "cfg_scale": args.cfg_scale,
                    "seeds": args.seeds, "reference_fd_digits": reference_fd, "summary": table, "runs": raw}, f,
                   indent=1)
-    side_by_side = torch.cat([images[name, args.seeds[0]][:20] for name in names])
-    save_grid(side_by_side, f"{stem}_plans.png", columns=20, scale=3)
+    _save_plans_png(images, names, args, f"{stem}_plans.png")
     print(f"wrote {stem}.md, .json, _plans.png (rows: {', '.join(names)})")
+
+
+def _save_plans_png(images: dict, names: list[str], args, path: str) -> None:
+    """One row per plan, its name at the left: the first 20 images of the first seed."""
+    shown = min(20, args.images)
+    save_grid(torch.cat([images[name, args.seeds[0]][:shown] for name in names]), path, columns=shown, scale=3,
+              row_labels=names, caption=f"the first {shown} of {args.images} images of seed {args.seeds[0]} per plan "
+              f"(labels 0-9 in turn), digits DiT-MoE, {args.steps} steps, CFG {args.cfg_scale:g}; benchmarks/quality.py")
 
 
 if __name__ == "__main__":

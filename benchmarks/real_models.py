@@ -41,7 +41,7 @@ processes and capturing the model (7 s a launch at 1 rank, 12 s at 2, 20 s at 4)
 * Agreement: the final step's output against the eager diffusers model run through the
   same loop in this process: max |diff| for exact plans (must be <= 1e-4, marked FAIL
   otherwise), relative L2 error for stale ones (dice).
-* Predicted: `moedit.simulate.replay` + `simulate` of the same compiled plan with the
+* Predicted: `moedit.planner.simulate.replay` + `simulate` of the same compiled plan with the
   `cpu-local` profile (`moedit calibrate`), or, where replay or the profile cannot serve,
   the exact error instead.
 
@@ -248,7 +248,7 @@ def launch(model: str, plan: dict, world: int, steps: int, link=None) -> dict:
 def predicted(model: str, plan: dict, steps: int, hardware) -> dict:
     """The simulator's mean step time for `plan`, or the exact error that stopped it."""
     import moedit
-    from moedit.simulate import replay, simulate
+    from moedit.planner.simulate import replay, simulate
 
     try:
         latents, text = initial(model)
@@ -369,7 +369,7 @@ def main() -> int:
 
     os.chdir(ROOT)  # the plans are read from examples/plans/
     from _launch import machine, made, shaped_link
-    from moedit.costs import Hardware, HardwareError
+    from moedit.planner.costs import Hardware, HardwareError
 
     print(f"expected run time: {RUN_TIME}", flush=True)
     try:

@@ -34,9 +34,9 @@ import torch
 
 import moedit
 from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
-from moedit.costs import Hardware, HardwareError
+from moedit.planner.costs import Hardware, HardwareError
 from moedit.models import load_model
-from moedit.simulate import replay, simulate
+from moedit.planner.simulate import replay, simulate
 
 PLANS = {  # world -> plan specs (examples/plans/<name>.yaml, @ sets fields; the EP degree is the world size)
     2: ["sync_ep", "ulysses", "ring", "cfg_parallel"],

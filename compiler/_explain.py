@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from moedit.passes._tokens import Layout
 from moedit.runtime.wire import wire_of
 
 from .graph import meta
-from .tracer import attention_nodes
+from .tracer import attention_nodes, moe_nodes
 
 
 _KIND_ORDER = ("route", "drop_slots", "permute", "counts", "fetch", "cache_read", "dispatch", "experts", "combine",
@@ -42,6 +43,22 @@ def _wires(compiled) -> list[str]:
             "each expert's input and output are rounded to it, at any world size"]
 
 
+def _layer_slots(compiled, batch_size: int, slots: int | None) -> tuple[dict[int, int] | None, str]:
+    """Token rows each MoE layer routes per step (None if unknown), and the line that says how they were counted."""
+    how = ("sent = all-to-all bytes off-rank per step with every slot sent, cache = staleness cache per rank; "
+           "uniform routing assumed")
+    if slots is not None:
+        return ({layer.index: slots for layer in compiled.layers},
+                f"bytes: global batch {batch_size} images with CFG ({slots} tokens); {how}")
+    shapes = {meta(node)["layer"]: meta(node.args[0]).get("shape") for node in moe_nodes(compiled._traced)}
+    if compiled.signature is not None and None not in shapes.values():  # a captured call: rows from its shapes
+        rows = {layer: math.prod(shape[:-1]) for layer, shape in shapes.items()}
+        return rows, (f"bytes: one call as captured ({compiled.signature.describe()}; layers route "
+                      f"{min(rows.values(), default=0)}-{max(rows.values(), default=0)} token rows); {how}")
+    return None, ("bytes: '-', the token count is unknown: the model has neither a DiT config (input_size, "
+                  "patch_size) nor example inputs; compile with example_inputs= to count them")
+
+
 def explain(compiled, batch_size: int, steps: int) -> str:
     plan, world = compiled.plan, compiled.world_size
     tokens = _tokens_per_sample(compiled.model)
@@ -73,13 +90,9 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         lines.append(f"conditional communication: '_drop' steps leave out {what} per token and reuse the "
                      "outputs cached at the last step that sent every slot")
     lines += _wires(compiled)
-    slots = None
-    if tokens is not None:
-        # With CFG the model sees 2 x batch samples; off-rank share assumes uniform routing.
-        slots = 2 * batch_size * tokens
-        lines.append(f"bytes: global batch {batch_size} images with CFG ({slots} tokens); sent = all-to-all bytes "
-                     f"off-rank per step with every slot sent, cache = staleness cache per rank; uniform routing "
-                     f"assumed")
+    slots = None if tokens is None else 2 * batch_size * tokens  # with CFG the model sees 2 x batch samples
+    layer_slots, note = _layer_slots(compiled, batch_size, slots)
+    lines.append(note)
     width = max(16, 2 + max((len(layer.path) for layer in compiled.layers), default=0))
     header = f"{'layer':<6}{'module':<{width}}{'mode':<7}{'stale':<6}{'inserted':<90}{'sent/step':>12}{'cache':>12}"
     lines += ["", f"layer rows show the {program} program", header, "-" * len(header)]
@@ -90,7 +103,8 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         kinds = ",".join(k for k in _KIND_ORDER if k in present)
         stale = max((r["staleness"] for r in rows), default=0)
         sent = cache = "-"
-        if slots is not None:
+        if layer_slots is not None:
+            slots = layer_slots[layer.index]
             slot_bytes = layer.top_k * layer.hidden_size * layer.element_size
             ep = plan.mesh.ep
             sent_bytes = sum(r["bytes_per_token"] * r["share"] for r in rows) * slots * layer.top_k * (ep - 1) / ep
@@ -107,7 +121,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
     if compiled.sensitivity is not None:
         lines.append("selective_sync auto, staleness sensitivity per layer (rel. L2 of a calibration sample): "
                      + ", ".join(f"{i}: {s:.4f}" for i, s in enumerate(compiled.sensitivity)))
-    if slots is not None:
+    if layer_slots is not None:
         lines.append(f"{'total':<125}{_mb(total_sent):>12}{_mb(total_cache):>12}")
     lines += _shortcut(compiled, program)
     if plan.offload.enabled:
@@ -116,6 +130,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         lines += ["", f"offload: routed experts stay in host memory; at most {budget} per rank on the device (least "
                   "recently used out); each layer fetches the experts that receive rows as soon as its counts "
                   "are known"]
+    slots = None if tokens is None else 2 * batch_size * tokens
     lines += _dense_axes(compiled, tokens, slots)
     lines += _patches(compiled, tokens, slots)
     stage = "; a rank holds its own stage's layers only" if plan.pipefusion.degree > 1 else ""
@@ -129,7 +144,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
         lines.append(f"  not sharded: the experts of {', '.join(packed)} are views of packed parameters, which every "
                      "rank keeps whole (the ranks split the work, not the weights)")
     choice = [layer.path for layer in compiled.layers if layer.adapter.empty_slots]
-    if choice and slots is not None:
+    if choice and layer_slots is not None:
         lines.append(f"sent/step of {', '.join(choice)} (empty slots, expert choice) counts all K slots of every "
                      "token: an upper bound")
     return "\n".join(lines)

@@ -37,9 +37,9 @@ def _plan(args) -> None:
     import torch
     import yaml
 
-    from moedit.costs import Hardware
+    from moedit.planner.costs import Hardware
     from moedit.models.pretrained import PRETRAINED, SAMPLING
-    from moedit.planner import QualityProbe, describe, search
+    from moedit.planner.search import QualityProbe, describe, search
 
     hardware = Hardware.load(args.hardware)
     dtype = getattr(torch, args.dtype or ("float32" if args.hardware in ("cpu-local", "shaped-link") else "bfloat16"))
@@ -47,16 +47,20 @@ def _plan(args) -> None:
     batch = args.images * (2 if args.cfg else 1)
     if not args.json:
         print(f"moedit plan: {args.model} ({dtype}), {args.ranks} ranks on {hardware.name}, {args.images} images"
-              f"{' with CFG' if args.cfg else ''}, {args.steps} steps; searching...", flush=True)
+              f"{' with CFG' if args.cfg else ''}, {args.steps} steps", flush=True)
     quality = None
     if args.model in PRETRAINED and args.quality_images > 0:  # trained weights: measure what lossy plans cost
+        if not args.json:
+            print(f"sampling the exact plan's {args.quality_images} images, which each lossy candidate's are measured "
+                  "against...", flush=True)
         quality = QualityProbe(load_model(args.model), images=args.quality_images, steps=args.steps,
                                cfg_scale=SAMPLING.get(args.model, {}).get("cfg_scale", 1.5) if args.cfg else 1.0)
     if args.max_rel_l2 is not None and quality is None:
         raise SystemExit(f"moedit plan: --max-rel-l2 needs each plan's quality measured, on a model with trained "
                          f"weights ({', '.join(PRETRAINED)}) and --quality-images above 0; {args.model} has none")
     found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness,
-                   wire_dtypes=tuple(args.wire_dtypes), quality=quality, max_rel_l2=args.max_rel_l2)
+                   wire_dtypes=tuple(args.wire_dtypes), quality=quality, max_rel_l2=args.max_rel_l2,
+                   progress=True)
     if not found:
         _print_dropped(found.dropped, sys.stderr)
         raise SystemExit(f"moedit plan: no candidate plan fits {args.model} on {args.ranks} ranks with {args.images} "
@@ -95,7 +99,7 @@ def _plan(args) -> None:
 
 
 def _print_dropped(dropped, stream) -> None:
-    from moedit.planner import describe
+    from moedit.planner.search import describe
 
     if dropped:
         print(f"\n{len(dropped)} candidate plan(s) left out:", file=stream)
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     plan = commands.add_parser("plan", help="predict every candidate plan's step time on a hardware profile and "
                                "write the fastest as a plan file")
     plan.add_argument("--model", default="XL/2-8E2A", help=MODEL_HELP)
-    plan.add_argument("--hardware", default="l40-pcie-8", help="profile name (see moedit/hardware/) or YAML file")
+    plan.add_argument("--hardware", default="l40-pcie-8", help="profile name (see moedit/planner/hardware/) or YAML file")
     plan.add_argument("--ranks", type=int, default=8)
     plan.add_argument("--max-staleness", type=int, help="leave out plans whose outputs can be more steps old")
     plan.add_argument("--images", type=int, default=32, help="images per batch (global)")
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
     models = commands.add_parser("models", help="list every model name with its size and whether a checkpoint ships")
     models.add_argument("names", nargs="*", metavar="NAME", help=f"only these ({MODEL_HELP})")
     commands.add_parser("plan-schema", help="print every plan field as a Markdown table (the plan reference in "
-                        "README.md)")
+                        "docs/plans.md)")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
 
             print(reference_table())
         elif args.command == "calibrate":
-            from moedit.calibrate import calibrate as run_calibration
+            from moedit.planner.calibrate import calibrate as run_calibration
 
             run_calibration(args.link)
     except (moedit.PlanError, moedit.TraceError, ValueError, TypeError, RuntimeError) as err:

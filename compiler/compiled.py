@@ -74,8 +74,8 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
         standard = standard_layers(traced)
         if standard and not plan.shortcut.rewrite:
             raise PlanError(f"shortcut: MoE layers {standard} read their own block's attention output, so their "
-                            "exchanges have nothing to overlap but the shared expert; use an ScMoE model (e.g. "
-                            "moedit.models.pretrained('digits-scmoe')), or set shortcut.rewrite: true to feed them "
+                            "exchanges have nothing to overlap but the shared expert; use an ScMoE model (on the "
+                            "command line --model digits-scmoe, in Python moedit.models.pretrained('digits-scmoe')), or set shortcut.rewrite: true to feed them "
                             "from the previous block (this changes the model's outputs)")
         if plan.shortcut.rewrite and not standard:
             raise PlanError("shortcut.rewrite: this model's MoE layers already read the previous block (an ScMoE "
@@ -92,14 +92,17 @@ def _validate(plan: Plan, layers, traced: fx.GraphModule) -> None:
             raise PlanError(f"conditional_comm: layer {layer.index} ({layer.path}) routes with empty slots (expert "
                             "choice): its exchanges never carry all K slots, which is when conditional "
                             "communication refreshes the slot outputs it reuses; remove conditional_comm from the plan")
-        split = [name for name, section in (("sequence_parallel", plan.sequence_parallel), ("patch_parallel",
-                 plan.patch_parallel), ("pipefusion", plan.pipefusion)) if section.degree > 1]
+        split = [(name, keys) for name, section, keys in (
+            ("sequence_parallel", plan.sequence_parallel, "sequence_parallel.ulysses and sequence_parallel.ring"),
+            ("patch_parallel", plan.patch_parallel, "patch_parallel.degree"),
+            ("pipefusion", plan.pipefusion, "pipefusion.degree")) if section.degree > 1]
         if split and layer.adapter.empty_slots and not overrides(layer.adapter, "choose"):
-            raise PlanError(f"{split[0]}: layer {layer.index} ({layer.path}) routes with empty slots (expert "
+            name, keys = split[0]
+            raise PlanError(f"{name}: layer {layer.index} ({layer.path}) routes with empty slots (expert "
                             "choice), where the experts choose among the tokens a rank holds; split over ranks, an "
                             "image's tokens would be chosen from a part of it. moedit chooses over the whole image if "
-                            "the adapter routes in two steps (scores and choose, see [Note: adapter shapes]); "
-                            f"otherwise set {split[0]}.degree to 1")
+                            "the adapter routes in two steps (scores and choose, see [Note: adapter shapes] in "
+                            f"moedit/adapters.py); otherwise set {keys} to 1")
         if plan.offload.enabled and not layer.sharded:
             raise PlanError(f"offload: the experts of layer {layer.index} ({layer.path}) are views of packed "
                             "parameters, not submodules, so they cannot be moved one by one; disable offload, or "

@@ -476,7 +476,7 @@ class MeshLayout:
 
 def reference_table() -> str:
     """Every plan field as a Markdown table (field, type, default, description), read from
-    the pydantic models above: `moedit plan-schema` prints it, README.md holds a copy."""
+    the pydantic models above: `moedit plan-schema` prints it, docs/plans.md holds a copy."""
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
 
     def add(model: type[BaseModel], prefix: str) -> None:

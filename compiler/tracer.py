@@ -65,7 +65,7 @@ def traced_graph(tracer: MoeditTracer, root: nn.Module, model: nn.Module,
             raise TraceError(
                 f"cannot trace {type(model).__name__}.forward symbolically: {type(err).__name__}: {err}. If it "
                 "branches or loops on its inputs' shapes, capture it for example inputs instead: "
-                "moedit.compile(model, plan, example_inputs={...the forward's keyword arguments...}) (README, "
+                "moedit.compile(model, plan, example_inputs={...the forward's keyword arguments...}) (docs/models.md, "
                 "'Models from diffusers')"
             ) from err
         where, cls = tracer.failed_in
@@ -94,7 +94,7 @@ def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
     if layer == 0 and attention == 0:  # a dense model with attention moedit knows is fine for the xDiT plans
         raise TraceError(
             f"{type(model).__name__} has no MoE layer moedit recognises; register an adapter for its MoE "
-            "class with moedit.register_adapter(MoEClass, adapter) (see README, 'Adding an adapter')"
+            "class with moedit.register_adapter(MoEClass, adapter) (see docs/models.md, 'Adding an adapter')"
         )
     _add_run_input(gm)
 

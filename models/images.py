@@ -33,6 +33,20 @@ def grid(images: torch.Tensor, columns: int = 10, pad: int = 1, scale: int = 1) 
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
+def labelled_rows(image: Image.Image, labels: list[str], pad: int = 4) -> Image.Image:
+    """`image` (a grid of len(labels) equal rows) with each row's label in white on a black
+    strip to its left, in PIL's default font, centred on the row."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(image)
+    width = int(max(measure.textlength(label, font=font) for label in labels)) + 2 * pad
+    canvas = Image.new(image.mode, (image.width + width, image.height))
+    canvas.paste(image, (width, 0))
+    draw, row_height, text_height = ImageDraw.Draw(canvas), image.height / len(labels), font.getbbox("Ag")[3]
+    for i, label in enumerate(labels):
+        draw.text((pad, int((i + 0.5) * row_height - text_height / 2)), label, fill="white", font=font)
+    return canvas
+
+
 def captioned(image: Image.Image, caption: str, pad: int = 4) -> Image.Image:
     """`image` above a black strip holding `caption` in white, in PIL's default font, wrapped
     at spaces to the image's width."""
@@ -55,9 +69,12 @@ def captioned(image: Image.Image, caption: str, pad: int = 4) -> Image.Image:
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 10, scale: int = 1,
-              caption: str | None = None) -> None:
-    """Write `grid(images, columns, scale=scale)` to `path`, with `caption` (what made the
-    images: labels, plan, steps, ...) in a strip under it if given."""
+              caption: str | None = None, row_labels: list[str] | None = None) -> None:
+    """Write `grid(images, columns, scale=scale)` to `path`, with `row_labels` (one per row of
+    the grid) at the left and `caption` (what made the images: labels, plan, steps, ...) in a
+    strip under it if given."""
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     image = grid(images, columns, scale=scale)
+    if row_labels:
+        image = labelled_rows(image, row_labels)
     (captioned(image, caption) if caption else image).save(path)

@@ -45,7 +45,7 @@ from moedit.runtime import ops
 from moedit.runtime.expert_ops import (Choice, LocalExperts, Merge, Output, RemovedExpert, Router, Scores, by_image,
                                       permute, splits, unpermute)
 from moedit.runtime.sequence_ops import join_rows, take_rows
-from moedit.runtime.wire import wire_of
+from moedit.runtime.wire import round_trip, wire_of
 from moedit.tracer import moe_nodes
 
 from .schedule import measured_costs
@@ -160,7 +160,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
     emit = exchange.emit
     shared_module = layer.adapter.shared_expert(moe)
     shared_path = None if shared_module is None else _submodule_path(moe, layer.path, shared_module)
-    chunks = ctx.chunks if layer.index in ctx.synchronous_layers else 1
+    synchronous = layer.index in ctx.synchronous_layers
+    chunks = ctx.chunks if synchronous else 1
     with gm.graph.inserting_before(node):
         tokens = emit.method(Kind.TOKENS, "flatten", x, 0, -2)
         expert_ids, weights = _route(emit, exchange, layer, x, tokens, extra, extra_kwargs, meta(node).split)
@@ -172,7 +173,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, layer: MoELayer, ctx: PassContex
             if shared_path is not None:
                 shared.append(emit.module(Kind.SHARED, shared_path, tokens))
 
-        if chunks == 1:
+        if P == 1 and synchronous:
+            routed = exchange.local(tokens, expert_ids, weights, keep, run_shared)
+        elif chunks == 1:
             routed = exchange.whole(tokens, expert_ids, weights, keep, run_shared)
         else:
             routed = exchange.in_chunks(tokens, expert_ids, weights, keep, chunks, run_shared)
@@ -206,6 +209,23 @@ class _Exchange:
         kind = Kind.DISPATCH_START if name == "dispatch" else Kind.COMBINE_START
         return self.emit.call(kind, ops.exchange_start, rows, send_splits, recv_splits,
                               **routed_exchange(self.plan, self.layer, name))
+
+    def local(self, tokens, expert_ids, weights, keep, run_shared) -> fx.Node:
+        """One rank holds every expert: no exchange to emit (a timeline shows none, verify
+        counts none). The rows still take their trip through a plan's wire dtypes, as every
+        row does at any world size (see [Note: wire dtypes] in moedit/runtime/wire.py).
+        Layers the plan runs stale keep their exchanges on one rank: they carry the cache."""
+        emit = self.emit
+        rows, order, counts = self._permute(tokens, expert_ids, keep)
+        run_shared()
+        outputs = emit.module(Kind.EXPERTS, self.path("ep_experts"), self._trip("dispatch", rows), counts)
+        return emit.call(Kind.UNPERMUTE, unpermute, self._trip("combine", outputs), order, weights,
+                         kernels=self.kernels)
+
+    def _trip(self, name: str, rows: fx.Node) -> fx.Node:
+        ep = self.plan.expert_parallel
+        wire = wire_of(ep.wire_dtypes[name], ep.wire_block)
+        return rows if wire is None else self.emit.call(Kind.GLUE, round_trip, rows, **wire.kwargs())
 
     def whole(self, tokens, expert_ids, weights, keep, during_dispatch) -> fx.Node:
         emit = self.emit

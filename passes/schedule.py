@@ -46,7 +46,7 @@ from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
 from moedit.runtime import ops
 from moedit.runtime.comm import MAIN
-from moedit.runtime.timeline import region
+from moedit.runtime.regions import region
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import torch.fx as fx
 from moedit.graph import META, Inserted, Kind, LayerNodes, NodeMeta, kind_of, meta
 from moedit.pipeline import PassContext, PassResult
 from moedit.plan import PlanError
-from moedit.runtime.timeline import region
+from moedit.runtime.regions import region
 from moedit.tracer import attention_nodes, moe_nodes
 
 from ._stale import COUNTS

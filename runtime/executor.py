@@ -61,7 +61,8 @@ from .offload import ExpertStore
 from .sampling import SAMPLERS, initial_noise, step_noise
 from .sequence_ops import pad_rows, unpad_rows
 from .state import RunState
-from .timeline import Span, Timeline, instrument
+from .regions import instrument
+from .timeline import Span, Timeline
 
 log = logging.getLogger(__name__)
 

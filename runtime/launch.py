@@ -215,6 +215,18 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    created = _rank() == 0 and not os.path.exists(args.out)  # rank 0 creates --out (check_out)
+    code = 1
+    try:
+        code = _run(args)
+        return code
+    finally:
+        if created and code != 0:  # a failed run leaves no empty folder behind (nor files: see check_out)
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+
+
+def _run(args) -> int:
     defaults = sampling_defaults(args.model)
     args.sampler = defaults["sampler"] if args.sampler is None else args.sampler
     args.steps = defaults["steps"] if args.steps is None else args.steps

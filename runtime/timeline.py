@@ -3,7 +3,7 @@
 With profiling on (`compiled.to_runtime(profile=True)`), a rank records, per diffusion step:
 
     compute lane     contiguous spans, one per region of the program it ran: "blocks.3.attn",
-                     "blocks.3 dense", "L3 experts", "L3 wait dispatch", ... (`instrument`
+                     "blocks.3 dense", "L3 experts", "L3 wait dispatch", ... (`instrument`, runtime/regions.py,
                      inserts a `mark` before the first node of each region)
     one lane per     each exchange from issue to landing ("L3 dispatch"), landing as first
     communicator     seen complete by the rank (at the next region boundary or wait): an
@@ -25,11 +25,7 @@ import os
 import time
 
 import torch
-import torch.fx as fx
 
-from moedit.graph import VALUES, Kind, copy_module, kind_of, meta, run_input, tag
-
-from . import ops
 from .comm import MAIN, Exchange
 
 COMPUTE = "compute"
@@ -191,48 +187,6 @@ class Timeline:
         return sorted(self.spans + drawn, key=lambda s: s.start)
 
 
-# -- instrumenting a program ------------------------------------------------------
-
-@ops.stateful
-def mark(run, name: str) -> None:
-    """Graph op (profiling only): a new compute region starts here."""
-    run.timeline.mark(name, run.step)
-
-
-def region(node: fx.Node) -> str | None:
-    """The compute region `node` belongs to ("blocks.3.attn", "blocks.3 dense", "L3 experts",
-    "L3 wait dispatch", ...), or None for bookkeeping that belongs to whatever region it is in."""
-    kind, info = kind_of(node), meta(node)
-    if node.op in ("placeholder", "output") or kind in VALUES or kind is Kind.RUN:
-        return None
-    if kind is Kind.ATTENTION:
-        return node.target
-    if kind is not None and (info.layer is not None or info.where is not None):
-        layer = info.serves  # a slot may run another layer's experts
-        who = f"L{layer}" if layer is not None else info.where  # "a3": attention 3
-        if node.target is ops.wait:
-            return f"{who} wait {kind.value.removesuffix('_wait')}"
-        return f"{who} {kind.value.removesuffix('_start')}"
-    stack = node.meta.get("nn_module_stack")
-    return f"{next(iter(stack))} dense" if stack else "dense"
-
-
-def instrument(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` with a `mark` before the first node of every compute region."""
-    gm = copy_module(gm)
-    run = run_input(gm)
-    current = None
-    for node in list(gm.graph.nodes):
-        label = region(node)
-        if label is None or label == current:
-            continue
-        current = label
-        with gm.graph.inserting_before(node):
-            tag(gm.graph.call_function(mark, (run, label)), kind=Kind.GLUE)
-    gm.recompile()
-    return gm
-
-
 # -- merging ranks: Chrome trace and a picture ----------------------------------------
 
 def chrome_trace(per_rank: list[list[Span]], path: str | os.PathLike) -> None:
@@ -286,7 +240,8 @@ def draw(per_rank: list[list[Span]], path: str | os.PathLike, steps: range | Non
                        facecolors=[_colour(s) for s in spans], linewidth=0)
     ax.set_yticks(range(len(rows)), [f"rank {rank} {lane}" for rank, lane in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("ms")
+    ax.set_xlabel("time from the start of the first step shown (ms)")
+    ax.set_ylabel("rank and lane")
     ax.set_title(title)
     ax.legend(handles=[Patch(color=c, label=k) for k, c in _COLOURS.items()], ncol=len(_COLOURS), fontsize=8,
               loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 5 else -0.12))

@@ -110,6 +110,12 @@ def _float8_as_float16(packed: torch.Tensor) -> torch.Tensor:
     return bits.bitwise_left_shift_(7).bitwise_and_(~0x4000).view(torch.float16)  # clear s's copy at bit 14
 
 
+def round_trip(rows: torch.Tensor, *, wire: str, wire_block: int = 128) -> torch.Tensor:
+    """Graph op: `rows` as a trip over `wire` leaves them, where the exchange itself is not sent
+    (an expert-parallel group of one rank)."""
+    return Wire(wire, wire_block).round_trip(rows)
+
+
 def wire_of(dtype: str | None, block: int = 128) -> Wire | None:
     """The Wire for a plan's wire dtype ("auto" or None: the model's dtype, no Wire)."""
     return None if dtype in (None, "auto") else Wire(dtype, block)

@@ -1,4 +1,4 @@
-"""Three shapes of MoE layer users bring, each described by an adapter (README, "Adding an
+"""Three shapes of MoE layer users bring, each described by an adapter (docs/models.md, "Adding an
 adapter for a new MoE layer"): expert-choice routing, experts packed into one parameter,
 and a layer that takes the timestep embedding and returns (out, aux_loss). Each compiled
 model under sync_ep equals the unmodified eager model at 1 and 2 ranks.
@@ -328,12 +328,12 @@ def test_a_tuple_output_without_an_output_hook_is_an_error():
 
 
 def test_the_readme_examples_are_the_code_tested_here():
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Adding an adapter for a new MoE layer")[1].split("\n## ")[0]
+    models_page = (pathlib.Path(__file__).parent.parent / "docs" / "models.md").read_text()
+    section = models_page.split("\n## Adding an adapter for a new MoE layer\n")[1].split("\n## ")[0]
     examples = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "Choice" in block
                 or "Packed" in block or "Conditioned" in block]
     assert len(examples) == 3
     source = pathlib.Path(__file__).read_text()
     for block in examples:
         missing = [line for line in block.splitlines() if line.strip() and line not in source]
-        assert not missing, f"README lines not in this test: {missing}"
+        assert not missing, f"docs/models.md lines not in this test: {missing}"

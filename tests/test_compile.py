@@ -136,6 +136,18 @@ def test_compile_accepts_a_plan_path_and_defaults_to_one_rank():
     assert compile_model is moedit.compile
 
 
+@pytest.mark.parametrize("plan", [{}, {"chunks": 2}, {"wire_dtype": "bfloat16"}])
+def test_a_one_rank_expert_group_emits_no_exchange(plan):
+    """Exchanges over a 1-rank group go nowhere: the program routes, runs every expert and
+    unpermutes with no collective (tests/test_runtime.py and the composition matrix hold such
+    programs to the single-device model, tests/test_wire.py to the rounded one)."""
+    compiled = moedit.compile(tiny_model(), moedit.Plan(expert_parallel={"degree": 1, **plan}))
+    code = compiled.graph(0, "sync").code
+    assert "exchange_start" not in code and "counts_start" not in code and "_wait" not in code, code
+    assert ("round_trip" in code) == ("wire_dtype" in plan)
+    assert compiled.rank_program(0).communicators == set()
+
+
 def test_graph_rank_out_of_range():
     with pytest.raises(ValueError, match=r"rank must be in 0..1, got 2"):
         moedit.compile(dit_moe("tiny"), _ep(2)).graph(2)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from moedit.calibrate import calibrate
-from moedit.costs import BYTES, ELEMENTS, FAMILY, FLOPS, Hardware, HardwareError, Link, OpCounter, known_profiles
+from moedit.planner.calibrate import calibrate
+from moedit.planner.costs import BYTES, ELEMENTS, FAMILY, FLOPS, Hardware, HardwareError, Link, OpCounter, known_profiles
 
 
 def _hardware(**changes) -> Hardware:

@@ -139,12 +139,12 @@ def test_denoise_takes_the_forward_arguments_by_keyword():
 
 
 def test_the_readme_hidream_adapter_is_the_shipped_one():
-    """README's 11-line HiDream adapter is models/diffusers_adapters.py's, line for line."""
+    """docs/models.md's 11-line HiDream adapter is models/diffusers_adapters.py's, line for line."""
     import pathlib
     import re
 
     root = pathlib.Path(__file__).parent.parent
-    block = next(b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (root / "docs" / "models.md").read_text(), re.S)
                  if "class HiDreamMoEAdapter" in b)
     shipped = {line.strip() for line in (root / "models" / "diffusers_adapters.py").read_text().splitlines()}
     lines = [line.strip().replace("moedit.", "") for line in block.splitlines() if line.strip()]
@@ -200,3 +200,19 @@ def test_weights_loaded_after_compiling_count_even_on_constant_inputs():
         reference = model(x, t, y)
     with compiled.to_runtime() as runner:
         assert (runner.denoise(x, t, y) - reference).abs().max() <= 1e-5
+
+
+def test_explain_counts_the_bytes_of_a_captured_call():
+    """A captured model has no DiT config to count tokens by: explain() reads each MoE layer's rows
+    from the shapes it was captured for (16 image tokens in the double-stream block, 33 image and
+    text tokens in the single-stream ones, per image)."""
+    batch = 64
+    compiled = moedit.compile(tiny_hidream(), moedit.Plan(expert_parallel={"degree": 2}),
+                              example_inputs=hidream_inputs(batch), batch_dims=BATCH_DIMS)
+    text = compiled.explain()
+    assert "bytes: one call as captured (hidden_states [64, " in text, text
+    rows = {layer.index: batch * (16 if layer.path.startswith("double") else 33) for layer in compiled.layers}
+    for layer in compiled.layers:  # dispatch and combine, every slot, half of them to the other rank
+        sent = 2 * rows[layer.index] * layer.top_k * layer.row_bytes / 2
+        line = next(line for line in text.splitlines() if line.startswith(f"{layer.index}     {layer.path}"))
+        assert line.split()[-4] == f"{sent / 2**20:.2f}", (line, sent)

@@ -62,6 +62,7 @@ def refuse(monkeypatch, tmp_path, capsys):
     def check(argv, expected):
         assert launch.main([*argv, "--out", str(tmp_path / "out")]) == 2
         _one_error_line(capsys.readouterr().err, expected)
+        assert not (tmp_path / "out").exists(), "a refused run left the --out folder it created"
 
     return check
 

@@ -14,7 +14,8 @@ from moedit.passes.expert_parallel import resolve_chunks
 from moedit.passes.schedule import measured_costs, peak_bytes, program_dag
 from moedit.runtime import ops
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
-from moedit.runtime.timeline import Span, chrome_trace, draw, region
+from moedit.runtime.regions import region
+from moedit.runtime.timeline import Span, chrome_trace, draw
 
 LABELS, STEPS, CFG = [1, 2, 3, 4, 5], 3, 1.5
 PLANS = {  # name -> plan sections (expert_parallel.degree is added per world size)

@@ -15,11 +15,11 @@ import torch
 
 import moedit
 from _models import tiny_model
-from moedit.costs import Hardware
+from moedit.planner.costs import Hardware
 from moedit.plan import PlanError
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 from moedit.runtime.sequence_ops import piece_bounds
-from moedit.simulate import replay, simulate
+from moedit.planner.simulate import replay, simulate
 from moedit.verify import verify_collective_order
 
 LABELS = [1, 2, 3, 4, 5]

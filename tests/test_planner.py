@@ -9,8 +9,8 @@ import yaml
 
 import moedit
 from moedit.cli import main
-from moedit.costs import Hardware, Link
-from moedit.planner import QualityProbe, candidate_plans, describe, lossy_part, search, staleness_of
+from moedit.planner.costs import Hardware, Link
+from moedit.planner.search import QualityProbe, candidate_plans, describe, lossy_part, search, staleness_of
 
 from _dist import run_ranks
 from _models import tiny_model
@@ -48,7 +48,7 @@ def test_one_image_is_planned_over_the_xdit_axes(caplog):
     is left out, with the reason in the log and the result, and the plans split the guided
     halves and the tokens instead."""
     assert any(p.get("cfg_parallel") and p.get("sequence_parallel") for p in candidate_plans(4, layers=2))
-    with caplog.at_level("INFO", logger="moedit.planner"):
+    with caplog.at_level("INFO", logger="moedit.planner.search"):
         found = search(tiny_model(), _slow_link(), 4, batch=2, steps=4, max_staleness=0)
     reasons = {describe(d.plan): d.reason for d in found.dropped}
     assert "global batch of 2" in reasons["sync"], reasons
@@ -94,11 +94,11 @@ def test_the_cli_prints_json_and_writes_the_best_plan(tmp_path, capsys, monkeypa
 
 
 def test_the_cli_says_so_when_every_candidate_is_left_out(tmp_path, capsys, monkeypatch):
-    import moedit.planner
+    import moedit.planner.search
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(moedit.planner, "search", lambda *a, **k: moedit.planner.Candidates(
-        [], [moedit.planner.Dropped({"expert_parallel": {"degree": 2}}, "the batch cannot be split")]))
+    monkeypatch.setattr(moedit.planner.search, "search", lambda *a, **k: moedit.planner.search.Candidates(
+        [], [moedit.planner.search.Dropped({"expert_parallel": {"degree": 2}}, "the batch cannot be split")]))
     with pytest.raises(SystemExit, match="no candidate plan fits tiny on 2 ranks"):
         main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "1"])
     assert "the batch cannot be split" in capsys.readouterr().err

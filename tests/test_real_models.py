@@ -266,8 +266,8 @@ def test_expert_choice_under_stale_patches_chooses_from_this_steps_scores(spawn)
 def test_the_simulator_replays_expert_choice_at_its_capacity(plan_name):
     """Each expert takes capacity rows of every image (12 of 24 tokens here) in a replay too, so
     EP 2 sends half of them to the rank holding the other half of the experts."""
-    from moedit.costs import Hardware
-    from moedit.simulate import replay, simulate
+    from moedit.planner.costs import Hardware
+    from moedit.planner.simulate import replay, simulate
 
     plan = moedit.Plan(expert_parallel={"degree": 2}, **PLANS.get(plan_name, (2, {}))[1])
     compiled = moedit.compile(tiny_nucleus(), plan, example_inputs=nucleus_inputs(4))

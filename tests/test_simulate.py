@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import moedit
-from moedit.costs import Hardware, Link
+from moedit.planner.costs import Hardware, Link
 from moedit.runtime.comm import Exchange
-from moedit.simulate import Compute, Replayed, SimulationError, Start, Wait, replay, simulate
+from moedit.planner.simulate import Compute, Replayed, SimulationError, Start, Wait, replay, simulate
 from moedit.steps import StepKind, StepPlan
 
 from _models import tiny_model

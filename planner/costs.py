@@ -14,7 +14,7 @@ depends on whether they share a node (`Hardware.ranks_per_node`, or `nodes`). A 
 a token bucket (tc's `tbf`): bursts up to `bucket_bytes` pass at `burst_bytes_per_s`, the
 rest at `bytes_per_s` — the simulator keeps the bucket's level over time.
 
-Profiles are YAML files: the published ones ship in `moedit/hardware/` with the source of
+Profiles are YAML files: the published ones ship in `moedit/planner/hardware/` with the source of
 every figure; `cpu-local` (and `shaped-link`) are written by `moedit calibrate`, which
 measures this machine, into the cache folder (`$MOEDIT_CACHE`, default ~/.cache/moedit).
 """
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from .plan import read_mapping
+from moedit.plan import read_mapping
 
 BUILTIN = pathlib.Path(__file__).parent / "hardware"
 CALIBRATED = ("cpu-local", "shaped-link")

@@ -44,13 +44,14 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from moedit.costs import Hardware, OpCounter
+from moedit.planner.costs import Hardware, OpCounter
 from moedit.passes.schedule import peak_bytes_of
 from moedit.runtime import expert_ops, ops
 from moedit.runtime.cache import StepCache
 from moedit.runtime.comm import MAIN, Exchange, Pending
 from moedit.runtime.executor import BATCH_AXIS
-from moedit.runtime.timeline import COMPUTE, Span, exchange_name, lane_of, region
+from moedit.runtime.regions import region
+from moedit.runtime.timeline import COMPUTE, Span, exchange_name, lane_of
 from moedit.runtime.wire import wire_of
 from moedit.steps import StepKind
 

@@ -19,18 +19,19 @@ profile (and, with `--link shaped`, `shaped-link`) to the cache folder.
 from __future__ import annotations
 
 import json
-import statistics
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from moedit.adapters import MoEAdapter, register_adapter
-from moedit.costs import ELEMENTS, Hardware, Link, OpCounter, cache_dir
+from moedit.planner.costs import ELEMENTS, Hardware, Link, OpCounter, cache_dir
 from moedit.runtime.netns import free_port
 
 
@@ -161,7 +162,7 @@ def _program_worker() -> None:
     """In a fresh process (a one-rank process group of its own): time moedit's compiled
     program of the tiny and the reference model, and print their ops, as JSON."""
     import moedit
-    from moedit.simulate import replay
+    from moedit.planner.simulate import replay
 
     torch.set_num_threads(int(sys.argv[2]))
     found = {}
@@ -179,7 +180,7 @@ def _program_worker() -> None:
 def run_programs(threads: int = 1) -> dict:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-m", "moedit.calibrate", "--program-worker", str(threads)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "moedit.planner.calibrate", "--program-worker", str(threads)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"the calibration program failed:\n{proc.stderr[-3000:]}")
@@ -201,7 +202,7 @@ def sharing(ranks: int, threads: int | None = None) -> float:
     """Time of the reference model's forward with `ranks` processes at once, each with the
     threads the launcher would give it (divide by `sharing` of one process, one thread)."""
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)
-    command = [sys.executable, "-m", "moedit.calibrate", "--sharing-worker", str(threads)]
+    command = [sys.executable, "-m", "moedit.planner.calibrate", "--sharing-worker", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(ranks)]
     times = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -260,11 +261,23 @@ def shaped_link(link, cpu_bytes_per_s: float, size: int = 256 * 1024,
 
 def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
     """Measure this machine; write and return `cpu-local` (or `shaped-link`)."""
-    say = print if verbose else (lambda *a, **k: None)
+    bar = tqdm(total=5 + (link == "shaped"), desc="calibrate", unit="phase", disable=not verbose, leave=False)
+
+    def say(line: str) -> None:
+        if verbose:
+            tqdm.write(line)
+
+    def phase(name: str) -> None:
+        bar.update()
+        bar.set_postfix_str(name)
+
     torch.set_num_threads(1)
     flops = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    phase("memory")
     memory, elements = memory_rate(), per_element()
+    phase("programs")
     programs = run_programs()
+    phase("ranks sharing the cores")
     tiny_s, tiny_ops = programs["tiny"]
     overhead = tiny_s / len(tiny_ops)  # the tiny model's ops are all overhead
     roofline = Hardware(name="roofline", source="", flops_per_s=flops, memory_bytes_per_s=memory,
@@ -279,7 +292,9 @@ def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
     alone = sharing(1, threads=1)
     slowdown = {ranks: sharing(ranks) / alone for ranks in (1, 2, 4)}
     say("ranks sharing the cores -> compute time x " + ", ".join(f"{r}: {s:.2f}" for r, s in slowdown.items()))
+    phase("loopback link")
     intra, found = loopback_link()
+    phase("shaped link" if link == "shaped" else "done")
     for p in found:
         say(f"loopback, {p['world']} ranks: {p['latency_s'] * 1e3:.2f} ms per small all-to-all "
             f"({p['loaded_latency_s'] * 1e3:.2f} ms between computing ranks), "
@@ -302,6 +317,8 @@ def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
                                              "source": profile.source + f"; link: {shaped.describe()}"})
         profile.save(cache_dir() / "shaped-link.yaml")
         say(f"wrote {cache_dir() / 'shaped-link.yaml'}")
+        phase("done")
+    bar.close()
     return profile
 
 

@@ -33,9 +33,12 @@ import logging
 import warnings
 from typing import NamedTuple
 
-from .compiled import compile as compile_model
+from tqdm import tqdm
+
+from moedit.compiled import compile as compile_model
+from moedit.plan import Plan, PlanError, Staleness
+
 from .costs import Hardware
-from .plan import Plan, PlanError, Staleness
 from .simulate import SimulationError, replay, simulate
 
 log = logging.getLogger(__name__)
@@ -139,15 +142,17 @@ class Candidates(list):
 
 def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
            max_staleness: int | None = None, wire_dtypes: tuple[str, ...] = ("auto",),
-           quality: QualityProbe | None = None, max_rel_l2: float | None = None, progress=None) -> Candidates:
+           quality: QualityProbe | None = None, max_rel_l2: float | None = None, progress: bool = False) -> Candidates:
     """Every candidate plan's prediction, fastest first; those the model or the batch cannot
     take are left out, each logged and listed in the result's `dropped` with the reason.
     `comm_share_sync` is synchronous EP's exposed share, None when the batch cannot be split
     over the ranks. With `quality`, each candidate's measured quality cost comes with it, and
-    those that cost more than `max_rel_l2` are left out."""
+    those that cost more than `max_rel_l2` are left out. `progress`: a bar with an estimate on stderr."""
     results, dropped = [], []
     sync_share = None
-    for index, plan in enumerate(candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes)):
+    plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes)
+    bar = tqdm(plans, desc="candidates", unit="plan", disable=not progress, leave=False)
+    for index, plan in enumerate(bar):
         try:
             compiled = compile_model(model, Plan(**plan))
             prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
@@ -157,6 +162,8 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
             continue
         if index == 0:  # the first candidate is synchronous EP
             sync_share = prediction.exposed_comm_s / prediction.mean_step_s
+        if quality is not None:
+            bar.set_postfix_str("measuring quality" if quality.will_sample(plan) else "")
         rel_l2 = None if quality is None else quality(plan)
         if rel_l2 is not None and max_rel_l2 is not None and rel_l2 > max_rel_l2:
             dropped.append(Dropped(plan, f"its images are {rel_l2:.4f} rel. L2 from the exact plan's, above "
@@ -164,8 +171,6 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
             continue
         results.append(Candidate(plan, prediction.mean_step_s, prediction.exposed_comm_s, sync_share,
                                  staleness_of(plan), prediction.peak_bytes, rel_l2))
-        if progress:
-            progress(results[-1])
     return Candidates(sorted(results, key=lambda c: c.predicted_step_s), dropped)
 
 
@@ -181,6 +186,11 @@ class QualityProbe:
                             "cfg_scale": cfg_scale, "seed": seed, "sampler": sampler, "progress": False}
         self.measured: dict[str, float] = {}
         self.exact = self._sample({})
+
+    def will_sample(self, plan: dict) -> bool:
+        """Whether measuring `plan` runs a sample (its lossy settings are new), or is known."""
+        lossy = lossy_part(plan)
+        return bool(lossy) and json.dumps(lossy, sort_keys=True) not in self.measured
 
     def __call__(self, plan: dict) -> float:
         lossy = lossy_part(plan)
@@ -221,7 +231,7 @@ def lossy_part(plan: dict) -> dict:
 
 
 def _layers(model) -> list:
-    from .tracer import moe_nodes, trace
+    from moedit.tracer import moe_nodes, trace
 
     return moe_nodes(trace(model))
 
