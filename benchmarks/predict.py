@@ -26,10 +26,10 @@ import torch
 
 import moedit
 from _launch import machine, made, plan_of, run_plan, shaped_link, show, spread
-from moedit.planner.costs import Hardware, HardwareError
 from moedit.models import load_model
-from moedit.runtime.timeline import draw
+from moedit.planner.costs import Hardware, HardwareError
 from moedit.planner.simulate import replay, simulate
+from moedit.runtime.timeline import draw
 
 PLANS = ["single", "sync_ep", "sync_ep_chunked", "displaced", "interweaved", "dice"]
 PICTURED = ("sync_ep", "dice")

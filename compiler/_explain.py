@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 
 from moedit.passes._tokens import Layout
@@ -133,6 +134,7 @@ def explain(compiled, batch_size: int, steps: int) -> str:
     slots = None if tokens is None else 2 * batch_size * tokens
     lines += _dense_axes(compiled, tokens, slots)
     lines += _patches(compiled, tokens, slots)
+    lines += _nodes(compiled, total_sent if layer_slots is not None else None, _attention_bytes(compiled, slots))
     stage = "; a rank holds its own stage's layers only" if plan.pipefusion.degree > 1 else ""
     if compiled.layers:
         lines += ["", f"expert placement (expert e on rank e % {plan.mesh.ep} of its expert-parallel group{stage}):"]
@@ -192,12 +194,52 @@ def _dense_axes(compiled, tokens: int | None, slots: int | None) -> list[str]:
         piece = f"{tokens // sp.degree} of {tokens}" if tokens else f"1/{sp.degree}"
         lines.append(f"sequence parallel (ulysses {sp.ulysses} x ring {sp.ring}): every rank holds {piece} tokens "
                      f"of its images from the first block to the final layer; attention: {what}")
-        if slots is not None and compiled.layers:
-            # per token: Ulysses sends (U-1)/U of q, k, v and of the output; every ring turn moves k and v
-            per_token = compiled.layers[0].row_bytes * (4 * (sp.ulysses - 1) / sp.ulysses + 2 * (sp.ring - 1))
-            lines.append(f"  sent per attention layer and step: {_mb(per_token * slots)} (all ranks, the batch "
-                         "above)")
+        per_layer = _attention_bytes(compiled, slots)
+        if per_layer:
+            lines.append(f"  sent per attention layer and step: {_mb(sum(per_layer.values()))} (all ranks, the "
+                         "batch above)")
         lines += _joint(compiled)
+    return lines
+
+
+def _attention_bytes(compiled, slots: int | None) -> dict[str, float]:
+    """Bytes sequence parallelism sends per attention layer and step, all ranks, by axis (none if unknown)."""
+    sp = compiled.plan.sequence_parallel
+    if slots is None or not compiled.layers or sp.degree == 1:
+        return {}
+    # per token: Ulysses sends (U-1)/U of q, k, v and of the output; every ring turn moves k and v
+    row = slots * compiled.layers[0].row_bytes
+    return {axis: sent for axis, sent in (("ulysses", row * 4 * (sp.ulysses - 1) / sp.ulysses),
+                                          ("ring", row * 2 * (sp.ring - 1))) if sent}
+
+
+def _nodes(compiled, ep_bytes: float | None, attention_bytes: dict[str, float]) -> list[str]:
+    """Where the node boundary falls: each axis's groups, whether they cross it, and the bytes a step
+    sends across it and inside nodes, where counted (expert and sequence-parallel exchanges)."""
+    plan, mesh = compiled.plan, compiled.plan.mesh
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None
+    per_node = plan.runtime.ranks_per_node or local or mesh.world
+    if per_node >= mesh.world:
+        return []
+    source = "runtime.ranks_per_node" if plan.runtime.ranks_per_node else "torchrun's LOCAL_WORLD_SIZE"
+    nodes = -(-mesh.world // per_node)
+    lines = ["", f"nodes: {nodes} of {per_node} ranks ({source}): "
+             + ", ".join(f"node {n} ranks {n * per_node}-{min(mesh.world, (n + 1) * per_node) - 1}"
+                         for n in range(nodes))]
+    layers = len(attention_nodes(compiled._traced))
+    counted = {"ep": ep_bytes, **{axis: sent * layers for axis, sent in attention_bytes.items()}}
+    for axis in (*mesh.AXES, "ep"):
+        if mesh.size(axis) == 1:
+            continue
+        groups = mesh.groups(axis)
+        # the share of a member's peers on other nodes, averaged over members
+        share = sum(sum(peer // per_node != rank // per_node for peer in group) / (len(group) - 1)
+                    for group in groups for rank in group) / mesh.world
+        where = "crosses nodes" if share else "inside nodes"
+        sent = counted.get(axis)
+        what = (f"sent/step across nodes {_mb(sent * share)}, inside {_mb(sent * (1 - share))}" if sent is not None
+                else "the output batch, once a sample" if axis == "data" else "bytes not counted here")
+        lines.append(f"  {axis:<10} {str(groups):<28} {where:<14} {what}")
     return lines
 
 

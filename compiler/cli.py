@@ -1,7 +1,7 @@
 """The `moedit` command: look at what a plan does to a model without starting processes.
 
     moedit inspect --model S/2-8E2A --plan examples/plans/sync_ep.yaml --world-size 4
-    moedit calibrate [--link shaped]
+    moedit calibrate [--link shaped [--nodes 2 [--ranks-per-node R]]]
     moedit plan --model XL/2-8E2A --hardware l40-pcie-8 --ranks 8 [--max-staleness 1] [--json]
     moedit models [NAME ...]
     moedit plan-schema
@@ -37,12 +37,12 @@ def _plan(args) -> None:
     import torch
     import yaml
 
-    from moedit.planner.costs import Hardware
+    from moedit.planner.costs import Hardware, calibrated
     from moedit.models.pretrained import PRETRAINED, SAMPLING
     from moedit.planner.search import QualityProbe, describe, search
 
     hardware = Hardware.load(args.hardware)
-    dtype = getattr(torch, args.dtype or ("float32" if args.hardware in ("cpu-local", "shaped-link") else "bfloat16"))
+    dtype = getattr(torch, args.dtype or ("float32" if calibrated(args.hardware) else "bfloat16"))  # CPUs: float32
     model = load_model(args.model, device="meta").to(dtype)  # shapes only
     batch = args.images * (2 if args.cfg else 1)
     if not args.json:
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     calibrate = commands.add_parser("calibrate", help="measure this machine for the cost model (cpu-local profile)")
     calibrate.add_argument("--link", choices=["loopback", "shaped"], default="loopback",
                            help="shaped: also measure a tbf-shaped veth link between two namespaces (root)")
+    calibrate.add_argument("--nodes", type=int, choices=[2], help="with --link shaped: also write the profile of "
+                           "the two-node test bed, `shaped-2xR`: R ranks in each namespace (--ranks-per-node)")
+    calibrate.add_argument("--ranks-per-node", type=int, default=2, choices=range(1, 9), metavar="{1..8}")
     plan = commands.add_parser("plan", help="predict every candidate plan's step time on a hardware profile and "
                                "write the fastest as a plan file")
     plan.add_argument("--model", default="XL/2-8E2A", help=MODEL_HELP)
@@ -191,7 +194,9 @@ def main(argv=None) -> int:
         elif args.command == "calibrate":
             from moedit.planner.calibrate import calibrate as run_calibration
 
-            run_calibration(args.link)
+            if args.nodes and args.link != "shaped":
+                raise ValueError("--nodes: the nodes of the test bed are joined by the shaped link; add --link shaped")
+            run_calibration(args.link, nodes=args.nodes, ranks_per_node=args.ranks_per_node)
     except (moedit.PlanError, moedit.TraceError, ValueError, TypeError, RuntimeError) as err:
         print(f"moedit: error: {err}", file=sys.stderr)
         return 2

@@ -206,6 +206,9 @@ class Runtime(_Section):
                                                      "group if one exists (gloo or nccl must match it), else NCCL "
                                                      "when CUDA is available, else gloo.")
     check_finite: bool = Field(True, description="Stop all ranks with an error if a step produces NaN or Inf.")
+    ranks_per_node: int | None = Field(None, ge=1, le=4096, description="Ranks on one node (consecutive, as "
+                                       "torchrun numbers them), for explain()'s count of the bytes that cross a "
+                                       "node boundary; null: torchrun's LOCAL_WORLD_SIZE, else one node.")
 
 
 class Plan(BaseModel):
@@ -220,6 +223,10 @@ class Plan(BaseModel):
                                               description="DICE conditional communication.")
     shortcut: Shortcut = Field(default_factory=Shortcut, description="ScMoE shortcut connection.")
     sequence_parallel: SequenceParallel = Field(default_factory=SequenceParallel, description="xDiT USP.")
+    data_parallel: int = Field(1, ge=1, le=1024, description="Replicas of the rest of the plan, each on its own "
+                               "ranks with its share of the global batch and its own copy of the experts: the "
+                               "outermost axis after pipefusion, so replicas of a node's size land on different "
+                               "nodes and exchange nothing but the output batch, once a sample.")
     cfg_parallel: bool = Field(False, description="Run the cond and uncond halves of CFG on the two halves of the "
                                "mesh; one all-gather per step joins them.")
     patch_parallel: PatchParallel = Field(default_factory=PatchParallel, description="DistriFusion displaced patch "
@@ -402,10 +409,11 @@ class MeshLayout:
     ranks that differ only in it; `sp` is ring x ulysses together, `world` every rank.
 
     Expert parallelism does not add an axis: routed experts are sharded over `ep`
-    consecutive ranks of one pipeline stage. Per stage, the ranks are the larger of `ep`
+    consecutive ranks of one pipeline stage. Per replica, the ranks are the larger of `ep`
     and cfg x patch x ring x ulysses, and the smaller must divide it; when `ep` is the
     larger, the remaining factor splits the batch (data parallel), which is how a plain
-    expert-parallel plan runs."""
+    expert-parallel plan runs. `data_parallel` replicas multiply the data axis: EP 2 x data
+    parallel 2 is a data axis of 4 whose expert groups are ranks {0, 1} and {2, 3}."""
 
     pipefusion: int
     data: int
@@ -425,9 +433,9 @@ class MeshLayout:
         axes = dict(pipefusion=plan.pipefusion.degree, cfg=cfg, patch=plan.patch_parallel.degree, ring=sp.ring,
                     ulysses=sp.ulysses, ep=ep)
         if ep % dense == 0:
-            return cls(data=ep // dense, **axes)
+            return cls(data=plan.data_parallel * ep // dense, **axes)
         if dense % ep == 0:
-            return cls(data=1, **axes)
+            return cls(data=plan.data_parallel, **axes)
         raise ValueError(
             f"expert_parallel.degree ({ep}) and the dense axes of a stage, cfg ({cfg}) x patch "
             f"({plan.patch_parallel.degree}) x ulysses ({sp.ulysses}) x ring ({sp.ring}) = {dense}, must divide one "

@@ -259,8 +259,10 @@ def shaped_link(link, cpu_bytes_per_s: float, size: int = 256 * 1024,
                 cpu_bytes_per_s=cpu_bytes_per_s), found
 
 
-def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
-    """Measure this machine; write and return `cpu-local` (or `shaped-link`)."""
+def calibrate(link: str = "loopback", verbose: bool = True, nodes: int | None = None,
+              ranks_per_node: int = 2) -> Hardware:
+    """Measure this machine; write and return `cpu-local` (or `shaped-link`; with `nodes` 2, also
+    `shaped-2xR`: the two-node test bed, `ranks_per_node` ranks in each namespace)."""
     bar = tqdm(total=5 + (link == "shaped"), desc="calibrate", unit="phase", disable=not verbose, leave=False)
 
     def say(line: str) -> None:
@@ -290,7 +292,7 @@ def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
     say(f"a reference DiT-MoE compiled by moedit, one rank: {reference_s * 1e3:.2f} ms a step measured; its ops "
         f"reach {efficiency:.0%} of the roofline")
     alone = sharing(1, threads=1)
-    slowdown = {ranks: sharing(ranks) / alone for ranks in (1, 2, 4)}
+    slowdown = {ranks: sharing(ranks) / alone for ranks in sorted({1, 2, 4, 2 * ranks_per_node if nodes else 1})}
     say("ranks sharing the cores -> compute time x " + ", ".join(f"{r}: {s:.2f}" for r, s in slowdown.items()))
     phase("loopback link")
     intra, found = loopback_link()
@@ -317,6 +319,13 @@ def calibrate(link: str = "loopback", verbose: bool = True) -> Hardware:
                                              "source": profile.source + f"; link: {shaped.describe()}"})
         profile.save(cache_dir() / "shaped-link.yaml")
         say(f"wrote {cache_dir() / 'shaped-link.yaml'}")
+        if nodes:  # the same links; the node boundary after every `ranks_per_node` ranks, as torchrun numbers them
+            name = f"shaped-{nodes}x{ranks_per_node}"
+            bed = profile.model_copy(update={"name": name, "nodes": None, "ranks_per_node": ranks_per_node,
+                                             "source": profile.source + f"; {nodes} nodes (namespaces) of "
+                                             f"{ranks_per_node} ranks, loopback inside a node"})
+            bed.save(cache_dir() / f"{name}.yaml")
+            say(f"wrote {cache_dir() / f'{name}.yaml'}")
         phase("done")
     bar.close()
     return profile

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import torch
@@ -36,7 +37,12 @@ from torch.utils.flop_counter import flop_registry
 from moedit.plan import read_mapping
 
 BUILTIN = pathlib.Path(__file__).parent / "hardware"
-CALIBRATED = ("cpu-local", "shaped-link")
+CALIBRATED = ("cpu-local", "shaped-link")  # and "shaped-2xR", the two-node test bed (`calibrate --nodes 2`)
+
+
+def calibrated(name: str) -> bool:
+    """Whether `name` is a profile `moedit calibrate` writes (a CPU machine) rather than a published one."""
+    return name in CALIBRATED or re.fullmatch(r"shaped-2x\d+", name) is not None
 
 
 class HardwareError(ValueError):
@@ -95,10 +101,13 @@ class Hardware(BaseModel):
         """A profile by name (`moedit plan --hardware` lists them) or a YAML file."""
         path = pathlib.Path(name)
         if not path.suffix:
-            path = (cache_dir() if str(name) in CALIBRATED else BUILTIN) / f"{name}.yaml"
+            path = (cache_dir() if calibrated(str(name)) else BUILTIN) / f"{name}.yaml"
         if not path.exists():
-            if str(name) in CALIBRATED:
-                link = " --link shaped (as root)" if str(name) == "shaped-link" else ""
+            if calibrated(str(name)):
+                link = "" if str(name) == "cpu-local" else " --link shaped"
+                if str(name).startswith("shaped-2x"):
+                    link += f" --nodes 2 --ranks-per-node {str(name)[9:]}"
+                link += " (as root)" if link else ""
                 raise HardwareError(f"no calibrated {name!r} profile at {path}: run `moedit calibrate{link}` first")
             raise HardwareError(f"unknown hardware profile {str(name)!r}; known: {', '.join(known_profiles())}, "
                                 "or a path to a YAML profile")

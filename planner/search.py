@@ -61,13 +61,14 @@ class Candidate:
 def staleness_of(plan: dict) -> int:
     mode = Staleness.STEPS[plan.get("staleness", {}).get("mode", "sync")]
     interval = plan.get("conditional_comm", {}).get("interval")
-    return max(mode, interval - 1 if interval else 0)
+    return max(mode, interval - 1 if interval else 0, int(_patches(plan)))  # other patches' K/V: a step old
 
 
 def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None,
-                    wire_dtypes: tuple[str, ...] = ("auto",)) -> list[dict]:
+                    wire_dtypes: tuple[str, ...] = ("auto",), per_node: int | None = None) -> list[dict]:
     """Plan dicts over the axes moedit has for a model of `layers` MoE layers, within
-    `max_staleness`, each with every one of `wire_dtypes`; synchronous EP first."""
+    `max_staleness`, each with every one of `wire_dtypes`; synchronous EP first. With nodes of
+    `per_node` ranks, also the layouts that keep the chatty axes inside a node (`_node_layouts`)."""
     selective = [None, {"strategy": "deep"}, {"strategy": "staggered"}]
     if layers >= 4:  # the deepest quarter, and all but the shallowest quarter
         selective += [{"strategy": list(range(layers - layers // 4, layers))},
@@ -90,10 +91,14 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None,
             if interval:
                 plan["conditional_comm"] = {"interval": interval, "drop": "low"}
             plans.append(plan)
+    dice = {"staleness": {"mode": "interweaved", "warmup_steps": 1}, "conditional_comm": {"interval": 2, "drop": "low"}}
     for layout in _dense_layouts(ranks):
         plans.append({**layout, "expert_parallel": ep})
-        plans.append({**layout, "expert_parallel": ep, "staleness": {"mode": "interweaved", "warmup_steps": 1},
-                      "conditional_comm": {"interval": 2, "drop": "low"}})
+        plans.append({**layout, "expert_parallel": ep, **dice})
+    for layout in _node_layouts(ranks, per_node):
+        plans.append(layout)
+        if "pipefusion" not in layout:
+            plans.append({**layout, **dice})
     plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
     plans = [_with_wire(p, wire) for p in plans for wire in wire_dtypes]
     return [p for p in plans if _valid(p)]
@@ -113,6 +118,21 @@ def _dense_layouts(ranks: int) -> list[dict]:
         layouts += [{"cfg_parallel": True, "sequence_parallel": {"ulysses": ranks // 2}},
                     {"sequence_parallel": {"ulysses": ranks // 2, "ring": 2}}]
     return layouts if ranks > 1 else []
+
+
+def _node_layouts(ranks: int, per_node: int | None) -> list[dict]:
+    """With `ranks` over nodes of `per_node`: experts (with Ulysses, or CFG) inside a node and data
+    parallel replicas across nodes, which then exchange nothing per step; PipeFusion's stages across
+    nodes, passing only patch activations."""
+    if not per_node or per_node >= ranks or ranks % per_node:
+        return []
+    nodes, inside = ranks // per_node, {"expert_parallel": {"degree": per_node}}
+    layouts = [{**inside, "data_parallel": nodes}, {**inside, "data_parallel": nodes,
+                                                     "sequence_parallel": {"ulysses": per_node}}]
+    if per_node % 2 == 0:
+        layouts.append({**inside, "data_parallel": nodes, "cfg_parallel": True})
+    layouts.append({**inside, "pipefusion": {"degree": nodes}})
+    return layouts
 
 
 def _valid(plan: dict) -> bool:
@@ -150,12 +170,12 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
     those that cost more than `max_rel_l2` are left out. `progress`: a bar with an estimate on stderr."""
     results, dropped = [], []
     sync_share = None
-    plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes)
+    per_node = -(-ranks // hardware.nodes) if hardware.nodes else hardware.ranks_per_node
+    plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes, per_node)
     bar = tqdm(plans, desc="candidates", unit="plan", disable=not progress, leave=False)
     for index, plan in enumerate(bar):
         try:
-            compiled = compile_model(model, Plan(**plan))
-            prediction = simulate(replay(compiled, batch, ranks=[0]), hardware, steps=steps)
+            prediction = predict(model, plan, hardware, batch, steps)
         except (PlanError, SimulationError) as err:
             dropped.append(Dropped(plan, str(err)))
             log.info("planner: left out candidate %s (%s): %s", describe(plan), plan, err)
@@ -174,6 +194,13 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
     return Candidates(sorted(results, key=lambda c: c.predicted_step_s), dropped)
 
 
+def predict(model, plan: dict, hardware: Hardware, batch: int, steps: int):
+    """The simulator's `Prediction` for `plan` on `hardware`: the model compiled (on the meta device it
+    costs nothing), rank 0's programs replayed for a global batch of `batch` sequences (the others
+    mirror them), a sample of `steps` simulated."""
+    return simulate(replay(compile_model(model, Plan(**plan)), batch, ranks=[0]), hardware, steps=steps)
+
+
 class QualityProbe:
     """What a plan's lossy settings cost: the relative L2 distance between a short sample under
     them and the exact plan's sample (same labels, noise and sampler), run in this process on
@@ -190,9 +217,11 @@ class QualityProbe:
     def will_sample(self, plan: dict) -> bool:
         """Whether measuring `plan` runs a sample (its lossy settings are new), or is known."""
         lossy = lossy_part(plan)
-        return bool(lossy) and json.dumps(lossy, sort_keys=True) not in self.measured
+        return bool(lossy) and not _patches(plan) and json.dumps(lossy, sort_keys=True) not in self.measured
 
-    def __call__(self, plan: dict) -> float:
+    def __call__(self, plan: dict) -> float | None:
+        if _patches(plan):
+            return None  # stale patches need their ranks: one process does not compute what they do
         lossy = lossy_part(plan)
         if not lossy:
             return 0.0
@@ -213,6 +242,11 @@ class QualityProbe:
 
 _EXACT_EP = ("degree", "chunks")  # expert_parallel fields that do not change the outputs
 _LOSSY = ("staleness", "selective_sync", "conditional_comm", "shortcut")  # sections that may
+
+
+def _patches(plan: dict) -> bool:
+    """Whether `plan` splits images into patches that read each other's K/V a step old."""
+    return max(plan.get(section, {}).get("degree", 1) for section in ("patch_parallel", "pipefusion")) > 1
 
 
 def lossy_part(plan: dict) -> dict:
@@ -239,8 +273,12 @@ def _layers(model) -> list:
 def describe(plan: dict) -> str:
     """A plan dict in one line, e.g. 'interweaved, deep half sync, drop low every 2nd step'."""
     sp = plan.get("sequence_parallel", {})
-    axes = [f"{axis} {n}" for axis, n in (("cfg", 2 if plan.get("cfg_parallel") else 1),
+    stages, replicas = plan.get("pipefusion", {}).get("degree", 1), plan.get("data_parallel", 1)
+    axes = [f"{axis} {n}" for axis, n in (("pipefusion", stages), ("data", replicas),
+                                          ("cfg", 2 if plan.get("cfg_parallel") else 1),
                                           ("ulysses", sp.get("ulysses", 1)), ("ring", sp.get("ring", 1))) if n > 1]
+    if stages > 1 or replicas > 1:  # experts over part of the ranks: say how many
+        axes.append(f"experts on {plan['expert_parallel']['degree']}")
     parts = ([" x ".join(axes)] if axes else []) + [plan.get("staleness", {}).get("mode", "sync")]
     strategy = plan.get("selective_sync", {}).get("strategy")
     if isinstance(strategy, list):

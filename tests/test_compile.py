@@ -148,6 +148,28 @@ def test_a_one_rank_expert_group_emits_no_exchange(plan):
     assert compiled.rank_program(0).communicators == set()
 
 
+def test_explain_says_which_groups_cross_the_node_boundary_and_what_crosses_it():
+    """Nodes of 2 ranks: experts over all 4 ranks send 2 of every 3 off-rank rows across the
+    boundary; experts inside a node with data-parallel replicas across send none across."""
+    model = dit_moe("tiny")
+
+    def rows(plan):
+        text = moedit.compile(model, moedit.Plan(**plan, runtime={"ranks_per_node": 2})).explain(batch_size=8)
+        lines = text.splitlines()
+        start = lines.index(next(line for line in lines if line.startswith("nodes: 2 of 2 ranks")))
+        return {line.split()[0]: line for line in lines[start + 1:] if line.startswith("  ") and line.split()}
+
+    across = rows({"expert_parallel": {"degree": 4}})["ep"]
+    assert "[[0, 1, 2, 3]]" in across and "crosses nodes" in across
+    outside, inside = (float(across.split(word)[1].split()[0]) for word in ("across nodes", "inside"))
+    assert outside == pytest.approx(2 * inside, abs=0.011)
+    replicas = rows({"expert_parallel": {"degree": 2}, "data_parallel": 2})
+    assert "[[0, 1], [2, 3]]" in replicas["ep"] and "inside nodes" in replicas["ep"]
+    assert "across nodes 0.00 MiB" in replicas["ep"] and "the output batch, once a sample" in replicas["data"]
+    one_node = moedit.compile(model, moedit.Plan(expert_parallel={"degree": 4})).explain()
+    assert "nodes:" not in one_node  # no node size given, no torchrun: one node
+
+
 def test_graph_rank_out_of_range():
     with pytest.raises(ValueError, match=r"rank must be in 0..1, got 2"):
         moedit.compile(dit_moe("tiny"), _ep(2)).graph(2)

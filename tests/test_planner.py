@@ -59,6 +59,23 @@ def test_one_image_is_planned_over_the_xdit_axes(caplog):
     assert {describe(c.plan).split(",")[0] for c in found} >= {"cfg 2", "ulysses 4", "ring 4", "cfg 2 x ulysses 2"}
 
 
+def test_on_two_nodes_the_planner_keeps_the_chatty_axes_inside_a_node():
+    """Nodes of 2 ranks joined by a slow link: the planner also searches experts (alone, with
+    Ulysses or with CFG) inside a node with data-parallel replicas across nodes, and PipeFusion's
+    stages across nodes when staleness is allowed; it picks a replica layout over experts across
+    both nodes."""
+    two_nodes = _slow_link().model_copy(update={"ranks_per_node": 2, "intra": Link(latency_s=1e-5, bytes_per_s=1e10),
+                                                "inter": Link(latency_s=1e-4, bytes_per_s=1e7)})
+    exact = candidate_plans(4, layers=2, max_staleness=0, per_node=2)
+    assert {"expert_parallel": {"degree": 2}, "data_parallel": 2} in exact
+    assert all(staleness_of(p) == 0 for p in exact) and not any("pipefusion" in p for p in exact)
+    assert any(p.get("pipefusion", {}).get("degree") == 2 for p in candidate_plans(4, layers=2, per_node=2))
+    found = search(tiny_model(), two_nodes, 4, batch=8, steps=4, max_staleness=0)
+    assert found[0].plan.get("data_parallel") == 2, describe(found[0].plan)
+    across = next(c for c in found if c.plan == {"expert_parallel": {"degree": 4}})
+    assert found[0].predicted_step_s < across.predicted_step_s
+
+
 def test_wire_dtypes_are_an_axis_and_each_candidate_carries_its_measured_quality_cost():
     """Every candidate comes with each wire dtype asked for; the quality probe runs each distinct
     set of lossy settings once (layouts and schedules are exact and share a run), gives exact plans

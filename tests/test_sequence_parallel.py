@@ -36,6 +36,11 @@ PLANS = {  # world -> name -> plan
         "cfg 2 x ring 2, chunked": dict(cfg_parallel=True, sequence_parallel={"ring": 2},
                                         expert_parallel={"degree": 4, "chunks": 2}),
         "ulysses 2 x data 2": dict(sequence_parallel={"ulysses": 2}, expert_parallel={"degree": 4}),
+        "experts on 2 x data parallel 2": dict(expert_parallel={"degree": 2}, data_parallel=2),
+        "ulysses 2, experts on 2 x data parallel 2": dict(sequence_parallel={"ulysses": 2},
+                                                          expert_parallel={"degree": 2}, data_parallel=2),
+        "cfg 2 x data parallel 2, experts on 2": dict(cfg_parallel=True, expert_parallel={"degree": 2},
+                                                      data_parallel=2),
     },
 }
 
@@ -122,6 +127,8 @@ def test_the_mesh_puts_ulysses_innermost_and_experts_on_consecutive_ranks():
     assert mesh.groups("ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     plain = moedit.Plan(expert_parallel={"degree": 4}).mesh
     assert plain.world == 4 and plain.groups("data") == [[0, 1, 2, 3]], "plain EP: the batch is split over every rank"
+    replicas = moedit.Plan(expert_parallel={"degree": 2}, data_parallel=2).mesh
+    assert replicas.world == 4 and replicas.groups("ep") == [[0, 1], [2, 3]] and replicas.data == 4
 
 
 def test_ring_blocks_merge_in_float32_so_bfloat16_rounds_once():
