@@ -39,7 +39,7 @@ from moedit.models import load_model
 from moedit.planner.costs import Hardware, HardwareError
 from moedit.planner.search import candidate_plans, describe, predict, search, staleness_of
 
-RUN_TIME = "about 7 min on a 2-core CPU for the 9 exact layouts, 5 for --plans stale (about 15 s a plan a round)"
+RUN_TIME = "about 8.5 min on a 2-core CPU for the exact layouts and the pick, 5 for --plans stale (15 s a plan a round)"
 
 
 def _layouts(world: int, per_node: int, layers: int) -> list[dict]:

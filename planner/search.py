@@ -97,8 +97,11 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None,
         plans.append({**layout, "expert_parallel": ep, **dice})
     for layout in _node_layouts(ranks, per_node):
         plans.append(layout)
-        if "pipefusion" not in layout:
-            plans.append({**layout, **dice})
+        if "pipefusion" not in layout:  # as for experts across every rank: the schedule, chunks, DICE
+            inside = layout["expert_parallel"]
+            plans += [{**layout, "schedule": {"policy": "overlap"}},
+                      {**layout, "expert_parallel": {**inside, "chunks": 2}, "schedule": {"policy": "overlap"}},
+                      {**layout, **dice}]
     plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
     plans = [_with_wire(p, wire) for p in plans for wire in wire_dtypes]
     return [p for p in plans if _valid(p)]

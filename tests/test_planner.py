@@ -68,6 +68,7 @@ def test_on_two_nodes_the_planner_keeps_the_chatty_axes_inside_a_node():
                                                 "inter": Link(latency_s=1e-4, bytes_per_s=1e7)})
     exact = candidate_plans(4, layers=2, max_staleness=0, per_node=2)
     assert {"expert_parallel": {"degree": 2}, "data_parallel": 2} in exact
+    assert {"expert_parallel": {"degree": 2}, "data_parallel": 2, "schedule": {"policy": "overlap"}} in exact
     assert all(staleness_of(p) == 0 for p in exact) and not any("pipefusion" in p for p in exact)
     assert any(p.get("pipefusion", {}).get("degree") == 2 for p in candidate_plans(4, layers=2, per_node=2))
     found = search(tiny_model(), two_nodes, 4, batch=8, steps=4, max_staleness=0)
