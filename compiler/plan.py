@@ -6,10 +6,12 @@ can tell (an expert degree that does not divide the experts) is checked when com
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import math
 import os
+import stat
 import typing
 import warnings
 from typing import Literal
@@ -266,6 +268,7 @@ class Plan(BaseModel):
             raise ValueError("shortcut: expert_parallel.chunks pipelines a layer's exchanges within the layer, the "
                              "shortcut schedule overlaps them with the backbone instead; set chunks to 1")
         _check_patches(self)
+        _check_unused(self)
         if self.staleness.mode != "sync" and self.expert_parallel.degree == 1:
             # A warning, not an error: the outputs are still what the mode promises, and a stale
             # plan at one rank is how its programs are checked against the model (tests).
@@ -307,11 +310,20 @@ class Plan(BaseModel):
         return self.model_dump(mode="json")
 
 
+MAX_FILE_BYTES = 1 << 20  # a plan or hardware profile is a few hundred bytes
+
+
 def read_mapping(path: str, what: str, names_only: bool = True) -> dict:
     """The mapping a YAML or JSON `what` file (a plan, a hardware profile) holds, each key once
     (and, with `names_only`, every key a string); a PlanError naming the file (and the line,
     where the parser says) if not."""
     try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size > MAX_FILE_BYTES:
+            raise PlanError(f"{path} holds {info.st_size / 2**20:.1f} MiB; a {what} file is a few hundred bytes of "
+                            f"YAML or JSON (at most {MAX_FILE_BYTES // 2**20} MiB): is it the right file?")
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+            raise PlanError(f"{path} is not a regular file (a pipe or a device); give the path of a {what} file")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as err:
@@ -329,6 +341,9 @@ def read_mapping(path: str, what: str, names_only: bool = True) -> dict:
         raise PlanError(f"{path}{where}: not valid YAML: {err.problem}{context}") from None
     except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:
         raise PlanError(f"{path} is not valid {'JSON' if is_json else 'YAML'}: {err}") from None
+    except RecursionError:
+        raise PlanError(f"{path}: values nested too deeply to read; a {what} is a mapping of sections, each a "
+                        "mapping of settings") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -339,13 +354,25 @@ def read_mapping(path: str, what: str, names_only: bool = True) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)
+    and aliases (`*name`, merge keys): a plan has no use for them, and nested aliases can make a
+    few lines stand for billions of values."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: a plan has no aliases or merge "
+                                              "keys (<<); write the values out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     first = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a name; keys are words such as "
+                                                    "'degree'", key_node.start_mark)
         if key in first:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} given twice (first on line {first[key] + 1}); keep one", key_node.start_mark)
@@ -371,6 +398,39 @@ def _check_keys(data: dict, path: str, where: tuple) -> None:
             raise PlanError(f"{path}: key {key!r} at {at} is not a name; keys are words such as 'degree'")
         if isinstance(value, dict):
             _check_keys(value, path, (*where, key))
+
+
+def _check_unused(plan: "Plan") -> None:
+    """Refuse a setting changed from its default where nothing reads it: a plan that says it and is
+    silently run without it would mislead (to_dict writes the defaults, so they stay allowed)."""
+    patches = plan.patch_parallel.degree > 1 or plan.pipefusion.degree > 1
+    cc, sel, st = plan.conditional_comm, plan.selective_sync, plan.staleness
+    unused = {  # section -> (the fields nothing reads, why, what to do)
+        "conditional_comm": (("drop", "slots", "threshold") if cc.interval is None else ("slots",)
+                             if cc.drop == "threshold" else ("threshold",),
+                             "conditional communication is off (no interval)" if cc.interval is None else
+                             f"drop is {cc.drop!r}", "set interval (e.g. 2) and the drop rule that reads it"),
+        "selective_sync": (() if sel.strategy == "auto" else tuple(f for f in type(sel).model_fields
+                                                                  if f != "strategy"),
+                           f"strategy is {sel.strategy!r}, and only strategy 'auto' calibrates",
+                           "set strategy: auto"),
+        "staleness": (() if st.mode != "sync" else ("cache_limit_mb",) if patches else
+                      ("warmup_steps", "cooldown_steps", "sync_every", "cache_limit_mb"),
+                      "staleness.mode is 'sync'", "choose a stale mode"),
+        "offload": (() if plan.offload.enabled else ("resident_experts", "budget_mb"), "offload is not enabled",
+                    "set enabled: true"),
+        "pipefusion": (() if plan.pipefusion.degree > 1 else ("patches", "warmup_steps"), "pipefusion.degree is 1",
+                       "set degree > 1"),
+        "patch_parallel": (() if plan.patch_parallel.degree > 1 else ("warmup_steps",),
+                           "patch_parallel.degree is 1", "set degree > 1"),
+        "schedule": (() if plan.schedule.policy == "overlap" or plan.shortcut.enabled else ("memory_slack",),
+                     "schedule.policy is 'program'", "set policy: overlap"),
+    }
+    for name, (fields, why, fix) in unused.items():
+        section = getattr(plan, name)
+        for field in fields:
+            if getattr(section, field) != type(section).model_fields[field].default:
+                raise ValueError(f"{name}.{field}: has no effect because {why}; {fix}, or remove {field}")
 
 
 def _check_patches(plan: "Plan") -> None:

@@ -31,24 +31,39 @@ def _read(path: str) -> object:
     """The object in a `.safetensors` file or a `torch.save` file, unpickled safely."""
     if path.lower().endswith(".safetensors"):
         return _read_safetensors(path)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty; save the weights with torch.save(model.state_dict(), path)")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our error says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower() or not _looks_pickled(path):  # not refused: not a pickle
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (UnpicklingError: "
-                                  f"{str(err).splitlines()[0]})") from None
-        raise CheckpointError(_refused(path, str(err))) from None
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err.__class__.__name__}: {err})") from err
+        if "weights only" in str(err).lower() and _looks_pickled(path):
+            raise CheckpointError(_refused(path, str(err))) from None
+        raise CheckpointError(_not_a_checkpoint(path)) from None
+    except Exception:  # noqa: BLE001 - torch's readers fail on a foreign file in many ways; all mean the same
+        raise CheckpointError(_not_a_checkpoint(path)) from None
+
+
+def _not_a_checkpoint(path: str) -> str:
+    """What to say of a file torch.load cannot read (never torch's own text, which may advise
+    weights_only=False)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    what = ("a zip file torch.save did not write, or one cut short" if head == b"PK" else
+            "a pickle cut short or of another kind" if head[:1] == b"\x80" else "neither a zip nor a pickle")
+    return (f"{path} is not a PyTorch checkpoint ({what}); give a file written by torch.save(model.state_dict(), "
+            "path) or a .safetensors file")
 
 
 def _looks_pickled(path: str) -> bool:
-    """Whether `path` starts as torch.save's zip file or as a pickle of protocol 2 or later does."""
+    """Whether `path` starts as torch.save's zip file or a pickle of protocol 2 or later does, or
+    starts and ends as one of protocol 0 or 1 (a container or a global, then STOP)."""
     with open(path, "rb") as f:
         head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
+        f.seek(-1, os.SEEK_END)
+        tail = f.read(1)
+    return head == b"PK" or head[:1] == b"\x80" or (head[:1] in (b"(", b"]", b"}", b"c", b"l", b"d") and tail == b".")
 
 
 def _refused(path: str, torch_message: str) -> str:
@@ -87,15 +102,26 @@ def _select(obj, path, weights):
 
 
 def _unwrap(obj, path):
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; "
-                              "save one with torch.save(model.state_dict(), path)")
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj.get(key), dict):
-            return _unwrap(obj[key], path)
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is a dict but not a state dict of tensors "
-                              f"(top-level keys: {sorted(obj)[:8]})")
+    """The state dict inside `obj`: the first of the wrappers, at most a few deep."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; "
+                                  "save one with torch.save(model.state_dict(), path)")
+        inner = next((obj[key] for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    else:
+        raise CheckpointError(f"{path}: the weights are wrapped more than 4 deep in {'/'.join(_WRAPPER_KEYS)}; "
+                              "save the state dict itself")
+    keys = [str(k)[:40] for k in list(obj)[:8]]
+    if not all(isinstance(k, str) for k in obj) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is a dict but not a state dict of parameter names to tensors "
+                              f"(top-level keys: {keys})")
+    odd = next((k for k, v in obj.items() if v.is_meta or v.is_complex()), None)
+    if odd is not None:
+        kind = "a tensor without data (meta device)" if obj[odd].is_meta else f"a {obj[odd].dtype} tensor"
+        raise CheckpointError(f"{path}: {odd} is {kind}; a checkpoint holds real-valued tensors with data")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -73,6 +73,13 @@ class DiTMoEConfig:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by 4 (the 2-D sin-cos position "
+                             "embedding gives a quarter of it to each of sin and cos of each axis)")
+        for name, most in (("depth", 512), ("num_experts", 1024), ("num_heads", 1024)):
+            if getattr(self, name) > most:  # building the model alone would take minutes
+                raise ValueError(f"{name}: at most {most} (the largest reference config has depth 40, 16 experts, "
+                                 f"16 heads), got {getattr(self, name)}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"

@@ -147,7 +147,7 @@ def resolve_auto(model: nn.Module, layers, plan):
     keep = round(plan.selective_sync.fraction * len(layers))
     chosen = sorted(sorted(range(len(layers)), key=lambda i: (-sensitivity[i], i))[:keep])
     data = plan.to_dict()
-    data["selective_sync"]["strategy"] = chosen
+    data["selective_sync"] = {"strategy": chosen}  # the calibration settings have done their work
     log.info("selective_sync auto: sensitivities %s -> synchronous layers %s",
              [round(s, 4) for s in sensitivity], chosen)
     return Plan(**data), sensitivity

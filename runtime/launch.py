@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import yaml
@@ -99,7 +100,12 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--set {item}: the value is not a YAML number, boolean or string ({problem}); "
+                             f"e.g. --set {key}=12") from None
     return overrides
 
 
@@ -206,6 +212,9 @@ def exit_with_launcher() -> None:
 
 def main(argv=None) -> int:
     exit_with_launcher()
+    # moedit's own warnings (a plan that runs but gains nothing, say) as one line, not Python's two
+    warnings.formatwarning = lambda message, category, *_, **__: (
+        f"moedit.run: warning: {message}\n" if issubclass(category, UserWarning) else f"{category.__name__}: {message}\n")
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -215,15 +224,20 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
-    created = _rank() == 0 and not os.path.exists(args.out)  # rank 0 creates --out (check_out)
+    created = []  # the folders rank 0 creates for --out (check_out), the deepest first
+    path = os.path.abspath(args.out)
+    while _rank() == 0 and path != os.path.dirname(path) and not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
     code = 1
     try:
         code = _run(args)
         return code
     finally:
-        if created and code != 0:  # a failed run leaves no empty folder behind (nor files: see check_out)
+        if code != 0:  # a failed run leaves no empty folders behind (nor files: see check_out)
             with contextlib.suppress(OSError):
-                os.rmdir(args.out)
+                for folder in created:
+                    os.rmdir(folder)
 
 
 def _run(args) -> int:

@@ -35,6 +35,21 @@ PLANS = {  # file name, content -> what the one error line says
     "list.yaml": ("- 1\n- 2\n", "list.yaml must hold a mapping of plan sections, got list"),
     "profile.yaml": ("schedule:\n  profile: examples/plans/single.yaml\n", "schedule.profile: only schedule.policy "
                      "'overlap', expert_parallel.chunks 'auto' and the shortcut schedule read it"),
+    "deep.yaml": ("junk: " + "[" * 20000 + "]" * 20000 + "\n", "deep.yaml: values nested too deeply to read"),
+    "alias.yaml": ("base: &b {degree: 2}\nexpert_parallel:\n  <<: *b\n", "alias.yaml, line 3, column 7: not valid "
+                   "YAML: alias *b: a plan has no aliases or merge keys"),
+    "listkey.yaml": ("expert_parallel:\n  ? [degree, chunks]\n  : 1\n", "key ['degree', 'chunks'] is not a name"),
+    # settings nothing would read: refused, not silently run without
+    "drop.yaml": ("conditional_comm:\n  drop: threshold\n", "conditional_comm.drop: has no effect because "
+                  "conditional communication is off (no interval)"),
+    "resident.yaml": ("offload:\n  resident_experts: 2\n", "offload.resident_experts: has no effect because offload "
+                      "is not enabled"),
+    "patches.yaml": ("pipefusion:\n  patches: 4\n", "pipefusion.patches: has no effect because pipefusion.degree "
+                     "is 1"),
+    "sync_every.yaml": ("staleness:\n  sync_every: 3\n", "staleness.sync_every: has no effect because "
+                        "staleness.mode is 'sync'"),
+    "fraction.yaml": ("staleness:\n  mode: interweaved\nselective_sync:\n  strategy: deep\n  fraction: 0.9\n",
+                      "selective_sync.fraction: has no effect because strategy is 'deep'"),
 }
 
 
@@ -63,6 +78,9 @@ def refuse(monkeypatch, tmp_path, capsys):
         assert launch.main([*argv, "--out", str(tmp_path / "out")]) == 2
         _one_error_line(capsys.readouterr().err, expected)
         assert not (tmp_path / "out").exists(), "a refused run left the --out folder it created"
+        assert launch.main([*argv, "--out", str(tmp_path / "new" / "deeper" / "out")]) == 2
+        capsys.readouterr()
+        assert not (tmp_path / "new").exists(), "a refused run left the parents of --out it created"
 
     return check
 
@@ -87,6 +105,12 @@ def test_a_binary_plan_file_is_named(refuse, tmp_path):
     refuse(["--plan", str(tmp_path / "plan.yaml")], "plan.yaml is not a text file")
 
 
+def test_a_pipe_or_a_device_as_the_plan_is_refused_without_reading_it(refuse, tmp_path):
+    os.mkfifo(tmp_path / "fifo.yaml")  # opening it would wait for a writer forever
+    refuse(["--plan", str(tmp_path / "fifo.yaml")], "fifo.yaml is not a regular file (a pipe or a device)")
+    refuse(["--plan", "/dev/zero"], "/dev/zero is not a regular file")
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--seed", str(2**70)], "--seed 1180591620717411303424: give 0 to 2**63 - 1"),
     (["--seed", "-1"], "--seed -1: give 0 to 2**63 - 1"),
@@ -99,6 +123,10 @@ def test_a_binary_plan_file_is_named(refuse, tmp_path):
     (["--model", "tiny", "--set", "depth=-1"], "--set depth=-1: depth: give a positive number, got -1"),
     (["--model", "tiny", "--set", "qk_norm=3"], "--set qk_norm=3: qk_norm: give true or false, got 3"),
     (["--model", "tiny", "--set", "hidden_size=1000000"], "GiB model need about"),
+    (["--model", "tiny", "--set", "depth=[1"], "--set depth=[1: the value is not a YAML number, boolean or string"),
+    (["--model", "tiny", "--set", "depth=!!python/object/apply:os.system [true]"], "the value is not a YAML number"),
+    (["--model", "tiny", "--set", "hidden_size=6", "--set", "num_heads=2"], "hidden_size (6) must be divisible by 4"),
+    (["--model", "tiny", "--set", "depth=100000000"], "depth: at most 512"),
 ])
 def test_an_argument_out_of_range_is_one_line_naming_it(refuse, argv, expected):
     refuse(["--plan", "examples/plans/single.yaml", *argv], expected)

@@ -1,6 +1,9 @@
 import argparse
+import functools
+import io
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -132,12 +135,43 @@ def test_a_pickle_with_other_objects_is_refused_for_safety_and_runs_nothing(tmp_
     torch.save({"ema": model.state_dict(), "extra": _Exploit(marker)}, tmp_path / "exploit.pt")
     with open(tmp_path / "raw.pkl", "wb") as f:  # a bare pickle, not torch.save's zip
         pickle.dump({"extra": _Exploit(marker)}, f)
-    for name in ("exploit.pt", "raw.pkl"):
+    with open(tmp_path / "old.pkl", "wb") as f:  # protocol 0: no header, the global spelt out
+        pickle.dump({"extra": _Exploit(marker)}, f, protocol=0)
+    for name in ("exploit.pt", "raw.pkl", "old.pkl"):
         with pytest.raises(CheckpointError, match="refused for safety") as refused:
             load_checkpoint(model, tmp_path / name)
         assert "weights_only" not in str(refused.value) and not marker.exists()
     # The Namespace is allowed only while a checkpoint loads, not in torch's global allow-list.
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+@pytest.mark.parametrize("name, write, expected", [
+    ("empty", lambda p: p.write_bytes(b""), "is empty"),
+    ("text", lambda p: p.write_text("this is not a checkpoint\nweights: 1 2 3\n"), "neither a zip nor a pickle"),
+    ("text starting as a protocol-0 global", lambda p: p.write_text("checkpoint of my model\n"),
+     "neither a zip nor a pickle"),
+    ("cut short", lambda p: p.write_bytes(_saved(_one_block().state_dict())[:4000]), "or one cut short"),
+    ("int keys", lambda p: torch.save({0: torch.zeros(1)}, p), "not a state dict of parameter names to tensors"),
+    ("mixed keys", lambda p: torch.save({1: "a", "b": 2}, p), "not a state dict of parameter names to tensors"),
+    ("complex", lambda p: torch.save({k: v.to(torch.complex64) for k, v in _one_block().state_dict().items()}, p),
+     "complex64 tensor; a checkpoint holds real-valued tensors"),
+    ("meta", lambda p: torch.save({k: v.to("meta") for k, v in _one_block().state_dict().items()}, p),
+     "a tensor without data (meta device)"),
+    ("wrapped 9 deep", lambda p: torch.save(functools.reduce(lambda d, _: {"ema": d}, range(9),
+                                                             _one_block().state_dict()), p), "more than 4 deep"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named_in_our_words(tmp_path, name, write, expected):
+    path = tmp_path / "ckpt.pt"
+    write(path)
+    with pytest.raises(CheckpointError, match=re.escape(expected)) as refused:
+        load_checkpoint(_one_block(), path)
+    assert "weights_only" not in str(refused.value) and "Error" not in str(refused.value)
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_a_safetensors_file_loads(tmp_path):

@@ -23,6 +23,7 @@ PLANS = {  # world -> name -> plan
         "ring 2": dict(sequence_parallel={"ring": 2}, expert_parallel={"degree": 2}),
         "cfg 2": dict(cfg_parallel=True, expert_parallel={"degree": 2}),
         "ulysses 2, experts on 1": dict(sequence_parallel={"ulysses": 2}),
+        "data parallel 2, every expert on each rank": dict(data_parallel=2),
     },
     4: {
         "ulysses 4": dict(sequence_parallel={"ulysses": 4}, expert_parallel={"degree": 4}),
@@ -37,6 +38,8 @@ PLANS = {  # world -> name -> plan
                                         expert_parallel={"degree": 4, "chunks": 2}),
         "ulysses 2 x data 2": dict(sequence_parallel={"ulysses": 2}, expert_parallel={"degree": 4}),
         "experts on 2 x data parallel 2": dict(expert_parallel={"degree": 2}, data_parallel=2),
+        "experts on 2 x data parallel 2, overlap schedule": dict(expert_parallel={"degree": 2}, data_parallel=2,
+                                                                 schedule={"policy": "overlap"}),
         "ulysses 2, experts on 2 x data parallel 2": dict(sequence_parallel={"ulysses": 2},
                                                           expert_parallel={"degree": 2}, data_parallel=2),
         "cfg 2 x data parallel 2, experts on 2": dict(cfg_parallel=True, expert_parallel={"degree": 2},
