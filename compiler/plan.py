@@ -585,8 +585,11 @@ def _bounds(field) -> str:
 
 
 def _report(err: ValidationError) -> str:
-    lines = [f"  {'.'.join(map(str, e['loc'])) or '(plan)'}: {_message(e)}" for e in err.errors()]
-    return "invalid plan:\n" + "\n".join(lines)
+    """One problem on one line (after "invalid plan: "), several each on a line of their own."""
+    problems = [(".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + _message(e) for e in err.errors()]
+    if len(problems) == 1:
+        return f"invalid plan: {problems[0]}"
+    return f"invalid plan, {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def _message(error: dict) -> str:

@@ -195,7 +195,7 @@ def measured_costs(path: str) -> dict:
                 continue
             bucket = compute if lanes[e["pid"], e["tid"]] == "compute" else exchange
             bucket[e["name"]].append(e["dur"] / 1e6)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:  # (JSONDecodeError too)
         raise PlanError(f"schedule.profile {path} is not a timeline written by `moedit.run --timeline` "
                         f"({err}); give DIR/timeline.json of such a run") from None
     by_name = defaultdict(list)

@@ -69,7 +69,7 @@ def _refuse(err) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors too: see [Note: one report per error]
         _let_rank_0_report()
-        super().error(message)
+        self.exit(2, f"moedit.run: error: {message} (python -m moedit.run --help lists the arguments)\n")
 
 
 OUTPUTS = ("samples.png", "explain.txt", "images.pt", "timings.json", "timeline.json", "timeline.png")
