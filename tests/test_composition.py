@@ -19,6 +19,13 @@ have and so which check it gets:
      no smaller plan is a reference): the same plan with every step a warm-up step equals
      its core without patches/PipeFusion on one rank (the eager model when nothing else is
      left), <= 1e-5, and the plan itself differs from the eager model by more than 1e-3.
+  W  rounded to the wire: as S (the wire is part of the core, so the reference is the core on one
+     rank, whose experts' inputs and outputs take the same trip through the wire), and the pair
+     differs from the eager model by more than 1e-6 (the rows were rounded, not skipped).
+     Every pair with the wire is held to 1e-4, not 1e-5: where two layouts' float sums differ in
+     the last bit (a dropped slot's cached output merged in another order, say), a bfloat16
+     rounding can flip by one unit; measured, cc+wire 1.9e-5 and rw+wire 4.9e-5, while a wire
+     skipped on any path moves these images by ~1e-2.
   R  refused: `moedit.Plan(...)` or `moedit.compile(...)` raises PlanError with the fragment
      in REFUSED.
   -  not a pair: both sections set the same field (staleness.mode).
@@ -53,6 +60,8 @@ Sections and the companions a plan made of them gets (`_plan`):
   pf       pipefusion.degree 2 (2 patches)
   ovl      schedule.policy overlap (against the default, program order)
   tri      kernels triton (Triton's interpreter on the CPU)  + experts sharded
+  dp       data_parallel 2 (replicas of the rest of the plan; alone: experts unsharded on each)
+  wire     expert_parallel.wire_dtype bfloat16           + experts sharded
 
 "Experts sharded" (and the ep section) sets expert_parallel.degree to the larger of 2 and
 the dense axes' product (cfg x patch x ulysses x ring), so a product of two degree-2 axes
@@ -80,29 +89,32 @@ from moedit.plan import PlanError
 from moedit.runtime.sampling import initial_noise, rectified_flow_sample
 
 MATRIX = """
-     ep  chk dis int sel cc  sc  rw  off uly rng cfg pat pf  ovl tri
-ep   E   E   S   S   S   S   E   S   E   E   E   E   S   S   E   .
-chk  E   E   S   S   S   S   R   R   E   E   E   E   S   S   E   E
-dis  S   S   S   -   S   S   S   S   S   S   S   S   P   R   S   .
-int  S   S   -   S   S   S   S   S   S   S   S   S   P   R   S   .
-sel  S   S   S   S   S   S   S   S   S   S   S   S   P   R   S   .
-cc   S   S   S   S   S   S   R   S   S   S   S   S   P   R   S   S
-sc   E   R   S   S   S   R   E   R   E   E   E   E   R   R   R   .
-rw   S   R   S   S   S   S   R   S   S   S   S   S   R   R   R   .
-off  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   E
-uly  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   .
-rng  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   .
-cfg  E   E   S   S   S   S   E   S   E   E   E   E   S   S   E   .
-pat  S   S   P   P   P   P   R   R   R   R   R   S   P   R   S   .
-pf   S   S   R   R   R   R   R   R   R   R   R   S   R   P   R   .
-ovl  E   E   S   S   S   S   R   R   E   E   E   E   S   R   E   .
-tri  .   E   .   .   .   S   .   .   E   .   .   .   .   .   .   E
+     ep  chk dis int sel cc  sc  rw  off uly rng cfg pat pf  ovl tri dp  wire
+ep   E   E   S   S   S   S   E   S   E   E   E   E   S   S   E   .   E   W
+chk  E   E   S   S   S   S   R   R   E   E   E   E   S   S   E   E   E   W
+dis  S   S   S   -   S   S   S   S   S   S   S   S   P   R   S   .   S   S
+int  S   S   -   S   S   S   S   S   S   S   S   S   P   R   S   .   S   S
+sel  S   S   S   S   S   S   S   S   S   S   S   S   P   R   S   .   S   S
+cc   S   S   S   S   S   S   R   S   S   S   S   S   P   R   S   S   S   S
+sc   E   R   S   S   S   R   E   R   E   E   E   E   R   R   R   .   E   W
+rw   S   R   S   S   S   S   R   S   S   S   S   S   R   R   R   .   S   S
+off  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   E   E   W
+uly  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   .   E   W
+rng  E   E   S   S   S   S   E   S   E   E   E   E   R   R   E   .   E   W
+cfg  E   E   S   S   S   S   E   S   E   E   E   E   S   S   E   .   E   W
+pat  S   S   P   P   P   P   R   R   R   R   R   S   P   R   S   .   S   P
+pf   S   S   R   R   R   R   R   R   R   R   R   S   R   P   R   .   S   P
+ovl  E   E   S   S   S   S   R   R   E   E   E   E   S   R   E   .   E   W
+tri  .   E   .   .   .   S   .   .   E   .   .   .   .   .   .   E   .   .
+dp   E   E   S   S   S   S   E   S   E   E   E   E   S   S   E   .   E   W
+wire W   W   S   S   S   S   W   S   W   W   W   W   P   P   W   .   W   W
 """
 
 SHORT = {"ep": "expert_parallel", "chk": "chunks", "dis": "displaced", "int": "interweaved",
          "sel": "selective_sync", "cc": "conditional_comm", "sc": "shortcut", "rw": "rewrite", "off": "offload",
          "uly": "ulysses", "rng": "ring", "cfg": "cfg_parallel", "pat": "patch_parallel", "pf": "pipefusion",
-         "ovl": "overlap", "tri": "triton"}
+         "ovl": "overlap", "tri": "triton",
+         "dp": "data_parallel", "wire": "wire_dtype"}
 
 # Refused pairs: a fragment of the PlanError's message.
 REFUSED = {
@@ -134,8 +146,8 @@ REFUSED = {
 SILENT_WRONG: dict[tuple[str, str], str] = {}
 
 DEPTH, LABELS, STEPS, CFG, SEED = 2, [1, 2], 4, 1.5, 0
-EXACT_ATOL, STALE_MIN_DIFF = 1e-5, 1e-3
-CHANGES_NOTHING = {"ep", "chk", "sc", "off", "uly", "rng", "cfg", "ovl", "tri"}
+EXACT_ATOL, STALE_MIN_DIFF, ROUNDED_ATOL, ROUNDED_MIN_DIFF = 1e-5, 1e-3, 1e-4, 1e-6
+CHANGES_NOTHING = {"ep", "chk", "sc", "off", "uly", "rng", "cfg", "ovl", "tri", "dp"}
 ATTENTION_STALE = {"pat", "pf"}
 FRAGMENTS = {
     "ep": {"expert_parallel": {"degree": 2}},
@@ -154,8 +166,10 @@ FRAGMENTS = {
     "pf": {"pipefusion": {"degree": 2}},
     "ovl": {"schedule": {"policy": "overlap"}},
     "tri": {"kernels": "triton"},
+    "dp": {"data_parallel": 2},
+    "wire": {"expert_parallel": {"wire_dtype": "bfloat16"}},
 }
-SHARDS_EXPERTS = {"ep", "chk", "dis", "int", "sel", "cc", "sc", "rw", "off", "ovl", "tri"}
+SHARDS_EXPERTS = {"ep", "chk", "dis", "int", "sel", "cc", "sc", "rw", "off", "ovl", "tri", "wire"}
 NEEDS_MODE = {"sel", "cc"}
 
 
@@ -316,7 +330,7 @@ class Matrix:
         plan = _plan(dict.fromkeys(pair))
         self.pair_key[pair] = self._run(model_name, plan)
         core = _core(pair)
-        if GRID[pair] not in "SP":
+        if GRID[pair] not in "SPW":
             return
         if not set(core) & ATTENTION_STALE:
             self.reference[pair] = self._run(model_name, _plan(core, one_rank=True)), f"{'+'.join(core)} on 1 rank"
@@ -374,16 +388,18 @@ def test_pair_has_the_outcome_the_matrix_states(matrix, pair):
         assert diff <= EXACT_ATOL, f"{_pair_id(pair)} claims exact: max |diff| vs the eager model {diff:.3g}"
         return
     key, what = matrix.reference[pair]
-    if outcome == "S":
+    atol = ROUNDED_ATOL if "wire" in pair else EXACT_ATOL
+    if outcome in "SW":
         diff = _max_diff(out, matrix.output(key))
-        assert diff <= EXACT_ATOL, f"{_pair_id(pair)} vs its stale core ({what}): max |diff| {diff:.3g}"
+        assert diff <= atol, f"{_pair_id(pair)} vs its stale core ({what}): max |diff| {diff:.3g}"
     else:
         assert outcome == "P", outcome
         warm = matrix.output(matrix.warmup_key[pair])
         diff = _max_diff(warm, eager if key is None else matrix.output(key))
-        assert diff <= EXACT_ATOL, f"{_pair_id(pair)} with every step warm-up vs {what}: max |diff| {diff:.3g}"
-    stale = _max_diff(out, eager)
-    assert stale > STALE_MIN_DIFF, f"{_pair_id(pair)} claims stale but is within {stale:.3g} of the eager model"
+        assert diff <= atol, f"{_pair_id(pair)} with every step warm-up vs {what}: max |diff| {diff:.3g}"
+    stale, least = _max_diff(out, eager), ROUNDED_MIN_DIFF if outcome == "W" else STALE_MIN_DIFF
+    claim = "a rounded wire" if outcome == "W" else "stale"
+    assert stale > least, f"{_pair_id(pair)} claims {claim} but is within {stale:.3g} of the eager model"
 
 
 def test_the_matrix_is_symmetric_and_every_refusal_has_a_message():
