@@ -11,8 +11,9 @@ says so and exits with status 2.
 
 `--plans exact` (the default) runs the layouts the planner searches with `--max-staleness 0`
 on this test bed, one plan each (its base: no chunks, program order): experts over both nodes,
-CFG, Ulysses, Ring and USP over every rank, and the node-aware ones, experts (with Ulysses or
-CFG) inside a node and data-parallel replicas across. `--plans stale` runs experts over every
+CFG, Ulysses, Ring and USP over every rank, replicas of the experts over fewer ranks (every
+expert on every rank; experts inside a node, a replica per node), and experts with Ulysses or
+CFG inside a node, a replica per node. `--plans stale` runs experts over every
 rank, `dice` over every rank and inside a node, and the planner's pick with staleness allowed.
 Any other value is a plan file name in examples/plans/ (with @settings, as overlap.py takes) or
 a plan as JSON. The first plan is the baseline.
@@ -39,7 +40,7 @@ from moedit.models import load_model
 from moedit.planner.costs import Hardware, HardwareError
 from moedit.planner.search import candidate_plans, describe, predict, search, staleness_of
 
-RUN_TIME = "about 8.5 min on a 2-core CPU for the exact layouts and the pick, 5 for --plans stale (15 s a plan a round)"
+RUN_TIME = "about 10.5 min on a 2-core CPU for the exact layouts and the pick, 5 for --plans stale (15-20 s a plan a round)"
 
 
 def _layouts(world: int, per_node: int, layers: int) -> list[dict]:

@@ -42,6 +42,8 @@ def _plan(args) -> None:
     from moedit.planner.search import QualityProbe, describe, search
 
     hardware = Hardware.load(args.hardware)
+    if args.memory_gb is not None and not 0 < args.memory_gb < float("inf"):
+        raise SystemExit(f"moedit plan: --memory-gb {args.memory_gb}: give the GB one rank may use, a number above 0")
     dtype = getattr(torch, args.dtype or ("float32" if calibrated(args.hardware) else "bfloat16"))  # CPUs: float32
     model = load_model(args.model, device="meta").to(dtype)  # shapes only
     batch = args.images * (2 if args.cfg else 1)
@@ -60,7 +62,7 @@ def _plan(args) -> None:
                          f"weights ({', '.join(PRETRAINED)}) and --quality-images above 0; {args.model} has none")
     found = search(model, hardware, args.ranks, batch=batch, steps=args.steps, max_staleness=args.max_staleness,
                    wire_dtypes=tuple(args.wire_dtypes), quality=quality, max_rel_l2=args.max_rel_l2,
-                   progress=True)
+                   memory_bytes=args.memory_gb and args.memory_gb * 1e9, progress=True)
     if not found:
         _print_dropped(found.dropped, sys.stderr)
         raise SystemExit(f"moedit plan: no candidate plan fits {args.model} on {args.ranks} ranks with {args.images} "
@@ -173,6 +175,8 @@ def main(argv=None) -> int:
                       help="try every candidate with each of these expert_parallel.wire_dtype values")
     plan.add_argument("--max-rel-l2", type=float, help="leave out plans whose measured quality cost (rel. L2 of their "
                       "images to the exact plan's) is above this")
+    plan.add_argument("--memory-gb", type=float, help="memory one rank may use, in GB; plans predicted to "
+                      "need more are left out (default: the profile's memory_bytes; a CPU machine's RAM over its ranks)")
     plan.add_argument("--quality-images", type=int, default=8, help="images of the sample each lossy candidate's "
                       "quality cost is measured on (models with trained weights; 0: do not measure)")
     models = commands.add_parser("models", help="list every model name with its size and whether a checkpoint ships")

@@ -21,6 +21,7 @@ measures this machine, into the cache folder (`$MOEDIT_CACHE`, default ~/.cache/
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -63,9 +64,14 @@ class Link(BaseModel):
     cpu_bytes_per_s: float | None = Field(
         None, description="if the CPU moves the bytes (TCP on a CPU machine): bytes sent plus received per "
         "second of a core's time, which the transfer takes from compute it overlaps; None: DMA, free")
-    turn_taking: dict[int, float] = Field(
-        default_factory=dict, description="world size -> extra latency per second the ranks computed since they "
-        "last synchronised (CPU ranks that outnumber the cores run in turn, so their arrivals spread)")
+    turn_taking_s: dict[int, float] = Field(
+        default_factory=dict, description="world size -> extra latency of an exchange per square root of the "
+        "seconds its ranks computed since they last synchronised (CPU ranks that outnumber the cores run in "
+        "turn, so their arrivals spread; measured at two compute spans, the spread grows as the square root)")
+
+    def turns(self, world: int, computed: float) -> float:
+        """What turn-taking adds to an exchange of ranks that computed `computed` seconds since they last met."""
+        return self.turn_taking_s.get(world, 0.0) * math.sqrt(computed)
 
     def latency(self, peers: int, world: int) -> float:
         if peers == 0:
@@ -93,6 +99,9 @@ class Hardware(BaseModel):
         "tensor, where measured")
     compute_slowdown: dict[int, float] = Field(
         default_factory=dict, description="ranks on one machine -> how much slower each computes (shared CPU cores)")
+    memory_bytes: float | None = Field(None, gt=0, description="memory of one device (a GPU's), or with "
+                                       "memory_shared of one node; None: plans are not checked against it")
+    memory_shared: bool = Field(False, description="memory_bytes is a node's, shared by its ranks (a CPU machine)")
 
     # -- loading ------------------------------------------------------------------
 
@@ -114,7 +123,8 @@ class Hardware(BaseModel):
         try:
             return cls(**read_mapping(str(path), "hardware profile", names_only=False))  # rank counts are keys
         except (ValueError, TypeError) as err:  # PlanError is a ValueError
-            raise HardwareError(f"hardware profile {path} is not valid: {err}") from None
+            again = " (written by an older moedit: run `moedit calibrate` again)" if calibrated(str(name)) else ""
+            raise HardwareError(f"hardware profile {path} is not valid{again}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +157,16 @@ class Hardware(BaseModel):
         return self.compute_slowdown[most] * ranks_here / most
 
     def node_of(self, rank: int, world: int) -> int:
-        per_node = -(-world // self.nodes) if self.nodes else self.ranks_per_node
-        return rank // max(1, per_node)
+        return rank // self._per_node(world)
+
+    def _per_node(self, world: int) -> int:
+        return max(1, -(-world // self.nodes) if self.nodes else self.ranks_per_node)
+
+    def memory_per_rank(self, world: int) -> float | None:
+        """The memory one of `world` ranks may use (None: the profile does not say)."""
+        if self.memory_bytes is None or not self.memory_shared:
+            return self.memory_bytes
+        return self.memory_bytes / min(world, self._per_node(world))
 
 
 def cache_dir() -> pathlib.Path:

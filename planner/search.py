@@ -9,8 +9,10 @@ Candidates span the axes moedit has: synchronous EP with and without chunked ove
 displaced and interweaved staleness, the share and position of the layers kept
 synchronous, conditional communication, the schedule policy, and the xDiT layouts (CFG,
 Ulysses, Ring and their products, with experts over every rank), which every rank's
-programs are replayed for. A candidate the model or the batch cannot take (a Ulysses
-degree that does not divide the heads, fewer images than data shards) is left out.
+programs are replayed for, and replicas: the experts over fewer ranks (down to every expert
+on every rank) with data-parallel replicas of that group. A candidate the model or the batch
+cannot take (a Ulysses degree that does not divide the heads, fewer images than data shards)
+is left out, and so is one whose predicted peak memory is above what a rank has.
 Synchronous EP is among the results whenever the batch can be split over the ranks. Staleness is how many steps old the oldest expert output a step uses
 can be: 0 synchronous, 1 interweaved, 2 displaced, and conditional communication reuses a
 dropped slot's output from up to `interval - 1` steps back.
@@ -91,20 +93,31 @@ def candidate_plans(ranks: int, layers: int, max_staleness: int | None = None,
             if interval:
                 plan["conditional_comm"] = {"interval": interval, "drop": "low"}
             plans.append(plan)
-    dice = {"staleness": {"mode": "interweaved", "warmup_steps": 1}, "conditional_comm": {"interval": 2, "drop": "low"}}
     for layout in _dense_layouts(ranks):
         plans.append({**layout, "expert_parallel": ep})
-        plans.append({**layout, "expert_parallel": ep, **dice})
-    for layout in _node_layouts(ranks, per_node):
-        plans.append(layout)
-        if "pipefusion" not in layout:  # as for experts across every rank: the schedule, chunks, DICE
-            inside = layout["expert_parallel"]
-            plans += [{**layout, "schedule": {"policy": "overlap"}},
-                      {**layout, "expert_parallel": {**inside, "chunks": 2}, "schedule": {"policy": "overlap"}},
-                      {**layout, **dice}]
+        plans.append({**layout, "expert_parallel": ep, **DICE})
+    for layout in _replica_layouts(ranks) + _node_layouts(ranks, per_node):
+        plans += _variants(layout)
+    plans = [p for i, p in enumerate(plans) if p not in plans[:i]]
     plans = [p for p in plans if max_staleness is None or staleness_of(p) <= max_staleness or p == plans[0]]
-    plans = [_with_wire(p, wire) for p in plans for wire in wire_dtypes]
+    plans = [_with_wire(p, wire) for p in plans for wire in wire_dtypes  # nothing travels when EP is 1 rank
+             if wire == "auto" or p["expert_parallel"]["degree"] > 1]
     return [p for p in plans if _valid(p)]
+
+
+DICE = {"staleness": {"mode": "interweaved", "warmup_steps": 1}, "conditional_comm": {"interval": 2, "drop": "low"}}
+
+
+def _variants(layout: dict) -> list[dict]:
+    """`layout` in program order and, where its experts exchange rows over more than one rank and
+    no PipeFusion stage runs, as experts across every rank are also tried: under the overlap
+    schedule, in 2 chunks under it, and DICE-like."""
+    inside = layout["expert_parallel"]
+    if inside["degree"] == 1 or "pipefusion" in layout:
+        return [layout]
+    return [layout, {**layout, "schedule": {"policy": "overlap"}},
+            {**layout, "expert_parallel": {**inside, "chunks": 2}, "schedule": {"policy": "overlap"}},
+            {**layout, **DICE}]
 
 
 def _with_wire(plan: dict, wire: str) -> dict:
@@ -123,15 +136,24 @@ def _dense_layouts(ranks: int) -> list[dict]:
     return layouts if ranks > 1 else []
 
 
+def _replica_layouts(ranks: int) -> list[dict]:
+    """The experts over fewer ranks than all, in data-parallel replicas of the plan: every divisor
+    of `ranks` as the expert-parallel degree, down to 1 (every rank holds every expert and nothing
+    is exchanged). More weights a rank, fewer exchanges: the planner checks the memory
+    (`Hardware.memory_per_rank`). With the ranks over nodes, a node's ranks are one replica."""
+    return [{"expert_parallel": {"degree": degree}, "data_parallel": ranks // degree}
+            for degree in range(1, ranks) if ranks % degree == 0]
+
+
 def _node_layouts(ranks: int, per_node: int | None) -> list[dict]:
-    """With `ranks` over nodes of `per_node`: experts (with Ulysses, or CFG) inside a node and data
-    parallel replicas across nodes, which then exchange nothing per step; PipeFusion's stages across
-    nodes, passing only patch activations."""
+    """With `ranks` over nodes of `per_node`: experts with Ulysses, or with CFG, inside a node and
+    data parallel replicas across nodes, which then exchange nothing per step; PipeFusion's stages
+    across nodes, passing only patch activations. (Experts alone inside a node are one of the
+    `_replica_layouts`.)"""
     if not per_node or per_node >= ranks or ranks % per_node:
         return []
     nodes, inside = ranks // per_node, {"expert_parallel": {"degree": per_node}}
-    layouts = [{**inside, "data_parallel": nodes}, {**inside, "data_parallel": nodes,
-                                                     "sequence_parallel": {"ulysses": per_node}}]
+    layouts = [{**inside, "data_parallel": nodes, "sequence_parallel": {"ulysses": per_node}}] if per_node > 1 else []
     if per_node % 2 == 0:
         layouts.append({**inside, "data_parallel": nodes, "cfg_parallel": True})
     layouts.append({**inside, "pipefusion": {"degree": nodes}})
@@ -165,14 +187,17 @@ class Candidates(list):
 
 def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25,
            max_staleness: int | None = None, wire_dtypes: tuple[str, ...] = ("auto",),
-           quality: QualityProbe | None = None, max_rel_l2: float | None = None, progress: bool = False) -> Candidates:
+           quality: QualityProbe | None = None, max_rel_l2: float | None = None, memory_bytes: float | None = None,
+           progress: bool = False) -> Candidates:
     """Every candidate plan's prediction, fastest first; those the model or the batch cannot
-    take are left out, each logged and listed in the result's `dropped` with the reason.
-    `comm_share_sync` is synchronous EP's exposed share, None when the batch cannot be split
-    over the ranks. With `quality`, each candidate's measured quality cost comes with it, and
+    take are left out, each logged and listed in the result's `dropped` with the reason, and so
+    are those whose predicted peak memory is above what a rank has (`memory_bytes`, else the
+    profile's). `comm_share_sync` is synchronous EP's exposed share, None when the batch cannot be
+    split over the ranks. With `quality`, each candidate's measured quality cost comes with it, and
     those that cost more than `max_rel_l2` are left out. `progress`: a bar with an estimate on stderr."""
     results, dropped = [], []
     sync_share = None
+    memory = memory_bytes or hardware.memory_per_rank(ranks)
     per_node = -(-ranks // hardware.nodes) if hardware.nodes else hardware.ranks_per_node
     plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes, per_node)
     bar = tqdm(plans, desc="candidates", unit="plan", disable=not progress, leave=False)
@@ -185,6 +210,10 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
             continue
         if index == 0:  # the first candidate is synchronous EP
             sync_share = prediction.exposed_comm_s / prediction.mean_step_s
+        if memory is not None and prediction.peak_bytes > memory:
+            dropped.append(Dropped(plan, f"needs {prediction.peak_bytes / 1e9:.3g} GB a rank, above the "
+                                         f"{memory / 1e9:.3g} GB a rank has"))
+            continue
         if quality is not None:
             bar.set_postfix_str("measuring quality" if quality.will_sample(plan) else "")
         rel_l2 = None if quality is None else quality(plan)
@@ -281,7 +310,8 @@ def describe(plan: dict) -> str:
                                           ("cfg", 2 if plan.get("cfg_parallel") else 1),
                                           ("ulysses", sp.get("ulysses", 1)), ("ring", sp.get("ring", 1))) if n > 1]
     if stages > 1 or replicas > 1:  # experts over part of the ranks: say how many
-        axes.append(f"experts on {plan['expert_parallel']['degree']}")
+        degree = plan["expert_parallel"]["degree"]
+        axes.append("every expert on every rank" if degree == 1 else f"experts on {degree}")
     parts = ([" x ".join(axes)] if axes else []) + [plan.get("staleness", {}).get("mode", "sync")]
     strategy = plan.get("selective_sync", {}).get("strategy")
     if isinstance(strategy, list):

@@ -443,7 +443,7 @@ class _Fabric:
         # calibrated machine. (Two-node test bed, 2-rank expert groups among 4 ranks: 41 % fast with
         # the turn-taking of 2 ranks, 10-14 % with that of 4.)
         size = len(self.members)
-        start = max(ready, self.free) + self.hw.intra.turn_taking.get(self.world, 0.0) * computed
+        start = max(ready, self.free) + self.hw.intra.turns(self.world, computed)
         hw, node = self.hw, self.node
         intra = max(sum(b for q, b in enumerate(row) if node[q] == node[r]) for r, row in enumerate(sent))
         peers = max(sum(1 for q in self.members if node[q] == node[r]) for r in self.members) - 1

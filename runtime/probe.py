@@ -8,6 +8,9 @@ Rank 0 prints one JSON line, with `size` the bytes each rank sends to each other
     loaded_latency_s what one adds to ranks that compute `computed_between_s` between
                      exchanges (more ranks than cores: the OS runs them in turn, and
                      each exchange waits for the one it ran last)
+    long_loaded_latency_s, computed_long_s
+                     the same with ten times the compute between exchanges (the wait
+                     grows about as the square root of the compute)
     issue_s          what starting one (async) costs the calling thread
     bytes_per_s      bytes a rank sends per second in a stream of all-to-alls of `size`,
                      back to back (what a busy, overlapped step gets)
@@ -40,13 +43,14 @@ def _timed(out, rows, count: int) -> float:
     return elapsed.item()
 
 
-def _loaded_latency(out, rows, count: int = 30) -> tuple[float, float]:
-    """What a small all-to-all adds to a loop that computes ~2 ms between exchanges: with
-    more ranks than cores, each exchange also waits for the rank the OS ran last."""
+def _loaded_latency(out, rows, count: int = 30, matmuls: int = 8) -> tuple[float, float]:
+    """What a small all-to-all adds to a loop that computes `matmuls` small matmuls (8: 2-7 ms)
+    between exchanges: with more ranks than cores, each exchange also waits for the rank the
+    OS ran last."""
     a = torch.randn(192, 192)
 
     def work():
-        for _ in range(8):
+        for _ in range(matmuls):
             a @ a
 
     dist.barrier()
@@ -75,6 +79,7 @@ def measure(size: int, burst: int) -> dict:
         dist.all_to_all_single(tiny_out, tiny)
     latency = (time.perf_counter() - start) / 50
     loaded, between = _loaded_latency(tiny_out, tiny)
+    long_loaded, long_between = _loaded_latency(tiny_out, tiny, count=10, matmuls=80)
     dist.barrier()
     issue = time.perf_counter()
     works = [dist.all_to_all_single(tiny_out, tiny, async_op=True) for _ in range(50)]
@@ -93,7 +98,8 @@ def measure(size: int, burst: int) -> dict:
         time.sleep(0.03)
         isolated.append(_timed(burst_out, burst_rows, 1))
     return {"world": world, "size": size, "latency_s": latency, "loaded_latency_s": loaded,
-            "computed_between_s": between, "issue_s": issue, "bytes_per_s": count * size * (world - 1) / stream,
+            "computed_between_s": between, "long_loaded_latency_s": long_loaded, "computed_long_s": long_between,
+            "issue_s": issue, "bytes_per_s": count * size * (world - 1) / stream,
             "burst": burst, "isolated_s": statistics.median(isolated)}
 
 

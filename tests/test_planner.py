@@ -16,10 +16,11 @@ from _dist import run_ranks
 from _models import tiny_model
 
 
-def _slow_link() -> Hardware:
-    """A GPU-like machine with a slow link: staleness pays."""
+def _slow_link(memory_bytes: float | None = 0.8e6) -> Hardware:
+    """A GPU-like machine with a slow link: staleness pays. By default a rank's memory holds half
+    the tiny model's experts but not all of them (no replica of every expert on every rank)."""
     return Hardware(name="slow link", source="test", flops_per_s={"float32": 1e13}, memory_bytes_per_s=1e12,
-                    op_overhead_s=5e-6, intra=Link(latency_s=1e-5, bytes_per_s=1e7))
+                    op_overhead_s=5e-6, intra=Link(latency_s=1e-5, bytes_per_s=1e7), memory_bytes=memory_bytes)
 
 
 @pytest.mark.parametrize("limit", [None, 0, 1])
@@ -77,12 +78,37 @@ def test_on_two_nodes_the_planner_keeps_the_chatty_axes_inside_a_node():
     assert found[0].predicted_step_s < across.predicted_step_s
 
 
+def test_replicas_of_fewer_expert_ranks_are_searched_where_the_memory_holds_their_weights():
+    """Every divisor of the ranks as the expert-parallel degree, down to every expert on every
+    rank, with data-parallel replicas; on a slow link the replicated experts win (nothing is
+    exchanged) until the profile's memory a rank is below their predicted peak, and then they are
+    left out, saying how much they need. A CPU machine's memory is shared by its ranks."""
+    plans = candidate_plans(4, layers=2, max_staleness=0)
+    assert {"expert_parallel": {"degree": 1}, "data_parallel": 4} in plans
+    assert {"expert_parallel": {"degree": 2}, "data_parallel": 2, "schedule": {"policy": "overlap"}} in plans
+    assert not any(p["expert_parallel"]["degree"] == 1 and len(p) > 2 for p in plans)  # nothing to overlap
+    assert not any(p["expert_parallel"]["degree"] == 1 and "wire_dtype" in p["expert_parallel"]
+                   for p in candidate_plans(4, layers=2, max_staleness=0, wire_dtypes=("auto", "bfloat16")))
+    roomy = search(tiny_model(), _slow_link(None), 4, batch=8, steps=4, max_staleness=0)
+    assert roomy[0].plan == {"expert_parallel": {"degree": 1}, "data_parallel": 4}, describe(roomy[0].plan)
+    replicated = roomy[0].peak_bytes
+    assert replicated > max(c.peak_bytes for c in roomy if c.plan["expert_parallel"]["degree"] == 4)
+    tight = search(tiny_model(), _slow_link(None), 4, batch=8, steps=4, max_staleness=0, memory_bytes=replicated - 1)
+    assert tight and all(c.peak_bytes < replicated for c in tight)
+    reasons = {describe(d.plan): d.reason for d in tight.dropped}
+    assert f"needs {replicated / 1e9:.3g} GB a rank" in reasons["data 4 x every expert on every rank, sync"]
+    cpu = _slow_link().model_copy(update={"memory_bytes": 8e9, "memory_shared": True, "ranks_per_node": 1 << 16})
+    assert cpu.memory_per_rank(4) == 2e9 and _slow_link(None).memory_per_rank(4) is None
+
+
 def test_wire_dtypes_are_an_axis_and_each_candidate_carries_its_measured_quality_cost():
     """Every candidate comes with each wire dtype asked for; the quality probe runs each distinct
     set of lossy settings once (layouts and schedules are exact and share a run), gives exact plans
     0, and ranks the wires as their precision does; a bound leaves the costlier plans out."""
     plans = candidate_plans(2, layers=2, max_staleness=0, wire_dtypes=("auto", "bfloat16", "float8"))
-    assert len(plans) == 3 * len(candidate_plans(2, layers=2, max_staleness=0))
+    unwired = candidate_plans(2, layers=2, max_staleness=0)
+    replicated = [p for p in unwired if p["expert_parallel"]["degree"] == 1]  # nothing travels: no wire
+    assert replicated and len(plans) == 3 * len(unwired) - 2 * len(replicated)
     probe = QualityProbe(tiny_model(), images=2, steps=3)
     found = search(tiny_model(), _slow_link(), 2, batch=8, steps=3, max_staleness=0,
                    wire_dtypes=("auto", "bfloat16", "float8"), quality=probe)
@@ -121,6 +147,16 @@ def test_the_cli_says_so_when_every_candidate_is_left_out(tmp_path, capsys, monk
         main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "1"])
     assert "the batch cannot be split" in capsys.readouterr().err
     assert not (tmp_path / "best_plan.yaml").exists()
+
+
+def test_the_cli_leaves_out_plans_above_the_memory_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--memory-gb 0.0: give the GB one rank may use"):
+        main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--memory-gb", "0"])
+    with pytest.raises(SystemExit, match="no candidate plan fits tiny on 2 ranks"):
+        main(["plan", "--model", "tiny", "--hardware", "rtx4090-pcie-8", "--ranks", "2", "--images", "4",
+              "--steps", "2", "--max-staleness", "0", "--memory-gb", "1e-6"])
+    assert "GB a rank, above the 1e-06 GB a rank has" in capsys.readouterr().err
 
 
 def _run_best(rank, world, plan):

@@ -49,6 +49,18 @@ def test_two_ranks_by_hand():
     assert [(s.name, s.start, s.end) for s in lane] == [("L0 dispatch", pytest.approx(10 * MS), pytest.approx(25 * MS))]
 
 
+def test_ranks_that_outnumber_the_cores_wait_the_square_root_of_their_compute_for_their_turns():
+    """Both ranks compute 16 ms (or 64), then exchange nothing: latency 1 ms plus the turn-taking,
+    0.01 s per square root of the seconds computed since they last met: 1.26 ms after 16 ms,
+    2.53 after 64 (four times the compute, twice the wait). At another world size, none."""
+    for computed in (16, 64):
+        ranks = [[_ms(computed), Start(X, [0, 0]), Wait(X, "w", 1)] for _ in range(2)]
+        for turns, extra in (({2: 0.01}, 0.01 * (computed * MS) ** 0.5), ({4: 0.01}, 0.0)):
+            hardware = _hardware(turn_taking_s=turns)
+            predicted = simulate(_replayed([{SYNC: r} for r in ranks]), hardware, steps=1, check_finite=False)
+            assert predicted.step_s == [pytest.approx((computed + 1) * MS + extra)], (computed, turns)
+
+
 def test_a_communicator_runs_one_exchange_at_a_time_and_a_bucket_lets_a_burst_through():
     """Two exchanges of 2,000 bytes issued together on one communicator: the second starts
     when the first has landed (1 ms latency + 2 ms): 3 and 6 ms. Over a link with a full
