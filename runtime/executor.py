@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,11 @@ class Runtime:
             self.state.timeline.forget_in_flight()
         self.state.step, self.state.seed, self.state.kind = 0, seed, None
         self.total_steps, self.step_log, self._timesteps = steps, [], []
+        plan = self.program.steps
+        if steps and plan.stale and self.rank == 0 and all(plan.kind_at(i, steps).synchronous for i in range(steps)):
+            warnings.warn(f"all {steps} steps of this sample run synchronously (the plan's warm-up, cool-down and "
+                          "sync_every steps cover them), so its staleness never starts and only costs: sample more "
+                          "steps or lower the plan's warmup_steps")
         self._streams, self._stream = [_Stream(self.state.cache)], 0
 
     def stream(self, index: int) -> None:

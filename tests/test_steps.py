@@ -1,6 +1,8 @@
 """Step kinds: which program each diffusion step runs, as one value that the passes, the
 executor and explain() read."""
 
+import warnings
+
 import pytest
 
 import moedit
@@ -62,3 +64,16 @@ def test_programs_are_built_per_step_kind():
     sync_drop = compiled.graph(0, "sync_drop").code
     assert "cache_read" not in sync_drop, "a synchronous step must not read the staleness caches"
     assert "channel = 'stale'" not in sync_drop
+
+
+def test_a_sample_whose_steps_are_all_synchronous_says_its_staleness_never_starts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale mode on one rank gains nothing
+        runtime = moedit.compile(dit_moe("tiny"), moedit.Plan(staleness={"mode": "interweaved", "warmup_steps": 3}))
+        runtime = runtime.to_runtime()
+    with pytest.warns(UserWarning, match="all 3 steps of this sample run synchronously"):
+        runtime.reset(steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.reset(steps=4)
+    runtime.close()
