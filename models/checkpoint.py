@@ -45,11 +45,18 @@ def _read(path: str) -> object:
         raise CheckpointError(_not_a_checkpoint(path)) from None
 
 
+def _ends(path: str) -> tuple[bytes, bytes]:
+    """The first two bytes of a non-empty file and its last one."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(-1, os.SEEK_END)
+        return head, f.read(1)
+
+
 def _not_a_checkpoint(path: str) -> str:
     """What to say of a file torch.load cannot read (never torch's own text, which may advise
     weights_only=False)."""
-    with open(path, "rb") as f:
-        head = f.read(2)
+    head, _ = _ends(path)
     what = ("a zip file torch.save did not write, or one cut short" if head == b"PK" else
             "a pickle cut short or of another kind" if head[:1] == b"\x80" else "neither a zip nor a pickle")
     return (f"{path} is not a PyTorch checkpoint ({what}); give a file written by torch.save(model.state_dict(), "
@@ -59,10 +66,7 @@ def _not_a_checkpoint(path: str) -> str:
 def _looks_pickled(path: str) -> bool:
     """Whether `path` starts as torch.save's zip file or a pickle of protocol 2 or later does, or
     starts and ends as one of protocol 0 or 1 (a container or a global, then STOP)."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(-1, os.SEEK_END)
-        tail = f.read(1)
+    head, tail = _ends(path)
     return head == b"PK" or head[:1] == b"\x80" or (head[:1] in (b"(", b"]", b"}", b"c", b"l", b"d") and tail == b".")
 
 

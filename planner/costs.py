@@ -157,16 +157,17 @@ class Hardware(BaseModel):
         return self.compute_slowdown[most] * ranks_here / most
 
     def node_of(self, rank: int, world: int) -> int:
-        return rank // self._per_node(world)
+        return rank // self.per_node(world)
 
-    def _per_node(self, world: int) -> int:
+    def per_node(self, world: int) -> int:
+        """How many of `world` ranks share a node."""
         return max(1, -(-world // self.nodes) if self.nodes else self.ranks_per_node)
 
     def memory_per_rank(self, world: int) -> float | None:
         """The memory one of `world` ranks may use (None: the profile does not say)."""
         if self.memory_bytes is None or not self.memory_shared:
             return self.memory_bytes
-        return self.memory_bytes / min(world, self._per_node(world))
+        return self.memory_bytes / min(world, self.per_node(world))
 
 
 def cache_dir() -> pathlib.Path:

@@ -198,8 +198,7 @@ def search(model, hardware: Hardware, ranks: int, *, batch: int, steps: int = 25
     results, dropped = [], []
     sync_share = None
     memory = memory_bytes or hardware.memory_per_rank(ranks)
-    per_node = -(-ranks // hardware.nodes) if hardware.nodes else hardware.ranks_per_node
-    plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes, per_node)
+    plans = candidate_plans(ranks, len(_layers(model)), max_staleness, wire_dtypes, hardware.per_node(ranks))
     bar = tqdm(plans, desc="candidates", unit="plan", disable=not progress, leave=False)
     for index, plan in enumerate(bar):
         try:

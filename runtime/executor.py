@@ -165,7 +165,7 @@ class Runtime:
         self.state.step, self.state.seed, self.state.kind = 0, seed, None
         self.total_steps, self.step_log, self._timesteps = steps, [], []
         plan = self.program.steps
-        if steps and plan.stale and self.rank == 0 and all(plan.kind_at(i, steps).synchronous for i in range(steps)):
+        if steps and plan.stale and self.rank == 0 and all(kind.synchronous for kind in plan.table(steps)):
             warnings.warn(f"all {steps} steps of this sample run synchronously (the plan's warm-up, cool-down and "
                           "sync_every steps cover them), so its staleness never starts and only costs: sample more "
                           "steps or lower the plan's warmup_steps")
