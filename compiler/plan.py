@@ -585,8 +585,16 @@ def _bounds(field) -> str:
 
 
 def _report(err: ValidationError) -> str:
-    """One problem on one line (after "invalid plan: "), several each on a line of their own."""
-    problems = [(".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + _message(e) for e in err.errors()]
+    """One problem on one line (after "invalid plan: "), several each on a line of their own.
+    A field that takes one of several types (chunks: a number or "auto") is one problem, whose
+    line says what each type wanted, not pydantic's name for each type."""
+    by_field: dict[str, list[str]] = {}
+    for error in err.errors():
+        loc, tag = _union_split(error)
+        field = ".".join(map(str, loc))
+        rest = ".".join(map(str, error["loc"][len(loc) + 1:])) if tag else ""
+        by_field.setdefault(field, []).append((f"at {rest}: " if rest else "") + _message(error))
+    problems = [(f"{field}: " if field else "") + _either(messages) for field, messages in by_field.items()]
     if len(problems) == 1:
         return f"invalid plan: {problems[0]}"
     return f"invalid plan, {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
@@ -601,6 +609,25 @@ def _message(error: dict) -> str:
     if error["type"] != "value_error" and not isinstance(error.get("input"), dict):
         message += f" (got {_short(error.get('input'))})"
     return message
+
+
+def _union_split(error: dict) -> tuple[tuple, bool]:
+    """(the error's location up to a union's type tag, whether there was one): pydantic puts the
+    member type ("int", "literal['auto']", "list[int]") into the location of a union's errors,
+    and a plan's fields hold no mappings, so a name right below a field is such a tag."""
+    loc = error["loc"]
+    for i in range(1, len(loc)):
+        if _section_at(loc[:i]) is None:  # loc[:i] is a field, not a section
+            return (loc[:i], True) if isinstance(loc[i], str) else (loc, False)
+    return loc, False
+
+
+def _either(messages: list[str]) -> str:
+    """The messages of one field, one sentence: "A, or b (got X)" (X said once if the same)."""
+    got = {m[m.rfind(" (got "):] if " (got " in m else "" for m in messages}
+    suffix = got.pop() if len(got) == 1 and len(messages) > 1 else ""
+    head, *others = [m.removesuffix(suffix) for m in messages]
+    return ", or ".join([head, *(m.removeprefix("Input should be ") for m in others)]) + suffix
 
 
 def _short(value) -> str:

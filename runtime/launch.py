@@ -77,20 +77,25 @@ OUTPUTS = ("samples.png", "explain.txt", "images.pt", "timings.json", "timeline.
 
 def check_out(out: str) -> None:
     """Create the --out folder and write a file in it, so that a folder no one can write
-    fails before any work, and remove what an earlier run wrote there, so that a run that
-    fails leaves no files that look like its own; raises ValueError saying what to give instead."""
+    fails before any work; raises ValueError saying what to give instead."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder; give a folder path (it is created if missing)")
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
-        for name in OUTPUTS:
-            if os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
     except OSError as err:
         raise ValueError(f"--out {out}: cannot create or write to it ({err.strerror}); give a folder you can "
                          "write to") from None
+
+
+def clear_out(out: str) -> None:
+    """Remove what an earlier run wrote under --out, once this run's input is accepted: a refused
+    command (a typo in the plan) leaves the earlier files alone, and a run that starts and then
+    fails leaves no files that look like its own."""
+    for name in OUTPUTS:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -234,7 +239,7 @@ def _main(argv=None) -> int:
         code = _run(args)
         return code
     finally:
-        if code != 0:  # a failed run leaves no empty folders behind (nor files: see check_out)
+        if code != 0:  # a failed run leaves no empty folders behind (nor files: see clear_out)
             with contextlib.suppress(OSError):
                 for folder in created:
                     os.rmdir(folder)
@@ -268,6 +273,8 @@ def _run(args) -> int:
         check_labels(labels, model.config.num_classes)
         compiled = moedit.compile(model, plan)
         runtime = compiled.to_runtime(profile=args.timeline)
+        if _rank() == 0:
+            clear_out(args.out)
     except (moedit.PlanError, moedit.TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError,
             OverflowError) as err:
         return _refuse(err)

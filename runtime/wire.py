@@ -63,7 +63,7 @@ class Wire:
             return flat.to(DTYPES[self.dtype]).contiguous().view(torch.uint8)
         count, width = flat.shape
         blocks = self._blocks(flat)
-        scale = (blocks.abs().amax(-1, keepdim=True).float() / FLOAT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
+        scale = blocks.abs().amax(-1, keepdim=True).float().div_(FLOAT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
         packed = torch.empty((count, self.row_bytes(width)), dtype=torch.uint8, device=rows.device)
         packed[:, :width].view(torch.float8_e4m3fn).copy_((blocks / scale).flatten(1)[:, :width])  # the cast
         packed[:, width:].copy_(scale.reshape(count, -1).view(torch.uint8))
@@ -75,9 +75,12 @@ class Wire:
         if self.dtype != "float8":
             rows = packed.view(DTYPES[self.dtype]).to(dtype)
         else:
-            scale = packed[:, width:].contiguous().view(torch.float32).unsqueeze(-1)
-            values = self._blocks(_float8_as_float16(packed[:, :width]).float())
-            rows = values.mul_(scale * 256.0).flatten(1)[:, :width].to(dtype)
+            scale = packed[:, width:].contiguous().view(torch.float32).mul_(256.0)  # [N, groups]
+            values = _float8_as_float16(packed[:, :width].contiguous())
+            if scale.shape[1] == 1:  # one scale a row: float16 * float32 multiplies in float32, one pass
+                rows = torch.mul(values, scale).to(dtype)
+            else:
+                rows = torch.mul(self._blocks(values), scale.unsqueeze(-1)).flatten(1)[:, :width].to(dtype)
         return rows.reshape(len(packed), *shape)
 
     def round_trip(self, rows: torch.Tensor) -> torch.Tensor:
@@ -107,7 +110,9 @@ def _float8_as_float16(packed: torch.Tensor) -> torch.Tensor:
     s 0eeee mmm0000000, whose exponent bias is 8 more (15 against 7); subnormals map to
     subnormals. The NaN byte (0x7f, never encoded from a finite row) reads as 480."""
     bits = packed.view(torch.int8).to(torch.int16)  # sign-extended: s becomes bits 7-15
-    return bits.bitwise_left_shift_(7).bitwise_and_(~0x4000).view(torch.float16)  # clear s's copy at bit 14
+    # times 128 is the shift by 7 (it cannot overflow: |byte| <= 128), and torch's CPU multiply is
+    # vectorised where its shift is not (0.02 ms against 0.045 for 160k elements)
+    return bits.mul_(128).bitwise_and_(~0x4000).view(torch.float16)  # clear s's copy at bit 14
 
 
 def round_trip(rows: torch.Tensor, *, wire: str, wire_block: int = 128) -> torch.Tensor:

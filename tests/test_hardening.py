@@ -26,6 +26,10 @@ PLANS = {  # file name, content -> what the one error line says
     "huge.yaml": ("runtime:\n  timeout_s: 1.0e+30\n", "runtime.timeout_s: Input should be less than or equal to 86400"),
     "nan.yaml": ("conditional_comm:\n  interval: 2\n  threshold: .nan\n", "conditional_comm.threshold: Input should "
                  "be a finite number"),
+    "union.yaml": ("selective_sync:\n  strategy: deeep\n", "selective_sync.strategy: Input should be 'none', "
+                   "'deep', 'shallow', 'staggered' or 'auto', or a valid list (got 'deeep')"),
+    "chunks_word.yaml": ("expert_parallel:\n  chunks: x\n", "invalid plan: expert_parallel.chunks: Input should be a "
+                         "valid integer, or 'auto' (got 'x')"),
     "chunks.yaml": ("expert_parallel:\n  chunks: 1000000\n", "chunks must be 'auto' or a number from 1 to 64"),
     "calibration.yaml": ("staleness:\n  mode: interweaved\nselective_sync:\n  strategy: auto\n  calibration_steps: "
                          "100000000\n", "selective_sync.calibration_steps: Input should be less than or equal to 1000"),
@@ -133,14 +137,22 @@ def test_an_argument_out_of_range_is_one_line_naming_it(refuse, argv, expected):
 
 
 def test_outputs_are_whole_or_absent_and_a_failed_run_leaves_no_earlier_files(tmp_path, capsys, monkeypatch):
-    """A write that fails (a full disk) ends the run with one line; the earlier run's files are
-    gone, and nothing partial is left under a final name or beside it."""
+    """A refused command (a typo in the plan) leaves the earlier run's files as they were; a run
+    that starts removes them, and a write that fails (a full disk) ends it with one line,
+    nothing partial left under a final name or beside it."""
     monkeypatch.delenv("RANK", raising=False)
     out = tmp_path / "out"
     argv = ["--model", "tiny", "--plan", "examples/plans/single.yaml", "--out", str(out), "--steps", "2",
             "--num-images", "2"]
     assert launch.main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {"samples.png", "explain.txt", "images.pt", "timings.json"}
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(written) == {"samples.png", "explain.txt", "images.pt", "timings.json"}
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("expert_paralel:\n  degree: 1\n")
+    capsys.readouterr()
+    assert launch.main([*argv[:3], str(typo), *argv[4:]]) == 2  # a refused command touches nothing
+    assert "expert_paralel: unknown key" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
 
     def full_disk(obj, path, *args, **kwargs):
         with open(path, "wb") as f:
