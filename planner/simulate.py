@@ -298,8 +298,8 @@ def _dtype(dtype: torch.dtype) -> str:
 
 def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0,
-    which holds only for plain expert parallelism over every rank: plans with cfg, sequence-parallel
-    or data-parallel replicas replay every rank whatever `ranks` says) on fake inputs for a global batch of `batch`
+    which holds for expert parallelism with or without data-parallel replicas: plans with cfg,
+    patch, sequence or pipeline parallelism replay every rank whatever `ranks` says) on fake inputs for a global batch of `batch`
     sequences (with CFG: twice the images)."""
     world, layout = compiled.world_size, compiled.plan.mesh
     shards = [len(s) for s in torch.arange(batch).tensor_split(layout.data)]
@@ -311,7 +311,7 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     if compiled.signature is None and not hasattr(model, "example_inputs"):
         raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
                               "the shapes of the model's inputs; compile it with example_inputs=")
-    if ranks is None or layout.data != world or layout.ep != world:  # only plain EP's ranks mirror rank 0
+    if ranks is None or layout.data != world:  # only expert (and data) parallel ranks mirror rank 0
         ranks = list(range(world))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     counter = OpCounter()
@@ -344,7 +344,7 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
         activations.append(peak)
         caches.append(run.cache.nbytes())
     if len(ranks) < world:  # mirror rank 0 (uniform routing: every rank does the same)
-        events += [_mirror(events[0], r, world) for r in range(len(ranks), world)]
+        events += [_mirror(events[0], r, world, layout.ep) for r in range(len(ranks), world)]
         for values in (weights, activations, caches):
             values += [values[0]] * (world - len(ranks))
     return Replayed(world, compiled.steps, events, weights, activations, caches, shards[0])
@@ -373,12 +373,26 @@ def _parameters(programs: dict) -> list:
     return list(seen.values())
 
 
-def _mirror(per_kind: dict, rank: int, world: int) -> dict:
-    """Rank 0's events as rank `rank` would record them (bytes to rank q -> to rank q + rank)."""
+def _mirror(per_kind: dict, rank: int, world: int, ep: int) -> dict:
+    """Rank 0's events as rank `rank` would record them, the experts sharded over groups of `ep`
+    consecutive ranks: rank q of rank 0's view is rank `seen(q)` of `rank`'s (the same place in
+    its expert group turned by `rank`'s, and its group moved by as many groups as `rank`'s)."""
+    groups = world // ep
+
+    def seen(q: int) -> int:
+        return (q // ep + rank // ep) % groups * ep + (q + rank) % ep
+
     out = {}
     for kind, events in per_kind.items():
-        out[kind] = [dataclasses.replace(e, sent=[e.sent[(q - rank) % world] for q in range(world)])
-                     if isinstance(e, Start) else e for e in events]
+        moved = []
+        for e in events:
+            if isinstance(e, Start):
+                sent = [0.0] * world
+                for q, b in enumerate(e.sent):
+                    sent[seen(q)] = b
+                e = dataclasses.replace(e, sent=sent, group=tuple(sorted(map(seen, e.group))))
+            moved.append(e)
+        out[kind] = moved
     return out
 
 

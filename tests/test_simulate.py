@@ -120,3 +120,23 @@ def test_a_replay_of_compiled_programs_sends_what_uniform_routing_sends(plan):
     assert replayed.weight_bytes[0] < sum(p.numel() * 4 for p in model.parameters())  # half the experts
     if plan == "dice":  # a step that drops the low slot sends half the rows of the interweaved half
         assert predicted.sent_bytes[1] < predicted.sent_bytes[0]
+
+
+@pytest.mark.parametrize("settings", [
+    {"expert_parallel": {"degree": 4}},
+    {"expert_parallel": {"degree": 2}, "data_parallel": 2},
+    {"expert_parallel": {"degree": 1}, "data_parallel": 4},
+    {"expert_parallel": {"degree": 2, "chunks": 2}, "data_parallel": 2, "schedule": {"policy": "overlap"}},
+    {**moedit.Plan.from_file("examples/plans/dice.yaml").to_dict(), "expert_parallel": {"degree": 2},
+     "data_parallel": 2},
+])
+def test_replicas_mirror_rank_0_as_a_replay_of_every_rank_sees_them(settings):
+    """The planner replays rank 0 only (predict's ranks=[0]); with data-parallel replicas the
+    other ranks' exchanges are rank 0's moved to their own expert group, and the prediction is
+    the one a replay of all four ranks makes."""
+    compiled = moedit.compile(tiny_model(), moedit.Plan(**settings))
+    hardware = _hardware(latency_s=1e-5, bytes_per_s=1e8)
+    every, mirrored = (simulate(replay(compiled, 8, ranks=ranks), hardware, steps=4) for ranks in (None, [0]))
+    assert mirrored.step_s == pytest.approx(every.step_s, rel=1e-9)
+    assert mirrored.blocked_s == pytest.approx(every.blocked_s, rel=1e-9)
+    assert mirrored.sent_bytes == every.sent_bytes and mirrored.peak_bytes == every.peak_bytes
