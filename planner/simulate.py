@@ -297,10 +297,11 @@ def _dtype(dtype: torch.dtype) -> str:
 
 
 def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
-    """Replay every rank's programs (or `ranks`'; the others are taken to mirror rank 0,
-    which holds for expert parallelism with or without data-parallel replicas: plans with cfg,
-    patch, sequence or pipeline parallelism replay every rank whatever `ranks` says) on fake inputs for a global batch of `batch`
-    sequences (with CFG: twice the images)."""
+    """Replay every rank's programs on fake inputs for a global batch of `batch` sequences (with
+    CFG: twice the images), or only `ranks`' with the others taken to mirror rank 0. That holds for
+    expert parallelism, with or without data-parallel replicas, when every rank gets as many
+    sequences; other plans (cfg, patch, sequence or pipeline parallel) replay every rank whatever
+    `ranks` says."""
     world, layout = compiled.world_size, compiled.plan.mesh
     shards = [len(s) for s in torch.arange(batch).tensor_split(layout.data)]
     if compiled.signature is not None:  # a rank without a sample runs a copy of one (Runtime.denoise)
@@ -311,8 +312,8 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     if compiled.signature is None and not hasattr(model, "example_inputs"):
         raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
                               "the shapes of the model's inputs; compile it with example_inputs=")
-    if ranks is None or layout.data != world:  # only expert (and data) parallel ranks mirror rank 0
-        ranks = list(range(world))
+    if ranks is None or layout.data != world or len(set(shards)) > 1:  # only expert (and data) parallel
+        ranks = list(range(world))                                     # ranks with equal shards mirror rank 0
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     counter = OpCounter()
     events, weights, activations, caches = [], [], [], []
