@@ -312,8 +312,9 @@ def replay(compiled, batch: int, ranks: list[int] | None = None) -> Replayed:
     if compiled.signature is None and not hasattr(model, "example_inputs"):
         raise SimulationError(f"{type(model).__name__} has no example_inputs(batch): the simulator needs "
                               "the shapes of the model's inputs; compile it with example_inputs=")
-    if ranks is None or layout.data != world or len(set(shards)) > 1:  # only expert (and data) parallel
-        ranks = list(range(world))                                     # ranks with equal shards mirror rank 0
+    # only expert (and data) parallel ranks with equal shards mirror rank 0
+    if ranks is None or layout.data != world or len(set(shards)) > 1:
+        ranks = list(range(world))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     counter = OpCounter()
     events, weights, activations, caches = [], [], [], []
